@@ -1,1 +1,3 @@
-//! fcvm host library.
+//! fcvm host library: everything the `fcvm` command does, as typed modules.
+
+pub mod paths;
