@@ -1,0 +1,3 @@
+//! `fcvm setup`: everything a host needs before the first VM.
+
+pub mod firecracker;
