@@ -1,1 +1,38 @@
-//! placeholder: filled by its issue.
+//! The wire protocol between the fcvm host and `fc-agent`, the guest agent.
+//!
+//! Everything both sides must agree on lives here, so a change shows up as a compile error on
+//! both ends rather than as a hang at run time:
+//!
+//! - [`vsock`]: ports, CIDs and Firecracker's hybrid-vsock `CONNECT`/`OK` handshake.
+//! - [`boot`]: kernel command-line keys the agent reads (`fcvm.cgroup=`, `fcvm.vsock=`, ...).
+//! - [`plan`]: the run plan the host puts in MMDS and the agent executes.
+//! - [`status`]: the line protocol on the status port (`ready`, `exit:<code>`, `error:<msg>`).
+//! - [`frame`]: the versioned binary framing used for container output, stdin/TTY and exec.
+//! - [`exec`]: the exec request carried in the first frame of an exec connection.
+//!
+//! # Session overview
+//!
+//! ```text
+//!  host (fcvm)                                         guest (fc-agent, PID 1)
+//!  listen <uds>_4999, <uds>_4997 (+ <uds>_4996 if -i/-t)
+//!  PUT /mmds {"latest":{"container-plan":{..}}}
+//!  InstanceStart ------------------------------------> boot, mounts, cgroups, network
+//!                                                      GET MMDS plan, load/pull image
+//!  <uds>_4997 <-------- connect (output frames) ------
+//!  <uds>_4996 <-------- connect (input frames)  ------ only when plan.interactive || plan.tty
+//!  <uds>_4999 <-------- "ready\n" -------------------- container started, exec server up
+//!             <-------- Stdout/Stderr frames (4997)
+//!             --------> Stdin/Eof/Resize/Signal (4996)
+//!             <-------- output connection closed ----- all output flushed
+//!             <-------- "exit:<code>\n" (4999) ------
+//!                                                      poweroff: the VMM process exits
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod exec;
+pub mod frame;
+pub mod plan;
+pub mod status;
+pub mod vsock;

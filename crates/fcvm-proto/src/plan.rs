@@ -1,0 +1,289 @@
+//! The run plan: what the agent should do in this VM.
+//!
+//! The host stores it in Firecracker's MMDS before `InstanceStart`:
+//!
+//! ```text
+//! PUT /mmds  {"latest": {"container-plan": <Plan as JSON>}}
+//! ```
+//!
+//! and the agent reads it with MMDS V2 semantics: `PUT /latest/api/token` with header
+//! `X-metadata-token-ttl-seconds`, then `GET /latest/container-plan` with `X-metadata-token` and
+//! `Accept: application/json`, from [`MMDS_ADDR`] port 80.
+
+use std::collections::BTreeMap;
+
+use crate::frame::WindowSize;
+
+/// Link-local address MMDS answers on.
+pub const MMDS_ADDR: &str = "169.254.169.254";
+/// Top-level MMDS key.
+pub const MMDS_ROOT_KEY: &str = "latest";
+/// MMDS key of the plan under [`MMDS_ROOT_KEY`].
+pub const MMDS_PLAN_KEY: &str = "container-plan";
+/// Plan schema version the agent understands.
+pub const PLAN_VERSION: u32 = 1;
+/// Name of the container inside the VM (what `podman exec` targets).
+pub const CONTAINER_NAME: &str = "fcvm-container";
+
+/// Where the container image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageSource {
+    /// `podman pull` by reference (needs a reachable registry).
+    Registry {
+        /// Image reference, e.g. `docker.io/library/alpine:3.20`.
+        reference: String,
+    },
+    /// `podman load` of an OCI or docker archive attached as a read-only raw drive.
+    Archive {
+        /// Guest block device holding the archive bytes, e.g. `/dev/vdb`.
+        device: String,
+        /// Reference the loaded image is run by (e.g. `localhost/busybox:latest`). When empty,
+        /// the agent uses the name `podman load` reports.
+        #[serde(default)]
+        reference: String,
+    },
+}
+
+/// A host directory shared into the container (not implemented yet; must be empty).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Mount point in the container.
+    pub guest_path: String,
+    /// Vsock port the file server listens on.
+    pub vsock_port: u32,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Everything the agent needs to run the container.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Schema version; must equal [`PLAN_VERSION`].
+    pub version: u32,
+    /// The image.
+    pub image: ImageSource,
+    /// Command overriding the image's CMD; `None` keeps the image default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Entrypoint override; `None` keeps the image default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
+    /// Environment variables for the container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Keep stdin open (`podman run -i`); input arrives on the input port.
+    #[serde(default)]
+    pub interactive: bool,
+    /// Allocate a terminal (`podman run -t`); input arrives on the input port.
+    #[serde(default)]
+    pub tty: bool,
+    /// Initial terminal size (with `tty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty_size: Option<WindowSize>,
+    /// Guest hostname (also the container's, since it shares the VM's network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Working directory in the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// User in the container (`podman run --user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Shared directories (placeholder; the agent rejects a non-empty list for now).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+}
+
+/// Why a plan is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// Version mismatch between host and agent.
+    #[error(
+        "Plan version {0} is not supported (agent speaks {PLAN_VERSION}); rebuild the agent initrd"
+    )]
+    Version(u32),
+    /// Empty image reference.
+    #[error("Plan has an empty image reference")]
+    EmptyImage,
+    /// The archive device is not a /dev path.
+    #[error("Image archive device {0:?} must be a path under /dev/")]
+    BadDevice(String),
+    /// An empty command was given.
+    #[error("Plan command is empty; omit it to use the image's default command")]
+    EmptyCommand,
+    /// An environment variable name is invalid.
+    #[error("Environment variable name {0:?} is invalid: it must be non-empty and contain no '=' or NUL")]
+    BadEnvName(String),
+    /// An environment value contains NUL.
+    #[error("Environment variable {0} has a value containing a NUL byte")]
+    BadEnvValue(String),
+    /// A string field contains NUL.
+    #[error("Plan field {0} contains a NUL byte")]
+    Nul(&'static str),
+    /// Volumes requested but not implemented.
+    #[error("Volumes are not supported by this agent yet")]
+    VolumesUnsupported,
+}
+
+/// Checks environment variable names and values.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), PlanError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(PlanError::BadEnvName(k.clone()));
+        }
+        if v.contains('\0') {
+            return Err(PlanError::BadEnvValue(k.clone()));
+        }
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// A plan running `reference` with default settings.
+    pub fn new(image: ImageSource) -> Self {
+        Self {
+            version: PLAN_VERSION,
+            image,
+            cmd: None,
+            entrypoint: None,
+            env: BTreeMap::new(),
+            interactive: false,
+            tty: false,
+            tty_size: None,
+            hostname: None,
+            workdir: None,
+            user: None,
+            volumes: Vec::new(),
+        }
+    }
+
+    /// Checks what deserialization cannot.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.version != PLAN_VERSION {
+            return Err(PlanError::Version(self.version));
+        }
+        match &self.image {
+            ImageSource::Registry { reference } if reference.trim().is_empty() => {
+                return Err(PlanError::EmptyImage)
+            }
+            ImageSource::Archive { device, .. }
+                if !device.starts_with("/dev/") || device.contains("..") =>
+            {
+                return Err(PlanError::BadDevice(device.clone()))
+            }
+            _ => {}
+        }
+        if let Some(cmd) = &self.cmd {
+            if cmd.is_empty() {
+                return Err(PlanError::EmptyCommand);
+            }
+            if cmd.iter().any(|a| a.contains('\0')) {
+                return Err(PlanError::Nul("cmd"));
+            }
+        }
+        for (name, v) in [
+            ("entrypoint", &self.entrypoint),
+            ("hostname", &self.hostname),
+            ("workdir", &self.workdir),
+            ("user", &self.user),
+        ] {
+            if v.as_deref().is_some_and(|s| s.contains('\0')) {
+                return Err(PlanError::Nul(name));
+            }
+        }
+        validate_env(&self.env)?;
+        if !self.volumes.is_empty() {
+            return Err(PlanError::VolumesUnsupported);
+        }
+        Ok(())
+    }
+
+    /// The JSON document to `PUT /mmds`.
+    pub fn mmds_document(&self) -> serde_json::Value {
+        serde_json::json!({ MMDS_ROOT_KEY: { MMDS_PLAN_KEY: self } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive_plan() -> Plan {
+        let mut p = Plan::new(ImageSource::Archive {
+            device: "/dev/vdb".into(),
+            reference: "localhost/busybox:latest".into(),
+        });
+        p.cmd = Some(vec!["sh".into(), "-c".into(), "echo hi".into()]);
+        p.env.insert("FOO".into(), "bar baz".into());
+        p.tty_size = Some(WindowSize { rows: 24, cols: 80 });
+        p
+    }
+
+    #[test]
+    fn json_roundtrip_and_mmds_shape() {
+        let p = archive_plan();
+        p.validate().unwrap();
+        let doc = p.mmds_document();
+        let back: Plan = serde_json::from_value(doc["latest"]["container-plan"].clone()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(doc["latest"]["container-plan"]["image"]["kind"], "archive");
+    }
+
+    #[test]
+    fn minimal_json_gets_defaults() {
+        let p: Plan = serde_json::from_str(
+            r#"{"version":1,"image":{"kind":"registry","reference":"alpine"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::new(ImageSource::Registry {
+                reference: "alpine".into()
+            })
+        );
+        assert!(serde_json::from_str::<Plan>(r#"{"version":1,"image":{"kind":"ftp"}}"#).is_err());
+        assert!(serde_json::from_str::<Plan>(
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"x":1}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_plans() {
+        let mut p = archive_plan();
+        p.version = 2;
+        assert_eq!(p.validate(), Err(PlanError::Version(2)));
+        let p = Plan::new(ImageSource::Registry {
+            reference: " ".into(),
+        });
+        assert_eq!(p.validate(), Err(PlanError::EmptyImage));
+        let p = Plan::new(ImageSource::Archive {
+            device: "/etc/passwd".into(),
+            reference: String::new(),
+        });
+        assert!(matches!(p.validate(), Err(PlanError::BadDevice(_))));
+        let mut p = archive_plan();
+        p.cmd = Some(vec![]);
+        assert_eq!(p.validate(), Err(PlanError::EmptyCommand));
+        let mut p = archive_plan();
+        p.env.insert("A=B".into(), "x".into());
+        assert!(matches!(p.validate(), Err(PlanError::BadEnvName(_))));
+        let mut p = archive_plan();
+        p.env.insert(String::new(), "x".into());
+        assert!(matches!(p.validate(), Err(PlanError::BadEnvName(_))));
+        let mut p = archive_plan();
+        p.hostname = Some("a\0".into());
+        assert_eq!(p.validate(), Err(PlanError::Nul("hostname")));
+        let mut p = archive_plan();
+        p.volumes.push(Volume {
+            guest_path: "/data".into(),
+            vsock_port: 5000,
+            read_only: false,
+        });
+        assert_eq!(p.validate(), Err(PlanError::VolumesUnsupported));
+    }
+}
