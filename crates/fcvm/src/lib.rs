@@ -1,6 +1,10 @@
 //! fcvm host library: everything the `fcvm` command does, as typed modules.
 
+pub mod cleanup;
 pub mod firecracker;
 pub mod fsutil;
+pub mod names;
 pub mod paths;
+pub mod process;
 pub mod setup;
+pub mod state;

@@ -1,0 +1,187 @@
+//! The state record kept for every VM fcvm manages.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cleanup::CleanupStep;
+use crate::names::Name;
+use crate::process::ProcessRef;
+
+/// Version of the record layout; bumped when a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What sort of process a record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmKind {
+    /// A raw kernel booted by `fcvm run`.
+    Raw,
+    /// A container VM from `fcvm podman run`.
+    Container,
+    /// A VM restored from a snapshot by `fcvm snapshot run`.
+    Clone,
+    /// A UFFD memory server from `fcvm snapshot serve` (no VM of its own).
+    PageServer,
+}
+
+/// Lifecycle of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// Being set up; not booted yet.
+    Starting,
+    /// Guest running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// Shutting down.
+    Stopping,
+    /// Failed; see `error`.
+    Failed,
+}
+
+/// Health as last observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Not checked yet, or no check applies.
+    #[default]
+    Unknown,
+    /// The guest (agent or health check) reported ready.
+    Healthy,
+    /// The check failed.
+    Unhealthy,
+}
+
+/// One VM (or page server) as recorded on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Layout version.
+    pub schema_version: u32,
+    /// Unique id, also the runtime directory name.
+    pub id: String,
+    /// User-visible name, unique among live VMs.
+    pub name: Name,
+    /// What this is.
+    pub kind: VmKind,
+    /// Lifecycle state.
+    pub status: VmStatus,
+    /// Health.
+    #[serde(default)]
+    pub health: Health,
+    /// The process whose life is the VM's life: the foreground fcvm, or Firecracker itself
+    /// once detached. When it is gone the record is stale and gets reaped.
+    pub owner: ProcessRef,
+    /// The VMM process, once spawned.
+    #[serde(default)]
+    pub vmm: Option<ProcessRef>,
+    /// Which VMM binary runs it (`firecracker` or `sandbox`).
+    #[serde(default)]
+    pub vmm_kind: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Runtime directory.
+    pub runtime_dir: PathBuf,
+    /// Firecracker API socket.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Serial console log.
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[serde(default)]
+    pub mem_mib: u32,
+    /// Kernel image.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Container image, for container VMs.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Snapshot this VM was cloned from, or that this page server serves.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Network namespace the VMM runs in.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Page server socket (page servers), or the server a clone depends on.
+    #[serde(default)]
+    pub uffd_socket: Option<PathBuf>,
+    /// The page server a clone's memory comes from.
+    #[serde(default)]
+    pub page_server: Option<ProcessRef>,
+    /// Exit code of the workload, once known.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Why the VM failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// How to undo what was created for this VM, in order.
+    #[serde(default)]
+    pub cleanup: Vec<CleanupStep>,
+}
+
+impl VmRecord {
+    /// A new record in `Starting` state owned by the calling process.
+    pub fn new(id: String, name: Name, kind: VmKind, runtime_dir: PathBuf) -> VmRecord {
+        VmRecord {
+            schema_version: SCHEMA_VERSION,
+            id,
+            name,
+            kind,
+            status: VmStatus::Starting,
+            health: Health::Unknown,
+            owner: ProcessRef::current(),
+            vmm: None,
+            vmm_kind: String::new(),
+            created_at_ms: now_ms(),
+            runtime_dir,
+            api_socket: None,
+            console_log: None,
+            vcpus: 0,
+            mem_mib: 0,
+            kernel: None,
+            image: None,
+            snapshot: None,
+            netns: None,
+            uffd_socket: None,
+            page_server: None,
+            exit_code: None,
+            error: None,
+            cleanup: Vec::new(),
+        }
+    }
+
+    /// Whether the owning process still runs.
+    pub fn is_live(&self) -> bool {
+        self.owner.is_alive()
+    }
+
+    /// The pid users see (`fcvm ls --pid`): the owner.
+    pub fn pid(&self) -> u32 {
+        self.owner.pid
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A fresh random VM id (12 hex digits).
+pub fn new_vm_id() -> String {
+    let mut bytes = [0u8; 6];
+    // getrandom(2) via std's hasher seed is not public; read the kernel's RNG directly.
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let t = now_ms() ^ u64::from(std::process::id()) << 40;
+        bytes.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    hex::encode(bytes)
+}
