@@ -8,3 +8,4 @@ pub mod paths;
 pub mod process;
 pub mod setup;
 pub mod state;
+pub mod vm;

@@ -1,0 +1,244 @@
+//! Starting a VMM process (Firecracker or the sandbox stand-in) for one VM.
+//!
+//! The VMM's stdout is the guest serial console; it goes straight into the VM's console
+//! log file so output is kept whether or not an fcvm process is watching. The VMM gets its
+//! own session, so a Ctrl-C at the terminal reaches fcvm (which shuts the VM down in order)
+//! rather than killing the VMM mid-way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+
+use crate::firecracker::{FirecrackerClient, TransportError};
+use crate::paths::{VmPaths, MAX_SOCKET_PATH};
+use crate::process::ProcessRef;
+
+/// How long a VMM may take to open its API socket.
+pub const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// A socket path would exceed the kernel's limit.
+    #[error("socket path {path} is {len} bytes, over the {MAX_SOCKET_PATH}-byte limit of Unix sockets; use a shorter FCVM_BASE_DIR")]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// Filesystem trouble preparing the runtime dir.
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The network namespace does not exist.
+    #[error("network namespace {name} is not available ({source})")]
+    Netns {
+        /// Its name.
+        name: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// exec failed.
+    #[error("cannot start {binary}: {source}")]
+    Exec {
+        /// The VMM binary.
+        binary: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The VMM died before its API came up.
+    #[error("{binary} exited ({status}) before opening its API socket; its log says:\n{log}")]
+    DiedEarly {
+        /// The VMM binary.
+        binary: PathBuf,
+        /// Exit status.
+        status: String,
+        /// Tail of its log.
+        log: String,
+    },
+    /// The API never answered.
+    #[error("{binary} did not answer on {socket} in time: {source}")]
+    NotReady {
+        /// The VMM binary.
+        binary: PathBuf,
+        /// The socket.
+        socket: PathBuf,
+        /// Cause.
+        source: TransportError,
+    },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SpawnOptions {
+    /// The VMM binary.
+    pub binary: PathBuf,
+    /// Instance id passed as `--id` (alphanumeric and `-`).
+    pub id: String,
+    /// The VM's runtime directory.
+    pub vm_paths: VmPaths,
+    /// Run inside this named network namespace (`/run/netns/<name>`).
+    pub netns: Option<String>,
+    /// Kill the VMM if the spawning thread dies (foreground VMs). Must be spawned from a
+    /// thread that lives as long as the VM: PR_SET_PDEATHSIG follows the thread.
+    pub die_with_parent: bool,
+}
+
+/// A VMM process we started.
+#[derive(Debug)]
+pub struct SpawnedVmm {
+    /// The process.
+    pub process: ProcessRef,
+    /// Its handle (for waiting on the exit status).
+    pub child: Child,
+    /// API client on its socket.
+    pub client: FirecrackerClient,
+    /// Time spent from spawn until the API answered.
+    pub api_ready_after: Duration,
+}
+
+fn prepare(path: &Path) -> impl FnOnce(io::Error) -> SpawnError {
+    let path = path.to_owned();
+    move |source| SpawnError::Prepare { path, source }
+}
+
+fn check_socket_len(path: &Path) -> Result<(), SpawnError> {
+    // Firecracker appends `_<port>` (up to 11 bytes) to the vsock path.
+    let len = path.as_os_str().len();
+    if len + 11 > MAX_SOCKET_PATH {
+        return Err(SpawnError::SocketPathTooLong { path: path.to_owned(), len: len + 11 });
+    }
+    Ok(())
+}
+
+fn append(path: &Path) -> Result<File, SpawnError> {
+    OpenOptions::new().create(true).append(true).open(path).map_err(prepare(path))
+}
+
+/// Start the VMM and wait until its API socket answers.
+pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
+    let vm = &opts.vm_paths;
+    check_socket_len(&vm.api_socket())?;
+    check_socket_len(&vm.vsock_socket())?;
+    fs::create_dir_all(vm.dir()).map_err(prepare(vm.dir()))?;
+    let _ = fs::remove_file(vm.api_socket());
+    let console = append(&vm.console_log())?;
+    let log = append(&vm.firecracker_log())?;
+    let log_err = log.try_clone().map_err(prepare(&vm.firecracker_log()))?;
+
+    let netns_fd: Option<OwnedFd> = match &opts.netns {
+        Some(name) => {
+            let path = Path::new("/run/netns").join(name);
+            Some(
+                File::open(&path)
+                    .map_err(|source| SpawnError::Netns { name: name.clone(), source })?
+                    .into(),
+            )
+        }
+        None => None,
+    };
+
+    let mut cmd = Command::new(&opts.binary);
+    cmd.arg("--api-sock")
+        .arg(vm.api_socket())
+        .arg("--id")
+        .arg(&opts.id)
+        .arg("--log-path")
+        .arg(vm.firecracker_log())
+        .arg("--level")
+        .arg("Info")
+        .stdin(Stdio::null())
+        .stdout(console)
+        .stderr(log_err);
+    drop(log);
+    let die_with_parent = opts.die_with_parent;
+    let netns_raw = netns_fd.as_ref().map(|fd| fd.as_raw_fd());
+    let child_setup = move || -> io::Result<()> {
+        nix::unistd::setsid()?;
+        if die_with_parent {
+            // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers are involved.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(fd) = netns_raw {
+            // SAFETY: the namespace fd stays open in the parent, and so in this child,
+            // until after spawn returns; borrowing it for the call is sound.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            nix::sched::setns(fd, CloneFlags::CLONE_NEWNET)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (setsid, prctl, setns); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(child_setup);
+    }
+    let started = Instant::now();
+    let mut child =
+        cmd.spawn().map_err(|source| SpawnError::Exec { binary: opts.binary.clone(), source })?;
+    drop(netns_fd);
+    let process = ProcessRef::of_pid(child.id()).unwrap_or(ProcessRef {
+        pid: child.id(),
+        start_time: 0,
+    });
+    let client = FirecrackerClient::new(vm.api_socket());
+
+    let ready = wait_api(&client, &mut child).await;
+    if let Err(err) = ready {
+        let _ = child.kill();
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        return Err(match err {
+            WaitError::Exited => SpawnError::DiedEarly {
+                binary: opts.binary.clone(),
+                status,
+                log: tail(&vm.firecracker_log(), 20),
+            },
+            WaitError::Api(source) => SpawnError::NotReady {
+                binary: opts.binary.clone(),
+                socket: vm.api_socket(),
+                source,
+            },
+        });
+    }
+    Ok(SpawnedVmm { process, child, client, api_ready_after: started.elapsed() })
+}
+
+enum WaitError {
+    Exited,
+    Api(TransportError),
+}
+
+async fn wait_api(client: &FirecrackerClient, child: &mut Child) -> Result<(), WaitError> {
+    let deadline = Instant::now() + API_READY_TIMEOUT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return Err(WaitError::Exited);
+        }
+        match client.instance_info().await {
+            Ok(_) => return Ok(()),
+            Err(TransportError::Connect { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            Err(e) => return Err(WaitError::Api(e)),
+        }
+    }
+}
+
+/// The last `lines` lines of a log file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
