@@ -489,3 +489,97 @@ fn socket_in_use_is_an_error_and_stale_socket_is_replaced() {
         .unwrap();
     assert!(matches!(err, fcvm_uffd::ServerError::EmptyMemoryFile { .. }), "{err}");
 }
+
+/// Env var that turns [`child_clone_process`] into a fake Firecracker in a separate process.
+const CHILD_ENV: &str = "FCVM_UFFD_TEST_CHILD_SOCKET";
+const CHILD_PAGES: usize = 64;
+
+/// Not a test on its own: the body of the child process spawned by
+/// `other_process_clone_is_tracked_by_pidfd`. It connects, optionally closes its handshake
+/// socket (some peer could), faults in every page, reports, then lives until stdin closes.
+#[test]
+#[ignore = "helper process for other_process_clone_is_tracked_by_pidfd"]
+fn child_clone_process() {
+    let Ok(socket) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let close_socket = std::env::var("FCVM_UFFD_TEST_CHILD_CLOSE").is_ok();
+    let clone = clone_v1_12(Path::new(&socket), CHILD_PAGES, 0);
+    if close_socket {
+        drop(clone.stream);
+    } else {
+        std::mem::forget(clone.stream);
+    }
+    assert_pages(&clone.mem, 0, CHILD_PAGES, 0);
+    println!("CHILD-PAGES-OK");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+fn spawn_child(socket: &Path, close_socket: bool) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child_clone_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if close_socket {
+        cmd.env("FCVM_UFFD_TEST_CHILD_CLOSE", "1");
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_child_ok(child: &mut std::process::Child) {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let ok = within("child faults", move || {
+        std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("CHILD-PAGES-OK"))
+    });
+    assert!(ok, "child saw wrong page contents");
+}
+
+#[test]
+fn other_process_clone_is_tracked_by_pidfd() {
+    let mut fx = fixture(CHILD_PAGES);
+
+    // 1. A peer that closes its handshake socket but keeps running is still served, and its
+    //    exit is noticed through the pidfd.
+    let mut child = spawn_child(&fx.socket, true);
+    let pid = child.id() as i32;
+    match next_event(&mut fx.events) {
+        ServerEvent::Connected { pid: got, .. } => assert_eq!(got, Some(pid)),
+        other => panic!("{other:?}"),
+    }
+    wait_child_ok(&mut child);
+    assert_eq!(fx.server.stats().live.len(), 1, "socket close of a live process is not an exit");
+    drop(child.stdin.take()); // let it exit
+    child.wait().unwrap();
+    match next_event(&mut fx.events) {
+        ServerEvent::Disconnected { pid: got, stats, .. } => {
+            assert_eq!(got, Some(pid));
+            assert_eq!(stats.disconnect_reason, Some(DisconnectReason::ProcessExited));
+            assert_eq!(stats.pages_copied, CHILD_PAGES as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // 2. A peer killed while holding its socket open.
+    let mut child = spawn_child(&fx.socket, false);
+    let pid = child.id() as i32;
+    assert!(matches!(next_event(&mut fx.events), ServerEvent::Connected { .. }));
+    wait_child_ok(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    match next_event(&mut fx.events) {
+        ServerEvent::Disconnected { pid: got, stats, .. } => {
+            assert_eq!(got, Some(pid));
+            assert_eq!(stats.disconnect_reason, Some(DisconnectReason::ProcessExited));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(fx.server.wait_idle_blocking(Some(WAIT)));
+}
