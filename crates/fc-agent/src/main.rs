@@ -1,1 +1,29 @@
-fn main() { eprintln!("not built yet"); std::process::exit(2) }
+//! fc-agent: the guest's PID 1 in an fcvm microVM.
+//!
+//! Boots from the initrd (see [`init`]), switches into the root drive, fetches the run plan from
+//! MMDS, runs the container with podman and relays its I/O over vsock, serves exec requests, and
+//! powers the VM off when the container ends. See `README.md` in this crate.
+
+mod agent;
+mod container;
+mod exec;
+mod init;
+mod log;
+mod mmds;
+mod net;
+mod power;
+mod process;
+mod reaper;
+mod vsock;
+
+fn main() {
+    log::init();
+    if std::process::id() != 1 {
+        eprintln!("fc-agent: must run as PID 1 of a microVM (it mounts filesystems and powers off); refusing");
+        std::process::exit(2);
+    }
+    if let Err(e) = agent::run() {
+        info!("fatal: {e:#}");
+    }
+    power::power_off();
+}

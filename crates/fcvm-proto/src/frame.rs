@@ -459,7 +459,7 @@ mod tests {
         for (t, len) in [(T_EXIT, 3u32), (T_RESIZE, 5), (T_SIGNAL, 0), (T_EOF, 1)] {
             let mut h = vec![VERSION, t];
             h.extend_from_slice(&len.to_le_bytes());
-            h.extend(std::iter::repeat(0).take(len as usize));
+            h.resize(HEADER_LEN + len as usize, 0);
             assert!(
                 matches!(Frame::decode(&h), Err(FrameError::BadLength { .. })),
                 "type {t}"

@@ -9,6 +9,7 @@
 //! - [`status`]: the line protocol on the status port (`ready`, `exit:<code>`, `error:<msg>`).
 //! - [`frame`]: the versioned binary framing used for container output, stdin/TTY and exec.
 //! - [`exec`]: the exec request carried in the first frame of an exec connection.
+//! - [`initrd`]: the newc cpio format of the agent initrd (written by the host, read by the stand-in VMM).
 //!
 //! # Session overview
 //!
@@ -33,6 +34,7 @@
 pub mod boot;
 pub mod exec;
 pub mod frame;
+pub mod initrd;
 pub mod plan;
 pub mod status;
 pub mod vsock;

@@ -1,0 +1,211 @@
+//! The agent's main flow, from PID 1 start to the container's exit code.
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use fcvm_proto::boot::{Cmdline, CMDLINE_ENV};
+use fcvm_proto::frame::read_frame;
+use fcvm_proto::plan::{Plan, CONTAINER_NAME};
+use fcvm_proto::status::Status;
+use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::process::{FrameSink, Running, StdioMode};
+use crate::vsock::{Conn, Vsock};
+use crate::{container, exec, init, mmds, net, power, reaper};
+
+/// Exit code reported when the agent itself fails (podman uses the same for its own errors).
+const AGENT_FAILURE: i32 = 125;
+/// How long to wait for the host's listeners.
+const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the plan.
+const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Status port connection; a missing host only costs the messages.
+#[derive(Clone, Default)]
+struct StatusSink(Arc<Mutex<Option<Conn>>>);
+
+impl StatusSink {
+    fn send(&self, s: &Status) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = g.as_mut() {
+            if let Err(e) = c.write_all(s.to_line().as_bytes()) {
+                crate::info!("status port write failed: {e}");
+                *g = None;
+            }
+        }
+    }
+
+    fn fail(&self, e: &anyhow::Error) {
+        crate::info!("error: {e:#}");
+        self.send(&Status::Error(format!("{e:#}")));
+        self.send(&Status::Exit(AGENT_FAILURE));
+    }
+}
+
+fn read_cmdline() -> anyhow::Result<Cmdline> {
+    // The stand-in VMM cannot set a kernel command line and passes it in the environment.
+    let text = match std::env::var(CMDLINE_ENV) {
+        Ok(t) => t,
+        Err(_) => std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?,
+    };
+    std::env::remove_var(CMDLINE_ENV);
+    Ok(Cmdline::parse(&text))
+}
+
+/// Runs the whole boot; returns when the VM should power off.
+pub fn run() -> anyhow::Result<()> {
+    // Before any thread exists, so every thread inherits the mask and the signals can only be
+    // taken by `signal_loop` (std resets the mask in spawned children).
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block().context("cannot block signals")?;
+    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    std::env::set_var("HOME", "/root");
+
+    init::mount_proc()?;
+    let cmdline = read_cmdline()?;
+    crate::log::set_debug(cmdline.debug());
+    let static_dev = cmdline.static_dev()?;
+    let cgroups = cmdline.cgroup_mode()?;
+    let vsock = Vsock::new(cmdline.vsock_mode()?);
+    init::mount_kernel_fs(static_dev)?;
+    init::switch_root(&cmdline)?;
+    init::mount_runtime_fs()?;
+    init::mount_cgroups(cgroups)?;
+    // Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) now arrives as SIGINT instead of a reset.
+    // Inside a PID namespace this call is refused, which is fine: the VMM signals us directly.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+    reaper::start();
+    crate::info!("root mounted ({})", cmdline.root());
+
+    let status = StatusSink::default();
+    match vsock.connect(STATUS_PORT, HOST_CONNECT_TIMEOUT) {
+        Ok(c) => *status.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
+        Err(e) => crate::info!("no status connection: {e}"),
+    }
+    let state = Arc::new(SignalState::default());
+    {
+        let (state, status) = (state.clone(), status.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || signal_loop(sigs, state, status))
+            .context("cannot start the signal thread")?;
+    }
+    if let Err(e) = run_container(&cmdline, vsock, &status, &state) {
+        status.fail(&e);
+    }
+    Ok(())
+}
+
+fn setup_guest(cmdline: &Cmdline, vsock: Vsock) -> anyhow::Result<Plan> {
+    std::fs::create_dir_all("/run/fcvm")?;
+    std::fs::write(container::CONTAINERS_CONF_PATH, container::CONTAINERS_CONF)?;
+    std::env::set_var("CONTAINERS_CONF", container::CONTAINERS_CONF_PATH);
+    net::configure(cmdline.ip()?.as_ref())?;
+    let plan = mmds::fetch(PLAN_TIMEOUT)?;
+    crate::info!("plan fetched");
+    net::set_hostname(plan.hostname.as_deref().unwrap_or("fcvm"))?;
+    exec::serve(vsock)?;
+    Ok(plan)
+}
+
+fn run_container(cmdline: &Cmdline, vsock: Vsock, status: &StatusSink, state: &Arc<SignalState>) -> anyhow::Result<()> {
+    let plan = setup_guest(cmdline, vsock)?;
+    let image = container::prepare_image(&plan)?;
+    crate::info!("image ready: {image}");
+
+    let output = FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?);
+    let input = if plan.interactive || plan.tty {
+        Some(vsock.connect(INPUT_PORT, HOST_CONNECT_TIMEOUT)?)
+    } else {
+        None
+    };
+    let mut cmd = Command::new("podman");
+    cmd.args(container::run_args(&plan, &image));
+    let mode = StdioMode { tty: plan.tty, interactive: plan.interactive, size: plan.tty_size };
+    let running = Arc::new(crate::process::start(cmd, mode, &output)?);
+    *state.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(running.clone());
+    crate::info!("podman run started");
+
+    if let Some(mut conn) = input {
+        let r = running.clone();
+        std::thread::spawn(move || loop {
+            match read_frame(&mut conn) {
+                Ok(Some(f)) => r.input(f),
+                // The host closing its input side ends stdin; the container keeps running.
+                Ok(None) | Err(_) => {
+                    r.input(fcvm_proto::frame::Frame::Eof);
+                    return;
+                }
+            }
+        });
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let ready = {
+        let (done, status) = (done.clone(), status.clone());
+        std::thread::spawn(move || wait_ready(&done, &status))
+    };
+
+    let code = running.wait(Duration::from_secs(2));
+    done.store(true, Ordering::SeqCst);
+    let _ = ready.join();
+    // All output is relayed; closing the connection tells the host before it sees the code.
+    output.close();
+    crate::info!("container exited with {code}");
+    status.send(&Status::Exit(code));
+    Ok(())
+}
+
+/// Reports `ready` once podman has started the container.
+fn wait_ready(done: &AtomicBool, status: &StatusSink) {
+    while !done.load(Ordering::SeqCst) {
+        let out = reaper::run(Command::new("podman").args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Status}}",
+            CONTAINER_NAME,
+        ]));
+        if let Ok(o) = out {
+            if o.code == 0 && matches!(o.stdout.trim(), "running" | "exited" | "stopped") {
+                crate::info!("container started");
+                status.send(&Status::Ready);
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[derive(Default)]
+struct SignalState {
+    running: Mutex<Option<Arc<Running>>>,
+    count: AtomicU32,
+}
+
+/// SIGINT (Ctrl-Alt-Del from the VMM) or SIGTERM: the first asks the container to stop
+/// (podman forwards SIGTERM to it), the second kills podman. Before the container exists the
+/// VM is simply powered off.
+fn signal_loop(sigs: SigSet, state: Arc<SignalState>, status: StatusSink) {
+    loop {
+        let Ok(sig) = sigs.wait() else { continue };
+        let n = state.count.fetch_add(1, Ordering::SeqCst);
+        crate::info!("received {sig}");
+        let running = state.running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match running {
+            Some(r) if n == 0 => r.signal(libc::SIGTERM),
+            Some(r) => r.signal(libc::SIGKILL),
+            None => {
+                status.send(&Status::Error(format!("stopped by {sig} before the container started")));
+                status.send(&Status::Exit(128 + sig as i32));
+                power::power_off();
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The container: image preparation and the podman command lines.
+
+use std::process::Command;
+
+use fcvm_proto::exec::ExecRequest;
+use fcvm_proto::plan::{ImageSource, Plan, CONTAINER_NAME};
+
+use crate::reaper;
+
+/// podman configuration for a guest without systemd: cgroupfs manager, no journald events.
+/// Written at boot and selected with `CONTAINERS_CONF` for everything the agent starts.
+pub const CONTAINERS_CONF: &str = "\
+[engine]
+cgroup_manager = \"cgroupfs\"
+events_logger = \"none\"
+[containers]
+log_driver = \"none\"
+";
+
+/// Where [`CONTAINERS_CONF`] is written.
+pub const CONTAINERS_CONF_PATH: &str = "/run/fcvm/containers.conf";
+
+/// Errors preparing the image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// podman could not be started.
+    #[error("Cannot run podman (is it in the rootfs?): {0}")]
+    Spawn(std::io::Error),
+    /// `podman load` failed.
+    #[error("podman load -i {device} failed (exit {code}): {stderr}")]
+    Load {
+        /// Device.
+        device: String,
+        /// Exit code.
+        code: i32,
+        /// podman's error output.
+        stderr: String,
+    },
+    /// `podman load` succeeded but named no image and the plan gave none.
+    #[error("podman load -i {0} reported no image name and the plan gives no reference")]
+    NoName(String),
+    /// `podman pull` failed.
+    #[error("podman pull {reference} failed (exit {code}): {stderr}")]
+    Pull {
+        /// Reference.
+        reference: String,
+        /// Exit code.
+        code: i32,
+        /// podman's error output.
+        stderr: String,
+    },
+}
+
+/// Makes the plan's image available in local storage; returns the reference to run.
+pub fn prepare_image(plan: &Plan) -> Result<String, ImageError> {
+    match &plan.image {
+        ImageSource::Archive { device, reference } => {
+            let out = reaper::run(Command::new("podman").args(["load", "-q", "-i", device]))
+                .map_err(ImageError::Spawn)?;
+            if out.code != 0 {
+                return Err(ImageError::Load {
+                    device: device.clone(),
+                    code: out.code,
+                    stderr: out.stderr.trim().to_owned(),
+                });
+            }
+            if !reference.is_empty() {
+                return Ok(reference.clone());
+            }
+            loaded_name(&out.stdout).ok_or_else(|| ImageError::NoName(device.clone()))
+        }
+        ImageSource::Registry { reference } => {
+            let exists = reaper::run(Command::new("podman").args(["image", "exists", reference]))
+                .map_err(ImageError::Spawn)?;
+            if exists.code == 0 {
+                return Ok(reference.clone());
+            }
+            let out = reaper::run(Command::new("podman").args(["pull", "-q", reference]))
+                .map_err(ImageError::Spawn)?;
+            if out.code != 0 {
+                return Err(ImageError::Pull {
+                    reference: reference.clone(),
+                    code: out.code,
+                    stderr: out.stderr.trim().to_owned(),
+                });
+            }
+            Ok(reference.clone())
+        }
+    }
+}
+
+/// The first image name in `podman load` output (`Loaded image: NAME` or `Loaded image(s): A,B`).
+pub fn loaded_name(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let first = rest.split(',').next()?.trim();
+        (l.starts_with("Loaded image") && !first.is_empty()).then(|| first.to_owned())
+    })
+}
+
+/// Arguments of `podman run` for the plan (after `podman`).
+pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
+    let mut a: Vec<String> = ["run", "--name", CONTAINER_NAME, "--network=host", "--pull=never"]
+        .map(String::from)
+        .to_vec();
+    if plan.interactive {
+        a.push("-i".into());
+    }
+    if plan.tty {
+        a.push("-t".into());
+    }
+    for (k, v) in &plan.env {
+        a.push("-e".into());
+        a.push(format!("{k}={v}"));
+    }
+    if let Some(w) = &plan.workdir {
+        a.push(format!("--workdir={w}"));
+    }
+    if let Some(u) = &plan.user {
+        a.push(format!("--user={u}"));
+    }
+    if let Some(h) = &plan.hostname {
+        a.push(format!("--hostname={h}"));
+    }
+    if let Some(e) = &plan.entrypoint {
+        a.push(format!("--entrypoint={e}"));
+    }
+    a.push(image.to_owned());
+    if let Some(cmd) = &plan.cmd {
+        a.extend(cmd.iter().cloned());
+    }
+    a
+}
+
+/// The command for an exec request: `podman exec` into the container, or the program itself.
+pub fn exec_command(req: &ExecRequest) -> Command {
+    if req.in_container {
+        let mut c = Command::new("podman");
+        c.arg("exec");
+        if req.interactive {
+            c.arg("-i");
+        }
+        if req.tty {
+            c.arg("-t");
+        }
+        for (k, v) in &req.env {
+            c.arg("-e").arg(format!("{k}={v}"));
+        }
+        if let Some(w) = &req.workdir {
+            c.arg(format!("--workdir={w}"));
+        }
+        c.arg(CONTAINER_NAME).args(&req.command);
+        c
+    } else {
+        let mut c = Command::new(&req.command[0]);
+        c.args(&req.command[1..]).envs(&req.env);
+        if req.tty && !req.env.contains_key("TERM") {
+            c.env("TERM", "xterm-256color");
+        }
+        if let Some(w) = &req.workdir {
+            c.current_dir(w);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fcvm_proto::plan::ImageSource;
+
+    #[test]
+    fn load_output_names() {
+        assert_eq!(loaded_name("Loaded image: localhost/bb:1\n").as_deref(), Some("localhost/bb:1"));
+        assert_eq!(loaded_name("Loaded image(s): a:1,b:2\n").as_deref(), Some("a:1"));
+        assert_eq!(loaded_name("Getting image source signatures\n"), None);
+        assert_eq!(loaded_name("Loaded image: \n"), None);
+    }
+
+    #[test]
+    fn run_args_order_and_flags() {
+        let mut p = Plan::new(ImageSource::Registry { reference: "x".into() });
+        p.tty = true;
+        p.env.insert("A".into(), "1 2".into());
+        p.cmd = Some(vec!["sh".into(), "-c".into(), "exit 3".into()]);
+        let a = run_args(&p, "localhost/x:1");
+        let img = a.iter().position(|s| s == "localhost/x:1").unwrap();
+        assert_eq!(&a[img + 1..], ["sh", "-c", "exit 3"]);
+        assert!(a[..img].contains(&"-t".to_string()));
+        assert!(!a.contains(&"-i".to_string()));
+        assert!(a.contains(&"A=1 2".to_string()));
+    }
+
+    #[test]
+    fn exec_in_vm_vs_container() {
+        let mut r = ExecRequest { command: vec!["ls".into(), "/".into()], ..Default::default() };
+        assert_eq!(exec_command(&r).get_program(), "ls");
+        r.in_container = true;
+        r.tty = true;
+        let c = exec_command(&r);
+        let args: Vec<_> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["exec", "-t", CONTAINER_NAME, "ls", "/"]);
+    }
+}
