@@ -59,7 +59,10 @@ pub struct CleanupError {
 impl CleanupStep {
     /// Carry out this step.
     pub fn run(&self) -> Result<(), CleanupError> {
-        let fail = |reason: String| CleanupError { step: self.clone(), reason };
+        let fail = |reason: String| CleanupError {
+            step: self.clone(),
+            reason,
+        };
         match self {
             CleanupStep::KillProcess { process } => {
                 process.terminate(Duration::from_secs(2));
@@ -123,7 +126,9 @@ mod tests {
             CleanupStep::KillProcess { process },
             CleanupStep::RemoveFile { path: file.clone() },
             CleanupStep::RemoveDir { path: sub.clone() },
-            CleanupStep::Unmount { path: dir.path().join("never-mounted") },
+            CleanupStep::Unmount {
+                path: dir.path().join("never-mounted"),
+            },
         ];
         let reaper = std::thread::spawn(move || child.wait());
         assert!(run_all(&steps).is_empty());
@@ -135,7 +140,9 @@ mod tests {
 
     #[test]
     fn steps_round_trip_through_json() {
-        let step = CleanupStep::DeleteNetns { name: "fcvm-abc".into() };
+        let step = CleanupStep::DeleteNetns {
+            name: "fcvm-abc".into(),
+        };
         let json = serde_json::to_string(&step).unwrap();
         assert_eq!(json, r#"{"step":"delete_netns","name":"fcvm-abc"}"#);
         assert_eq!(serde_json::from_str::<CleanupStep>(&json).unwrap(), step);

@@ -16,7 +16,12 @@ pub type FileLock = Flock<File>;
 /// flock locks are released by the kernel when the holder dies, so a SIGKILLed fcvm never
 /// leaves a lock behind.
 pub fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
-    let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
     Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))
 }
 

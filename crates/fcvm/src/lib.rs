@@ -1,6 +1,9 @@
 //! fcvm host library: everything the `fcvm` command does, as typed modules.
 
 pub mod cleanup;
+pub mod cli;
+pub mod commands;
+pub mod doctor;
 pub mod firecracker;
 pub mod fsutil;
 pub mod names;
@@ -8,4 +11,5 @@ pub mod paths;
 pub mod process;
 pub mod setup;
 pub mod state;
+pub mod storage_probe;
 pub mod vm;

@@ -22,7 +22,9 @@ pub enum NameError {
         len: usize,
     },
     /// Bad character.
-    #[error("the name {name:?} contains {ch:?}; use letters, digits, '-', '_' and '.' (not leading)")]
+    #[error(
+        "the name {name:?} contains {ch:?}; use letters, digits, '-', '_' and '.' (not leading)"
+    )]
     BadChar {
         /// The name.
         name: String,
@@ -46,12 +48,19 @@ impl Name {
         let first = name.chars().next().ok_or(NameError::Empty)?;
         let len = name.chars().count();
         if len > MAX_NAME_LEN {
-            return Err(NameError::TooLong { name: name.to_owned(), len });
+            return Err(NameError::TooLong {
+                name: name.to_owned(),
+                len,
+            });
         }
-        if let Some(ch) =
-            name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        if let Some(ch) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
-            return Err(NameError::BadChar { name: name.to_owned(), ch });
+            return Err(NameError::BadChar {
+                name: name.to_owned(),
+                ch,
+            });
         }
         if !first.is_ascii_alphanumeric() {
             return Err(NameError::BadStart(name.to_owned()));
@@ -105,14 +114,26 @@ mod tests {
     #[test]
     fn refuses_path_tricks_and_junk() {
         assert_eq!(Name::parse(""), Err(NameError::Empty));
-        assert!(matches!(Name::parse("a/b"), Err(NameError::BadChar { ch: '/', .. })));
+        assert!(matches!(
+            Name::parse("a/b"),
+            Err(NameError::BadChar { ch: '/', .. })
+        ));
         assert!(matches!(Name::parse(".."), Err(NameError::BadStart(_))));
-        assert!(matches!(Name::parse(".hidden"), Err(NameError::BadStart(_))));
+        assert!(matches!(
+            Name::parse(".hidden"),
+            Err(NameError::BadStart(_))
+        ));
         assert!(matches!(Name::parse("-rf"), Err(NameError::BadStart(_))));
-        assert!(matches!(Name::parse("a b"), Err(NameError::BadChar { ch: ' ', .. })));
+        assert!(matches!(
+            Name::parse("a b"),
+            Err(NameError::BadChar { ch: ' ', .. })
+        ));
         assert!(matches!(Name::parse("é"), Err(NameError::BadChar { .. })));
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        assert!(matches!(Name::parse(&long), Err(NameError::TooLong { len: 49, .. })));
+        assert!(matches!(
+            Name::parse(&long),
+            Err(NameError::TooLong { len: 49, .. })
+        ));
     }
 
     #[test]

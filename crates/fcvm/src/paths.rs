@@ -113,6 +113,14 @@ impl Paths {
     }
 }
 
+/// Where every VMM sees its own runtime directory.
+///
+/// Each VMM runs in a private mount namespace in which its runtime directory is
+/// bind-mounted here. Firecracker records the paths it was given (vsock socket, drives)
+/// inside snapshots, and v1.12 cannot override them on restore; because every VM sees the
+/// same path, a clone restored anywhere finds *its own* files at the recorded paths.
+pub const VMM_VIEW_DIR: &str = "/run/fcvm/vm";
+
 /// Files inside one VM's runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
@@ -123,6 +131,11 @@ impl VmPaths {
     /// Files of the VM whose runtime directory is `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
+    }
+
+    /// The same files as the VMM sees them (see [`VMM_VIEW_DIR`]).
+    pub fn vmm_view() -> VmPaths {
+        VmPaths::new(VMM_VIEW_DIR)
     }
 
     /// The runtime directory.
@@ -182,6 +195,9 @@ mod tests {
         assert_eq!(p.vm_dir("abc"), PathBuf::from("/x/vms/abc"));
         assert_eq!(p.snapshot_dir("t"), PathBuf::from("/x/snapshots/t"));
         let vm = VmPaths::new(p.vm_dir("abc"));
-        assert_eq!(vm.vsock_listener(4999), PathBuf::from("/x/vms/abc/v.sock_4999"));
+        assert_eq!(
+            vm.vsock_listener(4999),
+            PathBuf::from("/x/vms/abc/v.sock_4999")
+        );
     }
 }

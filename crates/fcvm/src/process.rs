@@ -99,7 +99,8 @@ mod tests {
 
     #[test]
     fn parses_names_with_spaces_and_parens() {
-        let line = "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let line =
+            "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         let f = parse_stat(line).unwrap();
         assert_eq!(f.state, 'S');
         assert_eq!(f.start_time, 987654);
@@ -109,13 +110,19 @@ mod tests {
     fn current_process_is_alive_and_a_recycled_pid_is_not() {
         let me = ProcessRef::current();
         assert!(me.is_alive());
-        let impostor = ProcessRef { pid: me.pid, start_time: me.start_time + 1 };
+        let impostor = ProcessRef {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
         assert!(!impostor.is_alive());
     }
 
     #[test]
     fn exited_child_is_not_alive() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let r = ProcessRef::of_pid(child.id()).unwrap();
         assert!(r.is_alive());
         r.signal(Signal::SIGKILL);

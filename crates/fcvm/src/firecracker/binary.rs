@@ -14,7 +14,11 @@ pub const FIRECRACKER_ENV: &str = "FCVM_FIRECRACKER_BIN";
 /// Environment variable naming the jailer binary to use.
 pub const JAILER_ENV: &str = "FCVM_JAILER_BIN";
 /// Oldest Firecracker release fcvm drives.
-pub const MIN_VERSION: Version = Version { major: 1, minor: 12, patch: 0 };
+pub const MIN_VERSION: Version = Version {
+    major: 1,
+    minor: 12,
+    patch: 0,
+};
 
 /// A `major.minor.patch` release number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,9 +46,16 @@ impl Version {
             let major = parts.next()?.parse().ok()?;
             let minor = parts.next()?.parse().ok()?;
             let patch_text = parts.next()?;
-            let digits: String = patch_text.chars().take_while(|c| c.is_ascii_digit()).collect();
+            let digits: String = patch_text
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
             let patch = digits.parse().ok()?;
-            Some(Version { major, minor, patch })
+            Some(Version {
+                major,
+                minor,
+                patch,
+            })
         })
     }
 }
@@ -95,7 +106,9 @@ pub struct FoundBinary {
 #[derive(Debug, thiserror::Error)]
 pub enum BinaryError {
     /// Not in any search location.
-    #[error("{program} not found (looked at ${env}, PATH and {dir}); run `fcvm setup firecracker`")]
+    #[error(
+        "{program} not found (looked at ${env}, PATH and {dir}); run `fcvm setup firecracker`"
+    )]
     NotFound {
         /// Which program.
         program: Program,
@@ -129,7 +142,9 @@ pub enum BinaryError {
         output: String,
     },
     /// Too old.
-    #[error("{path} is {program} {found}, fcvm needs {min} or newer; run `fcvm setup firecracker`")]
+    #[error(
+        "{path} is {program} {found}, fcvm needs {min} or newer; run `fcvm setup firecracker`"
+    )]
     TooOld {
         /// Which program.
         program: Program,
@@ -147,9 +162,18 @@ pub fn find(program: Program, paths: &Paths) -> Result<FoundBinary, BinaryError>
     let path = locate(program, paths)?;
     let version = query_version(&path)?;
     if version < MIN_VERSION {
-        return Err(BinaryError::TooOld { program, path, found: version, min: MIN_VERSION });
+        return Err(BinaryError::TooOld {
+            program,
+            path,
+            found: version,
+            min: MIN_VERSION,
+        });
     }
-    Ok(FoundBinary { program, path, version })
+    Ok(FoundBinary {
+        program,
+        path,
+        version,
+    })
 }
 
 /// Where `program` would be taken from, without running it.
@@ -159,7 +183,10 @@ pub fn locate(program: Program, paths: &Paths) -> Result<PathBuf, BinaryError> {
         if path.is_file() {
             return Ok(path);
         }
-        return Err(BinaryError::EnvPathMissing { env: program.env(), path });
+        return Err(BinaryError::EnvPathMissing {
+            env: program.env(),
+            path,
+        });
     }
     if let Some(path) = search_path(program.file_name()) {
         return Ok(path);
@@ -168,7 +195,11 @@ pub fn locate(program: Program, paths: &Paths) -> Result<PathBuf, BinaryError> {
     if is_executable(&installed) {
         return Ok(installed);
     }
-    Err(BinaryError::NotFound { program, env: program.env(), dir: paths.bin_dir() })
+    Err(BinaryError::NotFound {
+        program,
+        env: program.env(),
+        dir: paths.bin_dir(),
+    })
 }
 
 /// Run `path --version` and parse the banner.
@@ -176,20 +207,29 @@ pub fn query_version(path: &Path) -> Result<Version, BinaryError> {
     let output = Command::new(path)
         .arg("--version")
         .output()
-        .map_err(|source| BinaryError::Exec { path: path.to_owned(), source })?;
+        .map_err(|source| BinaryError::Exec {
+            path: path.to_owned(),
+            source,
+        })?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    Version::from_banner(&text)
-        .ok_or_else(|| BinaryError::NoVersion { path: path.to_owned(), output: text })
+    Version::from_banner(&text).ok_or_else(|| BinaryError::NoVersion {
+        path: path.to_owned(),
+        output: text,
+    })
 }
 
 fn search_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -199,22 +239,55 @@ mod tests {
     #[test]
     fn parses_firecracker_and_jailer_banners() {
         let fc = "Firecracker v1.12.1\n\n2026-11-29T10:54:57 [anonymous-instance:main] exiting";
-        assert_eq!(Version::from_banner(fc), Some(Version { major: 1, minor: 12, patch: 1 }));
+        assert_eq!(
+            Version::from_banner(fc),
+            Some(Version {
+                major: 1,
+                minor: 12,
+                patch: 1
+            })
+        );
         assert_eq!(
             Version::from_banner("Jailer v1.12.1"),
-            Some(Version { major: 1, minor: 12, patch: 1 })
+            Some(Version {
+                major: 1,
+                minor: 12,
+                patch: 1
+            })
         );
         assert_eq!(
             Version::from_banner("Firecracker v1.13.0-dev"),
-            Some(Version { major: 1, minor: 13, patch: 0 })
+            Some(Version {
+                major: 1,
+                minor: 13,
+                patch: 0
+            })
         );
         assert_eq!(Version::from_banner("no version here"), None);
     }
 
     #[test]
     fn ordering_checks_the_minimum() {
-        assert!(Version { major: 1, minor: 11, patch: 9 } < MIN_VERSION);
-        assert!(Version { major: 1, minor: 12, patch: 0 } >= MIN_VERSION);
-        assert!(Version { major: 2, minor: 0, patch: 0 } > MIN_VERSION);
+        assert!(
+            Version {
+                major: 1,
+                minor: 11,
+                patch: 9
+            } < MIN_VERSION
+        );
+        assert!(
+            Version {
+                major: 1,
+                minor: 12,
+                patch: 0
+            } >= MIN_VERSION
+        );
+        assert!(
+            Version {
+                major: 2,
+                minor: 0,
+                patch: 0
+            } > MIN_VERSION
+        );
     }
 }

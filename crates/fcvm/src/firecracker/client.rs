@@ -25,7 +25,10 @@ pub struct FirecrackerClient {
 impl FirecrackerClient {
     /// Client for the API socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { transport: Transport::new(socket), timeout: DEFAULT_TIMEOUT }
+        Self {
+            transport: Transport::new(socket),
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 
     /// Use `timeout` for ordinary calls.
@@ -66,12 +69,14 @@ impl FirecrackerClient {
 
     /// `PUT /machine-config`.
     pub async fn put_machine_config(&self, cfg: &MachineConfig) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/machine-config", cfg, self.timeout).await
+        self.send(Method::PUT, "/machine-config", cfg, self.timeout)
+            .await
     }
 
     /// `PUT /boot-source`.
     pub async fn put_boot_source(&self, boot: &BootSource) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/boot-source", boot, self.timeout).await
+        self.send(Method::PUT, "/boot-source", boot, self.timeout)
+            .await
     }
 
     /// `PUT /drives/{id}`.
@@ -102,7 +107,8 @@ impl FirecrackerClient {
 
     /// `PUT /mmds/config`.
     pub async fn put_mmds_config(&self, cfg: &MmdsConfig) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/mmds/config", cfg, self.timeout).await
+        self.send(Method::PUT, "/mmds/config", cfg, self.timeout)
+            .await
     }
 
     /// `PUT /mmds`: replace the metadata store.
@@ -122,7 +128,13 @@ impl FirecrackerClient {
 
     /// `PUT /actions`.
     pub async fn action(&self, action_type: ActionType) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/actions", &InstanceAction { action_type }, self.timeout).await
+        self.send(
+            Method::PUT,
+            "/actions",
+            &InstanceAction { action_type },
+            self.timeout,
+        )
+        .await
     }
 
     /// Boot the configured VM.
@@ -141,7 +153,8 @@ impl FirecrackerClient {
     }
 
     async fn set_vm_state(&self, state: VmState) -> Result<(), TransportError> {
-        self.send(Method::PATCH, "/vm", &Vm { state }, self.timeout).await
+        self.send(Method::PATCH, "/vm", &Vm { state }, self.timeout)
+            .await
     }
 
     /// `PUT /snapshot/create` (the VM must be paused).
@@ -149,16 +162,21 @@ impl FirecrackerClient {
         &self,
         params: &SnapshotCreateParams,
     ) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/snapshot/create", params, SNAPSHOT_TIMEOUT).await
+        self.send(Method::PUT, "/snapshot/create", params, SNAPSHOT_TIMEOUT)
+            .await
     }
 
     /// `PUT /snapshot/load` (only on a fresh Firecracker process).
     pub async fn load_snapshot(&self, params: &SnapshotLoadParams) -> Result<(), TransportError> {
-        self.send(Method::PUT, "/snapshot/load", params, SNAPSHOT_TIMEOUT).await
+        self.send(Method::PUT, "/snapshot/load", params, SNAPSHOT_TIMEOUT)
+            .await
     }
 
     async fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, TransportError> {
-        let body = self.transport.request(Method::GET, uri, None, self.timeout).await?;
+        let body = self
+            .transport
+            .request(Method::GET, uri, None, self.timeout)
+            .await?;
         serde_json::from_slice(&body).map_err(|source| TransportError::Json {
             method: Method::GET,
             uri: uri.to_owned(),
@@ -178,6 +196,9 @@ impl FirecrackerClient {
             uri: uri.to_owned(),
             source,
         })?;
-        self.transport.request(method, uri, Some(bytes), timeout).await.map(|_| ())
+        self.transport
+            .request(method, uri, Some(bytes), timeout)
+            .await
+            .map(|_| ())
     }
 }

@@ -286,15 +286,23 @@ mod tests {
     #[test]
     fn enums_use_firecracker_spelling() {
         assert_eq!(
-            serde_json::to_value(Vm { state: VmState::Paused }).unwrap(),
+            serde_json::to_value(Vm {
+                state: VmState::Paused
+            })
+            .unwrap(),
             json!({"state":"Paused"})
         );
         assert_eq!(
-            serde_json::to_value(InstanceAction { action_type: ActionType::SendCtrlAltDel })
-                .unwrap(),
+            serde_json::to_value(InstanceAction {
+                action_type: ActionType::SendCtrlAltDel
+            })
+            .unwrap(),
             json!({"action_type":"SendCtrlAltDel"})
         );
-        assert_eq!(serde_json::to_value(SnapshotType::Diff).unwrap(), json!("Diff"));
+        assert_eq!(
+            serde_json::to_value(SnapshotType::Diff).unwrap(),
+            json!("Diff")
+        );
     }
 
     #[test]
@@ -313,7 +321,10 @@ mod tests {
         });
         let cfg: FullVmConfig = serde_json::from_value(body).unwrap();
         assert_eq!(cfg.machine_config.unwrap().mem_size_mib, 128);
-        assert_eq!(cfg.boot_source.unwrap().boot_args.as_deref(), Some("console=ttyS0"));
+        assert_eq!(
+            cfg.boot_source.unwrap().boot_args.as_deref(),
+            Some("console=ttyS0")
+        );
         assert_eq!(cfg.drives.len(), 1);
         assert_eq!(cfg.vsock.unwrap().guest_cid, 3);
     }

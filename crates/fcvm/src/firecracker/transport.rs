@@ -81,7 +81,9 @@ pub struct Transport {
 impl Transport {
     /// Transport to the socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self {
+            socket: socket.into(),
+        }
     }
 
     /// The socket path.
@@ -99,7 +101,11 @@ impl Transport {
     ) -> Result<Bytes, TransportError> {
         match tokio::time::timeout(timeout, self.exchange(method.clone(), uri, body)).await {
             Ok(result) => result,
-            Err(_) => Err(TransportError::Timeout { method, uri: uri.to_owned(), timeout }),
+            Err(_) => Err(TransportError::Timeout {
+                method,
+                uri: uri.to_owned(),
+                timeout,
+            }),
         }
     }
 
@@ -115,11 +121,16 @@ impl Transport {
             uri: uri.to_owned(),
             source,
         };
-        let stream = UnixStream::connect(&self.socket)
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| TransportError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| TransportError::Connect { path: self.socket.clone(), source })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
+            .map_err(http_err)?;
         // The connection future must be polled for the request to progress; it ends when
         // the response is read and the sender dropped.
         let driver = tokio::spawn(conn);
@@ -137,7 +148,12 @@ impl Transport {
             .expect("method, URI and headers are valid by construction");
         let response = sender.send_request(request).await.map_err(http_err)?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(http_err)?.to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http_err)?
+            .to_bytes();
         drop(sender);
         driver.abort();
 
@@ -147,6 +163,11 @@ impl Transport {
         let message = serde_json::from_slice::<Fault>(&bytes)
             .map(|f| f.fault_message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_owned());
-        Err(TransportError::Refused { method, uri: uri.to_owned(), status, message })
+        Err(TransportError::Refused {
+            method,
+            uri: uri.to_owned(),
+            status,
+            message,
+        })
     }
 }

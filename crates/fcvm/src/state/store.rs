@@ -39,7 +39,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// Name already used by a live VM.
-    #[error("a VM named {name:?} is already running (pid {pid}); pick another --name or stop it with `fcvm stop {name}`")]
+    #[error("a VM named \"{name}\" is already running (pid {pid}); pick another --name or stop it with `fcvm stop {name}`")]
     NameTaken {
         /// The name.
         name: Name,
@@ -53,7 +53,11 @@ pub enum StoreError {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_owned();
-    move |source| StoreError::Io { action, path, source }
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// Handle on the state directory.
@@ -99,7 +103,10 @@ impl Store {
         let reaped = self.reap_locked()?;
         if let Some(other) = self.read_all()?.into_iter().find(|r| r.name == record.name) {
             let pid = other.pid();
-            return Err(StoreError::NameTaken { name: other.name, pid });
+            return Err(StoreError::NameTaken {
+                name: other.name,
+                pid,
+            });
         }
         self.write_locked(record)?;
         Ok(reaped)
@@ -175,7 +182,8 @@ impl Store {
                 match self.read(&path) {
                     Ok(r) => records.push(r),
                     // Removed by a concurrent reaper between readdir and open.
-                    Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                    Err(StoreError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -186,8 +194,10 @@ impl Store {
 
     fn read(&self, path: &Path) -> Result<VmRecord, StoreError> {
         let bytes = fs::read(path).map_err(io_err("read", path))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|source| StoreError::Corrupt { path: path.to_owned(), source })
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     fn write_locked(&self, record: &VmRecord) -> Result<(), StoreError> {

@@ -7,7 +7,12 @@ use crate::names::Name;
 use crate::process::ProcessRef;
 
 fn record(name: &str) -> VmRecord {
-    VmRecord::new(new_vm_id(), Name::parse(name).unwrap(), VmKind::Raw, "/nonexistent".into())
+    VmRecord::new(
+        new_vm_id(),
+        Name::parse(name).unwrap(),
+        VmKind::Raw,
+        "/nonexistent".into(),
+    )
 }
 
 fn dead_process() -> ProcessRef {
@@ -23,7 +28,9 @@ fn create_update_list_remove() {
     let store = Store::open_dir(dir.path().join("state")).unwrap();
     let r = record("web");
     store.create(&r).unwrap();
-    let updated = store.update(&r.id, |r| r.status = VmStatus::Running).unwrap();
+    let updated = store
+        .update(&r.id, |r| r.status = VmStatus::Running)
+        .unwrap();
     assert_eq!(updated.status, VmStatus::Running);
     let all = store.list().unwrap();
     assert_eq!(all, vec![updated]);
@@ -32,7 +39,10 @@ fn create_update_list_remove() {
     store.remove(&r.id).unwrap();
     store.remove(&r.id).unwrap();
     assert!(store.list().unwrap().is_empty());
-    assert!(matches!(store.find_by_name("web"), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.find_by_name("web"),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -58,8 +68,12 @@ fn stale_record_is_reaped_with_its_cleanup_and_frees_the_name() {
     let mut stale = record("api");
     stale.owner = dead_process();
     stale.cleanup = vec![
-        CleanupStep::KillProcess { process: orphan_ref },
-        CleanupStep::RemoveDir { path: runtime.clone() },
+        CleanupStep::KillProcess {
+            process: orphan_ref,
+        },
+        CleanupStep::RemoveDir {
+            path: runtime.clone(),
+        },
     ];
     store.create(&stale).unwrap();
 
@@ -72,7 +86,15 @@ fn stale_record_is_reaped_with_its_cleanup_and_frees_the_name() {
     assert!(!runtime.exists());
     reaper.join().unwrap().unwrap();
     assert!(!orphan_ref.is_alive());
-    assert_eq!(store.list().unwrap().iter().map(|r| &r.id).collect::<Vec<_>>(), [&fresh.id]);
+    assert_eq!(
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|r| &r.id)
+            .collect::<Vec<_>>(),
+        [&fresh.id]
+    );
 }
 
 #[test]
@@ -101,7 +123,11 @@ fn concurrent_creators_of_one_name_get_exactly_one_winner() {
             })
         })
         .collect();
-    let winners = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+    let winners = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|w| *w)
+        .count();
     assert_eq!(winners, 1);
     assert_eq!(store.list().unwrap().len(), 1);
 }

@@ -60,7 +60,10 @@ pub fn validate_sizing(vcpus: u32, mem_mib: u64) -> Result<(u8, u32), SizingErro
     }
     let host_mib = host_memory_mib();
     if mem_mib < u64::from(MIN_MEM_MIB) || mem_mib > host_mib {
-        return Err(SizingError::Memory { requested: mem_mib, host: host_mib });
+        return Err(SizingError::Memory {
+            requested: mem_mib,
+            host: host_mib,
+        });
     }
     Ok((vcpus as u8, mem_mib as u32))
 }
@@ -118,8 +121,14 @@ mod tests {
         assert_eq!(validate_sizing(2, 256), Ok((2, 256)));
         assert_eq!(validate_sizing(0, 256), Err(SizingError::Cpus(0)));
         assert_eq!(validate_sizing(33, 256), Err(SizingError::Cpus(33)));
-        assert!(matches!(validate_sizing(1, 8), Err(SizingError::Memory { requested: 8, .. })));
-        assert!(matches!(validate_sizing(1, 1 << 40), Err(SizingError::Memory { .. })));
+        assert!(matches!(
+            validate_sizing(1, 8),
+            Err(SizingError::Memory { requested: 8, .. })
+        ));
+        assert!(matches!(
+            validate_sizing(1, 1 << 40),
+            Err(SizingError::Memory { .. })
+        ));
         let msg = validate_sizing(1, 8).unwrap_err().to_string();
         assert!(msg.contains("--mem 8 MiB"), "{msg}");
     }

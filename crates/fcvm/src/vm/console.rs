@@ -15,7 +15,10 @@ pub struct ConsoleFollower {
 impl ConsoleFollower {
     /// Follow `path` from its beginning.
     pub fn open(path: &Path) -> io::Result<ConsoleFollower> {
-        Ok(ConsoleFollower { file: File::open(path)?, position: 0 })
+        Ok(ConsoleFollower {
+            file: File::open(path)?,
+            position: 0,
+        })
     }
 
     /// Bytes appended since the last call (possibly none).

@@ -5,9 +5,11 @@
 //! own session, so a Ctrl-C at the terminal reaches fcvm (which shuts the VM down in order)
 //! rather than killing the VMM mid-way.
 
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sched::CloneFlags;
 
 use crate::firecracker::{FirecrackerClient, TransportError};
-use crate::paths::{VmPaths, MAX_SOCKET_PATH};
+use crate::paths::{VmPaths, MAX_SOCKET_PATH, VMM_VIEW_DIR};
 use crate::process::ProcessRef;
 
 /// How long a VMM may take to open its API socket.
@@ -117,13 +119,20 @@ fn check_socket_len(path: &Path) -> Result<(), SpawnError> {
     // Firecracker appends `_<port>` (up to 11 bytes) to the vsock path.
     let len = path.as_os_str().len();
     if len + 11 > MAX_SOCKET_PATH {
-        return Err(SpawnError::SocketPathTooLong { path: path.to_owned(), len: len + 11 });
+        return Err(SpawnError::SocketPathTooLong {
+            path: path.to_owned(),
+            len: len + 11,
+        });
     }
     Ok(())
 }
 
 fn append(path: &Path) -> Result<File, SpawnError> {
-    OpenOptions::new().create(true).append(true).open(path).map_err(prepare(path))
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(prepare(path))
 }
 
 /// Start the VMM and wait until its API socket answers.
@@ -142,20 +151,30 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
             let path = Path::new("/run/netns").join(name);
             Some(
                 File::open(&path)
-                    .map_err(|source| SpawnError::Netns { name: name.clone(), source })?
+                    .map_err(|source| SpawnError::Netns {
+                        name: name.clone(),
+                        source,
+                    })?
                     .into(),
             )
         }
         None => None,
     };
 
+    // The VMM is told the view paths; see `VMM_VIEW_DIR`.
+    let view = VmPaths::vmm_view();
+    fs::create_dir_all(VMM_VIEW_DIR).map_err(prepare(Path::new(VMM_VIEW_DIR)))?;
+    let bind_source = CString::new(vm.dir().as_os_str().as_bytes())
+        .map_err(|e| prepare(vm.dir())(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let bind_target = CString::new(VMM_VIEW_DIR).expect("constant has no NUL");
+
     let mut cmd = Command::new(&opts.binary);
     cmd.arg("--api-sock")
-        .arg(vm.api_socket())
+        .arg(view.api_socket())
         .arg("--id")
         .arg(&opts.id)
         .arg("--log-path")
-        .arg(vm.firecracker_log())
+        .arg(view.firecracker_log())
         .arg("--level")
         .arg("Info")
         .stdin(Stdio::null())
@@ -166,6 +185,7 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
     let netns_raw = netns_fd.as_ref().map(|fd| fd.as_raw_fd());
     let child_setup = move || -> io::Result<()> {
         nix::unistd::setsid()?;
+        enter_private_view(&bind_source, &bind_target)?;
         if die_with_parent {
             // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers are involved.
             if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
@@ -186,8 +206,10 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
         cmd.pre_exec(child_setup);
     }
     let started = Instant::now();
-    let mut child =
-        cmd.spawn().map_err(|source| SpawnError::Exec { binary: opts.binary.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+        binary: opts.binary.clone(),
+        source,
+    })?;
     drop(netns_fd);
     let process = ProcessRef::of_pid(child.id()).unwrap_or(ProcessRef {
         pid: child.id(),
@@ -212,7 +234,52 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
             },
         });
     }
-    Ok(SpawnedVmm { process, child, client, api_ready_after: started.elapsed() })
+    Ok(SpawnedVmm {
+        process,
+        child,
+        client,
+        api_ready_after: started.elapsed(),
+    })
+}
+
+/// Give the calling (child) process its own mount namespace in which the VM's runtime
+/// directory appears at `VMM_VIEW_DIR`. Mounts made on the host later still propagate in
+/// (slave), and nothing done here leaks out.
+fn enter_private_view(source: &CString, target: &CString) -> io::Result<()> {
+    let none: *const libc::c_char = std::ptr::null();
+    // SAFETY: unshare takes only flags.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let root = c"/";
+    // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) allows
+    // for a propagation change.
+    if unsafe {
+        libc::mount(
+            none,
+            root.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; a bind mount ignores the type and data arguments.
+    if unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            none,
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 enum WaitError {

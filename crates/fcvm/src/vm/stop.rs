@@ -46,8 +46,8 @@ pub async fn stop_vm(
     if record.vmm != Some(record.owner) && record.owner.is_alive() {
         let owner = record.owner;
         if !wait_gone(owner, Duration::from_secs(5)).await {
-            let _ = tokio::task::spawn_blocking(move || owner.terminate(Duration::from_secs(2)))
-                .await;
+            let _ =
+                tokio::task::spawn_blocking(move || owner.terminate(Duration::from_secs(2))).await;
         }
     }
     let failures = cleanup::run_all(&record.cleanup);

@@ -1,0 +1,119 @@
+//! Command-line grammar (clap). Parsing only: validation and work happen in `commands`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run OCI containers and raw kernels in Firecracker microVMs, with snapshots and clones.
+#[derive(Debug, Parser)]
+#[command(name = "fcvm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Base directory for everything fcvm stores (default: /var/lib/fcvm as root).
+    #[arg(long, global = true, env = "FCVM_BASE_DIR", value_name = "DIR")]
+    pub base_dir: Option<PathBuf>,
+
+    /// More logging (repeat for more); FCVM_LOG=debug works too.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prepare this host: Firecracker, probe kernel (and more as they exist).
+    Setup(SetupArgs),
+    /// Check this host and report what works, with fixes.
+    Doctor(DoctorArgs),
+    /// Boot a raw kernel in a microVM (like firectl).
+    Run(RunArgs),
+    /// Stop a VM started by fcvm.
+    Stop(StopArgs),
+    /// List VMs.
+    Ls(LsArgs),
+}
+
+/// `fcvm setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Which step; all of them when omitted.
+    #[command(subcommand)]
+    pub step: Option<SetupStep>,
+}
+
+/// Setup steps.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SetupStep {
+    /// Install Firecracker and the jailer (pinned release, checksums verified).
+    Firecracker,
+    /// Write the built-in probe guest kernel.
+    Probe,
+}
+
+/// `fcvm doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fcvm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VM name (letters, digits, '-', '_', '.'); unique among running VMs.
+    #[arg(long)]
+    pub name: String,
+    /// Uncompressed ELF kernel, or `probe` for the built-in probe guest.
+    #[arg(long)]
+    pub kernel: String,
+    /// Initrd image.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem image, attached read-write as /dev/vda.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel command line (default: console=ttyS0 reboot=k panic=1 pci=off).
+    #[arg(long)]
+    pub boot_args: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpu: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub mem: u64,
+    /// Track dirty pages so diff snapshots are possible.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+    /// Return once the VM has booted and leave it running.
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+/// `fcvm stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// VM name.
+    #[arg(required_unless_present = "pid")]
+    pub name: Option<String>,
+    /// Select the VM by pid (fcvm's or Firecracker's) instead of name.
+    #[arg(long, conflicts_with = "name")]
+    pub pid: Option<u32>,
+    /// Seconds to wait for a graceful guest shutdown before forcing.
+    #[arg(long, default_value_t = 5)]
+    pub timeout: u64,
+}
+
+/// `fcvm ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print JSON (an array of records).
+    #[arg(long)]
+    pub json: bool,
+    /// Only the VM with this pid (fcvm's or Firecracker's).
+    #[arg(long)]
+    pub pid: Option<u32>,
+}

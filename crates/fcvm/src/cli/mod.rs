@@ -1,0 +1,171 @@
+//! The `fcvm` command line: parse, dispatch to `commands`, print. `anyhow` lives here only.
+
+pub mod args;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::commands::{self, ls};
+use crate::doctor;
+use crate::paths::Paths;
+use crate::setup;
+use crate::state::Store;
+use args::{Cli, Command, SetupStep};
+
+/// Run the parsed command line and return the process exit code.
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let paths = match &cli.base_dir {
+        Some(dir) => Paths::new(dir),
+        None => Paths::from_env(),
+    };
+    reap_stale(&paths);
+    match cli.command {
+        Command::Setup(a) => cmd_setup(&paths, a.step),
+        Command::Doctor(a) => cmd_doctor(&paths, a.json),
+        Command::Run(a) => cmd_run(&paths, a).await,
+        Command::Stop(a) => cmd_stop(&paths, a).await,
+        Command::Ls(a) => cmd_ls(&paths, a),
+    }
+}
+
+/// Every command first cleans up after VMs whose owner died (e.g. a SIGKILLed fcvm).
+fn reap_stale(paths: &Paths) {
+    if !paths.state_dir().exists() {
+        return;
+    }
+    match Store::open(paths).and_then(|s| s.reap_stale()) {
+        Ok(reaped) => {
+            for r in reaped {
+                tracing::info!(
+                    "cleaned up after VM {} (its fcvm process is gone)",
+                    r.record.name
+                );
+                for f in r.failures {
+                    eprintln!("warning: {f}");
+                }
+            }
+        }
+        Err(e) => eprintln!("warning: could not check for stale VMs: {e}"),
+    }
+}
+
+fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
+    let all = step.is_none();
+    if all || matches!(step, Some(SetupStep::Firecracker)) {
+        let done = setup::firecracker::ensure(paths).context("setting up Firecracker")?;
+        let verb = if done.installed_now {
+            "installed"
+        } else {
+            "found"
+        };
+        eprintln!(
+            "firecracker {} {} ({})\njailer      {} {} ({})",
+            done.firecracker.version,
+            verb,
+            done.firecracker.path.display(),
+            done.jailer.version,
+            verb,
+            done.jailer.path.display()
+        );
+    }
+    if all || matches!(step, Some(SetupStep::Probe)) {
+        let path = setup::probe::ensure(paths).context("writing the probe kernel")?;
+        eprintln!("probe kernel {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_doctor(paths: &Paths, json: bool) -> Result<ExitCode> {
+    let report = doctor::check(paths);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.ok_for_firecracker() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn cmd_run(paths: &Paths, a: args::RunArgs) -> Result<ExitCode> {
+    let req = commands::run::RunRequest {
+        name: a.name,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        rootfs: a.rootfs,
+        boot_args: a.boot_args,
+        vcpus: a.cpu,
+        mem_mib: a.mem,
+        track_dirty_pages: a.track_dirty_pages,
+        detach: a.detach,
+    };
+    let mut stdout = std::io::stdout();
+    let outcome = commands::run::run(paths, &req, &mut stdout).await?;
+    if req.detach {
+        let r = &outcome.record;
+        println!("{}", r.name);
+        eprintln!(
+            "VM {} ({}) running, firecracker pid {}; console: {}; stop with `fcvm stop {}`",
+            r.name,
+            r.id,
+            r.pid(),
+            r.console_log
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            r.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    stdout.flush()?;
+    if outcome.interrupted {
+        eprintln!("fcvm: interrupted; VM {} stopped", outcome.record.name);
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::from(
+        outcome.exit_code.unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+async fn cmd_stop(paths: &Paths, a: args::StopArgs) -> Result<ExitCode> {
+    let store = Store::open(paths)?;
+    let record = match (&a.name, a.pid) {
+        (_, Some(pid)) => store.find_by_pid(pid)?,
+        (Some(name), None) => store.find_by_name(name)?,
+        (None, None) => unreachable!("clap requires a name or --pid"),
+    };
+    let report = crate::vm::stop::stop_vm(&store, &record, Duration::from_secs(a.timeout)).await?;
+    for f in &report.failures {
+        eprintln!("warning: {f}");
+    }
+    eprintln!(
+        "stopped {} ({})",
+        record.name,
+        if report.graceful {
+            "guest shut down"
+        } else {
+            "forced"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_ls(paths: &Paths, a: args::LsArgs) -> Result<ExitCode> {
+    let records = if paths.state_dir().exists() {
+        Store::open(paths)?.list()?
+    } else {
+        vec![]
+    };
+    let entries = ls::entries(records, a.pid);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        print!("{}", ls::table(&entries));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,83 @@
+use crate::common::TestEnv;
+
+fn stderr_of(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let out = env.fcvm(args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_sizes_and_missing_kernel_are_clear_errors_and_leave_nothing() {
+    let env = TestEnv::new();
+    let (code, err) = stderr_of(
+        &env,
+        &["run", "--name", "a", "--kernel", "probe", "--mem", "1"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--mem 1 MiB is out of range"), "{err}");
+    let (code, err) = stderr_of(
+        &env,
+        &["run", "--name", "a", "--kernel", "probe", "--cpu", "0"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--cpu 0 is out of range"), "{err}");
+    let (code, err) = stderr_of(&env, &["run", "--name", "a", "--kernel", "/nope/vmlinux"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("kernel /nope/vmlinux does not exist"), "{err}");
+    let (code, err) = stderr_of(
+        &env,
+        &[
+            "run",
+            "--name",
+            "a",
+            "--kernel",
+            "probe",
+            "--rootfs",
+            "/nope.img",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("rootfs /nope.img does not exist"), "{err}");
+    let (code, _) = stderr_of(
+        &env,
+        &["run", "--name", "a", "--kernel", "probe", "--mem", "abc"],
+    );
+    assert_eq!(code, 2, "clap rejects non-numbers");
+    env.assert_clean();
+}
+
+#[test]
+fn bad_names_are_refused() {
+    let env = TestEnv::new();
+    for (name, needle) in [
+        ("../x", "contains '/'"),
+        ("-x", "must start"),
+        ("", "empty"),
+    ] {
+        let arg = format!("--name={name}");
+        let (code, err) = stderr_of(&env, &["run", &arg, "--kernel", "probe"]);
+        assert_eq!(code, 1, "{name:?}: {err}");
+        assert!(err.contains(needle), "{name:?}: {err}");
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn stop_of_unknown_vm_says_so() {
+    let env = TestEnv::new();
+    let (code, err) = stderr_of(&env, &["stop", "ghost"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no running VM matches name \"ghost\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn ls_on_a_fresh_base_dir_is_empty() {
+    let env = TestEnv::new();
+    assert!(env.ls().is_empty());
+    assert_eq!(env.ok(&["ls"]).lines().count(), 1, "only the header");
+}

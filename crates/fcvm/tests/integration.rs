@@ -1,0 +1,8 @@
+//! Integration tests that run the real `fcvm` binary. Topic modules:
+//! - `cli`: argument errors and state hygiene (no VM needed)
+//! - `firecracker_vm`: the real Firecracker with the probe guest
+
+mod common;
+
+mod cli;
+mod firecracker_vm;
