@@ -32,7 +32,11 @@ pub enum ClientError {
     Memory(Errno),
     /// An access fell outside the mapping.
     #[error("range {offset:#x}+{len:#x} is outside the {size:#x}-byte mapping")]
-    OutOfRange { offset: usize, len: usize, size: usize },
+    OutOfRange {
+        offset: usize,
+        len: usize,
+        size: usize,
+    },
     /// Connecting or sending failed.
     #[error("sending the handshake failed: {0}")]
     Send(#[from] std::io::Error),
@@ -136,14 +140,8 @@ impl GuestMemory {
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), ClientError> {
         self.check(offset, len)?;
         // SAFETY: the range lies inside our own mapping; DONTNEED only drops its contents.
-        unsafe {
-            madvise(
-                self.ptr.byte_add(offset),
-                len,
-                MmapAdvise::MADV_DONTNEED,
-            )
-        }
-        .map_err(ClientError::Memory)
+        unsafe { madvise(self.ptr.byte_add(offset), len, MmapAdvise::MADV_DONTNEED) }
+            .map_err(ClientError::Memory)
     }
 }
 

@@ -73,14 +73,26 @@ pub enum HandshakeError {
     #[error("handshake lists no guest memory regions")]
     NoRegions,
     /// A region's page size is unusable.
-    #[error("region {index}: page size {value} is not a power of two between {min} and {max} bytes")]
-    BadPageSize { index: usize, value: u64, min: u64, max: u64 },
+    #[error(
+        "region {index}: page size {value} is not a power of two between {min} and {max} bytes"
+    )]
+    BadPageSize {
+        index: usize,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
     /// A region's `size` is zero.
     #[error("region {index}: size is zero")]
     ZeroSize { index: usize },
     /// A field is not aligned as required.
     #[error("region {index}: {field}={value:#x} is not a multiple of {align:#x}")]
-    Unaligned { index: usize, field: &'static str, value: u64, align: u64 },
+    Unaligned {
+        index: usize,
+        field: &'static str,
+        value: u64,
+        align: u64,
+    },
     /// `base + size` or `offset + size` overflows.
     #[error("region {index}: address range overflows 64 bits")]
     Overflow { index: usize },
@@ -89,7 +101,11 @@ pub enum HandshakeError {
     Overlap { first: usize, second: usize },
     /// A region reaches past the end of the memory file.
     #[error("region {index}: file range ends at {end:#x} but the memory file is only {file_len:#x} bytes; wrong snapshot?")]
-    BeyondFile { index: usize, end: u64, file_len: u64 },
+    BeyondFile {
+        index: usize,
+        end: u64,
+        file_len: u64,
+    },
 }
 
 /// Where a region's page size came from (reported so operators can see which wire shape a
@@ -466,7 +482,10 @@ mod tests {
                 4 * MIB
             );
             let m = parse(json.as_bytes(), 4 * MIB, 4096).unwrap();
-            assert_eq!((m.regions[0].page_size, m.regions[0].page_size_source), (want, src));
+            assert_eq!(
+                (m.regions[0].page_size, m.regions[0].page_size_source),
+                (want, src)
+            );
         }
         for bad in [0, 3, 1000, 6144, 4 * MIB * 1024] {
             let json = format!(
@@ -474,7 +493,10 @@ mod tests {
                 4 * MIB
             );
             assert!(
-                matches!(parse(json.as_bytes(), 4 * MIB, 4096), Err(HandshakeError::BadPageSize { .. })),
+                matches!(
+                    parse(json.as_bytes(), 4 * MIB, 4096),
+                    Err(HandshakeError::BadPageSize { .. })
+                ),
                 "{bad}"
             );
         }
@@ -508,16 +530,25 @@ mod tests {
         assert!(matches!(e("not json"), HandshakeError::Json(_)));
         assert!(matches!(e("[{\"size\":4096}]"), HandshakeError::Json(_)));
         assert!(matches!(e("{\"Other\":{}}"), HandshakeError::Json(_)));
-        assert!(matches!(e(r#"[{"base_host_virt_addr":-1,"size":4096,"offset":0}]"#), HandshakeError::Json(_)));
+        assert!(matches!(
+            e(r#"[{"base_host_virt_addr":-1,"size":4096,"offset":0}]"#),
+            HandshakeError::Json(_)
+        ));
         assert_eq!(e("[]"), HandshakeError::NoRegions);
-        assert_eq!(e(r#"{"LoadSnapshot":{"guest_mappings":[]}}"#), HandshakeError::NoRegions);
+        assert_eq!(
+            e(r#"{"LoadSnapshot":{"guest_mappings":[]}}"#),
+            HandshakeError::NoRegions
+        );
         assert_eq!(
             e(r#"[{"base_host_virt_addr":0,"size":0,"offset":0}]"#),
             HandshakeError::ZeroSize { index: 0 }
         );
         assert!(matches!(
             e(r#"[{"base_host_virt_addr":100,"size":4096,"offset":0}]"#),
-            HandshakeError::Unaligned { field: "base_host_virt_addr", .. }
+            HandshakeError::Unaligned {
+                field: "base_host_virt_addr",
+                ..
+            }
         ));
         assert!(matches!(
             e(r#"[{"base_host_virt_addr":0,"size":4097,"offset":0}]"#),
@@ -526,7 +557,11 @@ mod tests {
         // Hugepage regions need 2 MiB alignment of the address.
         assert!(matches!(
             e(r#"[{"base_host_virt_addr":4096,"size":2097152,"offset":0,"page_size":2097152}]"#),
-            HandshakeError::Unaligned { field: "base_host_virt_addr", align: 2097152, .. }
+            HandshakeError::Unaligned {
+                field: "base_host_virt_addr",
+                align: 2097152,
+                ..
+            }
         ));
         assert!(matches!(
             e(r#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":3000}]"#),
@@ -537,12 +572,21 @@ mod tests {
             HandshakeError::Overflow { index: 0 }
         );
         assert_eq!(
-            e(r#"[{"base_host_virt_addr":0,"size":8192,"offset":0},{"base_host_virt_addr":4096,"size":4096,"offset":8192}]"#),
-            HandshakeError::Overlap { first: 0, second: 1 }
+            e(
+                r#"[{"base_host_virt_addr":0,"size":8192,"offset":0},{"base_host_virt_addr":4096,"size":4096,"offset":8192}]"#
+            ),
+            HandshakeError::Overlap {
+                first: 0,
+                second: 1
+            }
         );
         assert_eq!(
             e(r#"[{"base_host_virt_addr":0,"size":268435456,"offset":4096}]"#),
-            HandshakeError::BeyondFile { index: 0, end: 256 * MIB + 4096, file_len: 256 * MIB }
+            HandshakeError::BeyondFile {
+                index: 0,
+                end: 256 * MIB + 4096,
+                file_len: 256 * MIB
+            }
         );
     }
 

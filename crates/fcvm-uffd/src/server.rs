@@ -191,9 +191,7 @@ impl PageServer {
         })?;
 
         let listener = bind_listener(&cfg.socket_path)?;
-        let listener_ino = std::fs::metadata(&cfg.socket_path)
-            .map(|m| m.st_ino())
-            .ok();
+        let listener_ino = std::fs::metadata(&cfg.socket_path).map(|m| m.st_ino()).ok();
         let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
             .map_err(|e| ServerError::Start(e.into()))?;
 
@@ -260,11 +258,7 @@ impl PageServer {
     /// Closes the listener and removes the socket file; connected clones keep being served.
     /// Returns once the listener is closed, so later connects fail. Idempotent.
     pub fn stop_accepting(&self) {
-        let handle = self
-            .accept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
             // Wake the accept thread; if the write fails the pipe is full, which also wakes it.
             let _ = nix::unistd::write(&h.stop_tx, &[1]);
@@ -485,7 +479,10 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         .stack_size(256 * 1024)
         .spawn(move || connection(s, stream, id, pid, pidfd, accepted_at));
     if let Err(e) = spawned {
-        shared.reject(pid, HandshakeError::Io(Errno::from_raw(e.raw_os_error().unwrap_or(0))));
+        shared.reject(
+            pid,
+            HandshakeError::Io(Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+        );
     }
 }
 
@@ -542,14 +539,26 @@ fn connection(
         st.live.insert(id, Arc::clone(&clone));
         shared.active_changed(&st);
     }
-    info!(id, ?pid, regions = mappings.regions.len(), bytes = mappings.total_size(), "uffd clone connected");
+    info!(
+        id,
+        ?pid,
+        regions = mappings.regions.len(),
+        bytes = mappings.total_size(),
+        "uffd clone connected"
+    );
     shared.emit(ServerEvent::Connected {
         id,
         pid,
         guest_bytes: mappings.total_size(),
     });
 
-    let mut server = CloneServer::new(&uffd, &mappings, shared.mem.as_ptr() as u64, &clone.counters, shared.host_page);
+    let mut server = CloneServer::new(
+        &uffd,
+        &mappings,
+        shared.mem.as_ptr() as u64,
+        &clone.counters,
+        shared.host_page,
+    );
     let reason = server.run(&stream, pidfd.as_ref());
     drop(server);
     // Only now, with the clone gone, may its uffd be closed.
@@ -569,7 +578,14 @@ fn connection(
         }
         shared.active_changed(&st);
     }
-    info!(id, ?pid, ?reason, pages = stats.pages_copied, zero = stats.zero_pages, "uffd clone disconnected");
+    info!(
+        id,
+        ?pid,
+        ?reason,
+        pages = stats.pages_copied,
+        zero = stats.zero_pages,
+        "uffd clone disconnected"
+    );
     shared.emit(ServerEvent::Disconnected { id, pid, stats });
 }
 
@@ -748,7 +764,10 @@ impl<'a> CloneServer<'a> {
             // Registered but never described to us: the kernel would hand out zeros without a
             // uffd, so do the same rather than hang the vCPU forever.
             Counters::add(&self.counters.unhandled_faults, 1);
-            warn!(addr = format_args!("{addr:#x}"), "uffd fault outside every handshake region; zero-filling");
+            warn!(
+                addr = format_args!("{addr:#x}"),
+                "uffd fault outside every handshake region; zero-filling"
+            );
             let page = addr & !(self.host_page - 1);
             return match sys::zeropage(fd, page, self.host_page) {
                 Err(Errno::EAGAIN) => Resolved::Again,
@@ -767,7 +786,11 @@ impl<'a> CloneServer<'a> {
         };
         match result {
             Ok(_) => {
-                let c = if zero { &self.counters.zero_pages } else { &self.counters.pages_copied };
+                let c = if zero {
+                    &self.counters.zero_pages
+                } else {
+                    &self.counters.pages_copied
+                };
                 Counters::add(c, 1);
                 Counters::add(&self.counters.bytes_served, ps);
                 Resolved::Done
@@ -799,7 +822,7 @@ impl<'a> CloneServer<'a> {
         if region.page_size == self.host_page {
             return sys::zeropage(fd, page, region.page_size);
         }
-        if self.zero_src.as_ref().is_none_or(|m| (m.len() as u64) < region.page_size) {
+        if !matches!(&self.zero_src, Some(m) if m.len() as u64 >= region.page_size) {
             // Untouched anonymous memory reads as zeros without allocating.
             self.zero_src = Some(
                 MmapMut::map_anon(region.page_size as usize)

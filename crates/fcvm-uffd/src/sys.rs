@@ -47,9 +47,10 @@ pub enum UffdEvent {
 fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
     let arg = msg.arg;
     match u32::from(msg.event) {
-        // SAFETY (all arms): `arg` is a union of plain integer structs, every bit pattern is a
-        // valid value of each member, and the kernel filled the member named by `event`.
+        // In every arm below, `arg` is a union of plain integer structs (any bit pattern is a
+        // valid value of each member) and the kernel filled the member named by `event`.
         uapi::UFFD_EVENT_PAGEFAULT => {
+            // SAFETY: plain-integer union member selected by `event`, see above.
             let pf = unsafe { arg.pagefault };
             UffdEvent::Pagefault {
                 addr: pf.address,
@@ -57,6 +58,7 @@ fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
             }
         }
         uapi::UFFD_EVENT_REMOVE => {
+            // SAFETY: plain-integer union member selected by `event`, see above.
             let r = unsafe { arg.remove };
             UffdEvent::Remove {
                 start: r.start,
@@ -64,6 +66,7 @@ fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
             }
         }
         uapi::UFFD_EVENT_UNMAP => {
+            // SAFETY: plain-integer union member selected by `event`, see above.
             let r = unsafe { arg.remove };
             UffdEvent::Unmap {
                 start: r.start,
@@ -71,6 +74,7 @@ fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
             }
         }
         uapi::UFFD_EVENT_REMAP => {
+            // SAFETY: plain-integer union member selected by `event`, see above.
             let r = unsafe { arg.remap };
             UffdEvent::Remap {
                 from: r.from,
@@ -79,6 +83,7 @@ fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
             }
         }
         uapi::UFFD_EVENT_FORK => {
+            // SAFETY: plain-integer union member selected by `event`, see above.
             let f = unsafe { arg.fork };
             UffdEvent::Fork { ufd: f.ufd }
         }
@@ -88,7 +93,11 @@ fn decode(msg: &uapi::uffd_msg) -> UffdEvent {
 
 /// Reads every message currently queued on a non-blocking userfaultfd (at most `max`),
 /// appending them to `out`. Returns how many were read; 0 means the queue is empty.
-pub fn read_events(uffd: BorrowedFd<'_>, out: &mut Vec<UffdEvent>, max: usize) -> Result<usize, Errno> {
+pub fn read_events(
+    uffd: BorrowedFd<'_>,
+    out: &mut Vec<UffdEvent>,
+    max: usize,
+) -> Result<usize, Errno> {
     const BATCH: usize = 64;
     let mut buf = [0u8; UFFD_MSG_SIZE * BATCH];
     let mut total = 0;
@@ -135,7 +144,13 @@ pub fn copy(uffd: BorrowedFd<'_>, dst: u64, src: u64, len: u64) -> Result<u64, E
     // SAFETY: UFFDIO_COPY reads and writes only `arg`, which lives for the whole call. The kernel
     // validates `dst` against the registered ranges of the uffd's mm and reads `src` with
     // copy_from_user, so a bad `src` yields EFAULT rather than memory unsafety in this process.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uioctl::UFFDIO_COPY as libc::Ioctl, &mut arg) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            uioctl::UFFDIO_COPY as libc::Ioctl,
+            &mut arg,
+        )
+    };
     if r == 0 {
         Ok(arg.copy as u64)
     } else {
@@ -152,8 +167,13 @@ pub fn zeropage(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<u64, Errno
     };
     // SAFETY: UFFDIO_ZEROPAGE reads and writes only `arg`, valid for the whole call; the kernel
     // validates the range against the uffd's registrations.
-    let r =
-        unsafe { libc::ioctl(uffd.as_raw_fd(), uioctl::UFFDIO_ZEROPAGE as libc::Ioctl, &mut arg) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            uioctl::UFFDIO_ZEROPAGE as libc::Ioctl,
+            &mut arg,
+        )
+    };
     if r == 0 {
         Ok(arg.zeropage as u64)
     } else {
@@ -165,7 +185,13 @@ pub fn zeropage(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<u64, Errno
 pub fn wake(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
     let mut arg = uapi::uffdio_range { start, len };
     // SAFETY: UFFDIO_WAKE only reads `arg`, valid for the whole call.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uioctl::UFFDIO_WAKE as libc::Ioctl, &mut arg) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            uioctl::UFFDIO_WAKE as libc::Ioctl,
+            &mut arg,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {
@@ -210,7 +236,13 @@ pub fn api(uffd: BorrowedFd<'_>, features: u64) -> Result<u64, Errno> {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes only `arg`, valid for the whole call.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uioctl::UFFDIO_API as libc::Ioctl, &mut arg) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            uioctl::UFFDIO_API as libc::Ioctl,
+            &mut arg,
+        )
+    };
     if r == 0 {
         Ok(arg.features)
     } else {
@@ -227,8 +259,13 @@ pub fn register_missing(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()
     };
     // SAFETY: UFFDIO_REGISTER reads and writes only `arg`, valid for the whole call; it changes
     // how the kernel resolves faults in that range of our own mm, which the caller asked for.
-    let r =
-        unsafe { libc::ioctl(uffd.as_raw_fd(), uioctl::UFFDIO_REGISTER as libc::Ioctl, &mut arg) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            uioctl::UFFDIO_REGISTER as libc::Ioctl,
+            &mut arg,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {

@@ -182,7 +182,10 @@ fn serves_exact_v1_12_1_handshake_and_notices_close() {
     match next_event(&mut fx.events) {
         ServerEvent::Disconnected { id: got, stats, .. } => {
             assert_eq!(got, id);
-            assert_eq!(stats.disconnect_reason, Some(DisconnectReason::SocketClosed));
+            assert_eq!(
+                stats.disconnect_reason,
+                Some(DisconnectReason::SocketClosed)
+            );
             assert_eq!(stats.pages_copied, 256);
             assert!(stats.disconnected_at_unix_ms >= Some(stats.connected_at_unix_ms));
         }
@@ -212,21 +215,27 @@ fn accepts_every_historical_shape() {
         ),
         (
             Box::new(|b| {
-                format!(r#"[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size_kib":4096}}]"#)
+                format!(
+                    r#"[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size_kib":4096}}]"#
+                )
             }),
             PageSizeSource::PageSizeKibAsBytes,
             WireShape::Array,
         ),
         (
             Box::new(|b| {
-                format!(r#"[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size":4096,"new_field":[1,2]}}]"#)
+                format!(
+                    r#"[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size":4096,"new_field":[1,2]}}]"#
+                )
             }),
             PageSizeSource::PageSize,
             WireShape::Array,
         ),
         (
             Box::new(|b| {
-                format!(r#"{{"LoadSnapshot":{{"guest_mappings":[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size":4096}}]}}}}"#)
+                format!(
+                    r#"{{"LoadSnapshot":{{"guest_mappings":[{{"base_host_virt_addr":{b},"size":65536,"offset":8192,"page_size":4096}}]}}}}"#
+                )
             }),
             PageSizeSource::PageSize,
             WireShape::LoadSnapshot,
@@ -294,7 +303,10 @@ fn rejects_bad_handshakes_and_keeps_serving() {
     };
 
     let _s = send_raw(b"{this is not json", true);
-    assert!(matches!(expect_rejected(&mut fx.events), HandshakeError::Json(_)));
+    assert!(matches!(
+        expect_rejected(&mut fx.events),
+        HandshakeError::Json(_)
+    ));
 
     let _s = send_raw(b"[]", true);
     assert_eq!(expect_rejected(&mut fx.events), HandshakeError::NoRegions);
@@ -304,11 +316,15 @@ fn rejects_bad_handshakes_and_keeps_serving() {
     assert_eq!(expect_rejected(&mut fx.events), HandshakeError::MissingFd);
 
     let mut big = b"[".to_vec();
-    big.extend(std::iter::repeat_n(b' ', 70 * 1024));
+    big.extend(vec![b' '; 70 * 1024]);
     let _s = send_raw(&big, true);
-    assert!(matches!(expect_rejected(&mut fx.events), HandshakeError::TooLarge { .. }));
+    assert!(matches!(
+        expect_rejected(&mut fx.events),
+        HandshakeError::TooLarge { .. }
+    ));
 
-    let beyond = firecracker_v1_12_json(0x7f00_0000_0000, 16 * PAGE as u64, PAGE as u64, PAGE as u64);
+    let beyond =
+        firecracker_v1_12_json(0x7f00_0000_0000, 16 * PAGE as u64, PAGE as u64, PAGE as u64);
     let _s = send_raw(beyond.as_bytes(), true);
     assert!(matches!(
         expect_rejected(&mut fx.events),
@@ -319,7 +335,10 @@ fn rejects_bad_handshakes_and_keeps_serving() {
     let (r, _w) = nix::unistd::pipe().unwrap();
     let s = UnixStream::connect(&fx.socket).unwrap();
     send_with_fd(&s, valid.as_bytes(), Some(std::os::fd::AsFd::as_fd(&r))).unwrap();
-    assert!(matches!(expect_rejected(&mut fx.events), HandshakeError::NotUserfaultfd(_)));
+    assert!(matches!(
+        expect_rejected(&mut fx.events),
+        HandshakeError::NotUserfaultfd(_)
+    ));
 
     // Connected but silent: times out.
     let _silent = UnixStream::connect(&fx.socket).unwrap();
@@ -337,7 +356,9 @@ fn rejects_bad_handshakes_and_keeps_serving() {
     let clone = clone_v1_12(&fx.socket, 16, 0);
     expect_connected(&mut fx.events);
     let mem = clone.mem;
-    within("touch after rejections", move || assert_pages(&mem, 0, 16, 0));
+    within("touch after rejections", move || {
+        assert_pages(&mem, 0, 16, 0)
+    });
 }
 
 #[test]
@@ -399,14 +420,19 @@ fn removed_ranges_fault_back_as_zeros() {
         let mut buf = vec![0xAAu8; PAGE];
         for p in 4..8 {
             mem.read(p * PAGE, &mut buf).unwrap();
-            assert!(buf.iter().all(|&b| b == 0), "page {p} must read back as zeros");
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "page {p} must read back as zeros"
+            );
         }
         // Neighbours untouched.
         assert_pages(&mem, 0, 4, 0);
         assert_pages(&mem, 8, 24, 8);
         mem
     });
-    let live = &live_stats_until(&fx.server, |l| l[0].zero_pages == 4 && l[0].pages_copied == 32)[0];
+    let live = &live_stats_until(&fx.server, |l| {
+        l[0].zero_pages == 4 && l[0].pages_copied == 32
+    })[0];
     assert_eq!(live.zero_pages, 4);
     assert!(live.remove_events >= 1);
     assert_eq!(live.pages_copied, 32);
@@ -426,7 +452,10 @@ fn stop_accepting_keeps_live_clones_and_refuses_new_ones() {
 
     fx.server.stop_accepting();
     assert!(!fx.server.is_accepting());
-    assert!(UnixStream::connect(&fx.socket).is_err(), "new clones must be refused");
+    assert!(
+        UnixStream::connect(&fx.socket).is_err(),
+        "new clones must be refused"
+    );
     assert!(!fx.socket.exists(), "socket file removed");
 
     // The live clone still faults in the rest.
@@ -434,7 +463,9 @@ fn stop_accepting_keeps_live_clones_and_refuses_new_ones() {
         assert_pages(&mem, 32, 32, 32);
         mem
     });
-    assert!(!fx.server.wait_idle_blocking(Some(Duration::from_millis(100))));
+    assert!(!fx
+        .server
+        .wait_idle_blocking(Some(Duration::from_millis(100))));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -469,10 +500,16 @@ fn refuses_clones_beyond_max() {
 #[test]
 fn socket_in_use_is_an_error_and_stale_socket_is_replaced() {
     let fx = fixture(1);
-    let err = PageServer::bind(ServerConfig::new(&fx.socket, fx._dir.path().join("memory.bin")))
-        .err()
-        .expect("second server on a live socket");
-    assert!(matches!(err, fcvm_uffd::ServerError::SocketInUse { .. }), "{err}");
+    let err = PageServer::bind(ServerConfig::new(
+        &fx.socket,
+        fx._dir.path().join("memory.bin"),
+    ))
+    .err()
+    .expect("second server on a live socket");
+    assert!(
+        matches!(err, fcvm_uffd::ServerError::SocketInUse { .. }),
+        "{err}"
+    );
 
     // A socket file nobody listens on any more.
     let stale = fx._dir.path().join("stale.sock");
@@ -487,7 +524,10 @@ fn socket_in_use_is_an_error_and_stale_socket_is_replaced() {
     let err = PageServer::bind(ServerConfig::new(fx._dir.path().join("e.sock"), &empty))
         .err()
         .unwrap();
-    assert!(matches!(err, fcvm_uffd::ServerError::EmptyMemoryFile { .. }), "{err}");
+    assert!(
+        matches!(err, fcvm_uffd::ServerError::EmptyMemoryFile { .. }),
+        "{err}"
+    );
 }
 
 /// Env var that turns [`child_clone_process`] into a fake Firecracker in a separate process.
@@ -519,11 +559,17 @@ fn child_clone_process() {
 fn spawn_child(socket: &Path, close_socket: bool) -> std::process::Child {
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["child_clone_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "child_clone_process",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, socket)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     if close_socket {
         cmd.env("FCVM_UFFD_TEST_CHILD_CLOSE", "1");
     }
@@ -555,13 +601,22 @@ fn other_process_clone_is_tracked_by_pidfd() {
         other => panic!("{other:?}"),
     }
     wait_child_ok(&mut child);
-    assert_eq!(fx.server.stats().live.len(), 1, "socket close of a live process is not an exit");
+    assert_eq!(
+        fx.server.stats().live.len(),
+        1,
+        "socket close of a live process is not an exit"
+    );
     drop(child.stdin.take()); // let it exit
     child.wait().unwrap();
     match next_event(&mut fx.events) {
-        ServerEvent::Disconnected { pid: got, stats, .. } => {
+        ServerEvent::Disconnected {
+            pid: got, stats, ..
+        } => {
             assert_eq!(got, Some(pid));
-            assert_eq!(stats.disconnect_reason, Some(DisconnectReason::ProcessExited));
+            assert_eq!(
+                stats.disconnect_reason,
+                Some(DisconnectReason::ProcessExited)
+            );
             assert_eq!(stats.pages_copied, CHILD_PAGES as u64);
         }
         other => panic!("{other:?}"),
@@ -570,14 +625,22 @@ fn other_process_clone_is_tracked_by_pidfd() {
     // 2. A peer killed while holding its socket open.
     let mut child = spawn_child(&fx.socket, false);
     let pid = child.id() as i32;
-    assert!(matches!(next_event(&mut fx.events), ServerEvent::Connected { .. }));
+    assert!(matches!(
+        next_event(&mut fx.events),
+        ServerEvent::Connected { .. }
+    ));
     wait_child_ok(&mut child);
     child.kill().unwrap();
     child.wait().unwrap();
     match next_event(&mut fx.events) {
-        ServerEvent::Disconnected { pid: got, stats, .. } => {
+        ServerEvent::Disconnected {
+            pid: got, stats, ..
+        } => {
             assert_eq!(got, Some(pid));
-            assert_eq!(stats.disconnect_reason, Some(DisconnectReason::ProcessExited));
+            assert_eq!(
+                stats.disconnect_reason,
+                Some(DisconnectReason::ProcessExited)
+            );
         }
         other => panic!("{other:?}"),
     }
