@@ -665,24 +665,34 @@ impl<'a> CloneServer<'a> {
 
     fn run(&mut self, sock: &UnixStream, pidfd: Option<&OwnedFd>) -> DisconnectReason {
         let mut watch_sock = true;
+        let uffd = self.uffd.as_fd();
         loop {
-            let mut fds = Vec::with_capacity(3);
-            fds.push(PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN));
-            if watch_sock {
-                fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
-            }
-            if let Some(p) = pidfd {
-                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-            }
-            match poll(&mut fds, PollTimeout::NONE) {
+            // Fixed slots, no allocation on the fault path: [uffd, pidfd?, socket?].
+            let pid_slot = pidfd.map(|p| p.as_fd());
+            let mut fds = [
+                PollFd::new(uffd, PollFlags::POLLIN),
+                PollFd::new(pid_slot.unwrap_or(uffd), PollFlags::POLLIN),
+                PollFd::new(sock.as_fd(), PollFlags::POLLIN),
+            ];
+            let (n, sock_idx) = match (pid_slot.is_some(), watch_sock) {
+                (true, true) => (3, Some(2)),
+                (true, false) => (2, None),
+                (false, true) => {
+                    fds.swap(1, 2);
+                    (2, Some(1))
+                }
+                (false, false) => (1, None),
+            };
+            match poll(&mut fds[..n], PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return DisconnectReason::Error(format!("poll: {e}")),
             }
-            let ready: Vec<bool> = fds
-                .iter()
-                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                .collect();
-            drop(fds);
+            let is_ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+            let ready = [
+                is_ready(0),
+                pid_slot.is_some() && is_ready(1),
+                sock_idx.is_some_and(is_ready),
+            ];
 
             // Faults first: a clone that faults and exits in one round loses nothing.
             if ready[0] {
@@ -690,7 +700,7 @@ impl<'a> CloneServer<'a> {
                     return reason;
                 }
             }
-            if watch_sock && ready[1] && socket_closed(sock) {
+            if ready[2] && socket_closed(sock) {
                 match pidfd {
                     Some(p) if !is_readable(p) => {
                         // Some peer closed the socket but its process lives on: keep serving
@@ -702,7 +712,7 @@ impl<'a> CloneServer<'a> {
                     None => return DisconnectReason::SocketClosed,
                 }
             }
-            if pidfd.is_some() && *ready.last().unwrap_or(&false) && is_readable(pidfd.unwrap()) {
+            if ready[1] && pidfd.is_some_and(is_readable) {
                 return DisconnectReason::ProcessExited;
             }
         }
