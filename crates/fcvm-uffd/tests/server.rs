@@ -646,3 +646,17 @@ fn other_process_clone_is_tracked_by_pidfd() {
     }
     assert!(fx.server.wait_idle_blocking(Some(WAIT)));
 }
+
+#[test]
+fn server_handle_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<PageServer>();
+    assert_send_sync::<GuestMemory>();
+    // And across a real thread: stats from another thread see the same server.
+    let fx = std::sync::Arc::new(fixture(4));
+    let other = std::sync::Arc::clone(&fx);
+    let len = std::thread::spawn(move || other.server.memory_len())
+        .join()
+        .unwrap();
+    assert_eq!(len, 4 * PAGE as u64);
+}
