@@ -60,7 +60,7 @@ fn read_cmdline() -> anyhow::Result<Cmdline> {
 /// Runs the whole boot; returns when the VM should power off.
 pub fn run() -> anyhow::Result<()> {
     // Before any thread exists, so every thread inherits the mask and the signals can only be
-    // taken by `signal_loop` (std resets the mask in spawned children).
+    // taken by `signal_loop` (`reaper::spawn` clears the mask again in children).
     let mut sigs = SigSet::empty();
     sigs.add(Signal::SIGINT);
     sigs.add(Signal::SIGTERM);

@@ -216,7 +216,8 @@ impl Running {
             return;
         }
         if let Ok(sig) = Signal::try_from(n) {
-            let _ = kill(self.watched.pid(), sig);
+            let r = kill(self.watched.pid(), sig);
+            crate::debug!("{sig} to {}: {r:?}", self.watched.pid());
         }
     }
 

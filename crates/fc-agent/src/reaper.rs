@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -54,9 +54,42 @@ pub fn start() {
         .unwrap_or_else(|e| crate::info!("cannot start the reaper thread: {e}"));
 }
 
+/// Held (shared) while std spawns a child. std itself reaps a child whose exec failed, so the
+/// reaper must not reap a pid before `spawn` returned; it takes this lock exclusively first.
+static SPAWNING: RwLock<()> = RwLock::new(());
+
+/// Blocks until some child has exited, without reaping it; returns its pid.
+fn wait_any_exited() -> Result<i32, Errno> {
+    // SAFETY: siginfo_t is plain data; all-zero is valid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes one siginfo_t through a valid pointer.
+    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: waitid filled in a SIGCHLD siginfo, for which si_pid is valid.
+    Ok(unsafe { info.si_pid() })
+}
+
 fn reap_loop() {
     loop {
-        match waitpid(None, None) {
+        let pid = match wait_any_exited() {
+            Ok(pid) => pid,
+            Err(Errno::ECHILD) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                crate::info!("waitid failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
+        let res = waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        drop(guard);
+        match res {
             Ok(status) => {
                 let (Some(pid), Some(code)) = (status.pid(), exit_code(status)) else { continue };
                 let r = reaper();
@@ -72,12 +105,8 @@ fn reap_loop() {
                 }
                 r.changed.notify_all();
             }
-            Err(Errno::ECHILD) => std::thread::sleep(Duration::from_millis(10)),
-            Err(Errno::EINTR) => {}
-            Err(e) => {
-                crate::info!("waitpid failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            // Already reaped by std (a failed exec) or not exited after all.
+            Err(_) => {}
         }
     }
 }
@@ -144,8 +173,24 @@ pub fn watch(child: &Child) -> Watched {
 /// Spawns `cmd` and registers it. The returned `Child` gives access to its pipes; never call
 /// its `wait`.
 pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, Watched)> {
+    use std::os::unix::process::CommandExt;
+    // The agent blocks SIGINT/SIGTERM in all its threads (see `agent::run`) and std does not
+    // reset the mask for children: without this, commands could not be interrupted.
+    // SAFETY: sigemptyset and sigprocmask are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let guard = SPAWNING.read().unwrap_or_else(|p| p.into_inner());
     let child = cmd.spawn()?;
     let w = watch(&child);
+    drop(guard);
     Ok((child, w))
 }
 

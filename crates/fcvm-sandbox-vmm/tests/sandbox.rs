@@ -43,8 +43,21 @@ async fn run_exit_zero_and_env() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_killed_container_reports_137() {
     let Some(a) = assets() else { return };
-    let r = Vm::boot(a, &plan(a, &["sh", "-c", "kill -9 $$"])).await.finish().await;
+    // The container's PID 1 cannot SIGKILL itself (its namespace protects it), so kill it
+    // from the VM, as the OOM killer or an operator would.
+    let mut vm = Vm::boot(a, &plan(a, &["sh", "-c", "echo started; sleep 300"])).await;
+    vm.wait_ready().await;
+    let mut s = vm
+        .exec(ExecRequest {
+            command: vec!["sh".into(), "-c".into(), "kill -9 $(podman inspect -f '{{.State.Pid}}' fcvm-container)".into()],
+            ..Default::default()
+        })
+        .await;
+    let (_, e, c) = collect_exec(&mut s).await;
+    assert_eq!(c, 0, "{e}");
+    let r = vm.finish().await;
     assert_eq!(r.exit, Some(137), "{r:#?}");
+    assert_eq!(r.stdout, "started\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +107,12 @@ async fn exec_in_container_and_in_vm_with_exit_codes() {
     let mut s = vm.exec(ExecRequest { command: vec!["/no/such/program".into()], ..Default::default() }).await;
     match fcvm_proto::frame::tokio_io::read_frame(&mut s).await.unwrap() {
         Some(Frame::Error(msg)) => assert!(msg.contains("/no/such/program"), "{msg}"),
-        other => panic!("expected an Error frame, got {other:?}"),
+        other => {
+            let _ = support::api(&vm.api_sock, "PUT", "/actions", Some(serde_json::json!({"action_type": "SendCtrlAltDel"}))).await;
+            let _ = support::api(&vm.api_sock, "PUT", "/actions", Some(serde_json::json!({"action_type": "SendCtrlAltDel"}))).await;
+            let r = vm.finish().await;
+            panic!("expected an Error frame, got {other:?}; console:\n{}", r.console)
+        }
     }
 
     // Stopping the container from the VM ends the run with 137.
@@ -204,9 +222,7 @@ async fn api_rejects_snapshots_and_bad_requests() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    while !sock.exists() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::wait_for_api(&sock).await;
     let (c, b) = support::api(&sock, "PUT", "/snapshot/create", Some(serde_json::json!({"snapshot_path": "/x", "mem_file_path": "/y"}))).await;
     assert_eq!(c, 400);
     assert!(b.contains("fault_message") && b.contains("snapshots"), "{b}");

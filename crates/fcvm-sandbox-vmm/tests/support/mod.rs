@@ -95,6 +95,17 @@ fn agent_binary() -> Result<PathBuf, String> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/fc-agent"))
 }
 
+/// Waits until the API socket accepts connections.
+pub async fn wait_for_api(sock: &Path) {
+    for _ in 0..1000 {
+        if UnixStream::connect(sock).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the VMM API socket {} never accepted connections", sock.display());
+}
+
 /// Minimal HTTP/1.1 request over the API socket; returns (status, body).
 pub async fn api(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, String) {
     let mut s = UnixStream::connect(sock).await.expect("connect to the API socket");
@@ -161,12 +172,7 @@ impl Vm {
             let _ = out.read_to_string(&mut s).await;
             s
         });
-        for _ in 0..200 {
-            if api_sock.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for_api(&api_sock).await;
 
         // Host-side listeners must exist before the guest connects.
         let status_l = UnixListener::bind(host_listener_path(&uds, STATUS_PORT)).unwrap();
@@ -203,7 +209,7 @@ impl Vm {
         let p = |x: &Path| x.display().to_string();
         ok(api(&api_sock, "PUT", "/boot-source", Some(serde_json::json!({
             "kernel_image_path": p(&a.kernel), "initrd_path": p(&a.initrd),
-            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw"}))).await, "boot-source");
+            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw fcvm.debug=1"}))).await, "boot-source");
         ok(api(&api_sock, "PUT", "/machine-config", Some(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 512}))).await, "machine-config");
         ok(api(&api_sock, "PUT", "/drives/rootfs", Some(serde_json::json!({
             "drive_id": "rootfs", "path_on_host": p(&rootfs), "is_root_device": true, "is_read_only": false}))).await, "root drive");
@@ -324,7 +330,7 @@ pub async fn assert_nothing_left(vmm_pid: u32, dir: &Path) {
 pub async fn collect_exec(s: &mut UnixStream) -> (String, String, i32) {
     let (mut o, mut e) = (Vec::new(), Vec::new());
     loop {
-        match tokio::time::timeout(Duration::from_secs(60), read_frame(s)).await.expect("exec timed out") {
+        match tokio::time::timeout(Duration::from_secs(20), read_frame(s)).await.expect("exec timed out") {
             Ok(Some(Frame::Stdout(b))) => o.extend(b),
             Ok(Some(Frame::Stderr(b))) => e.extend(b),
             Ok(Some(Frame::Exit(c))) => return (String::from_utf8_lossy(&o).into(), String::from_utf8_lossy(&e).into(), c),
