@@ -65,7 +65,10 @@ pub fn run() -> anyhow::Result<()> {
     sigs.add(Signal::SIGINT);
     sigs.add(Signal::SIGTERM);
     sigs.thread_block().context("cannot block signals")?;
-    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    std::env::set_var(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     std::env::set_var("HOME", "/root");
 
     init::mount_proc()?;
@@ -115,7 +118,12 @@ fn setup_guest(cmdline: &Cmdline, vsock: Vsock) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-fn run_container(cmdline: &Cmdline, vsock: Vsock, status: &StatusSink, state: &Arc<SignalState>) -> anyhow::Result<()> {
+fn run_container(
+    cmdline: &Cmdline,
+    vsock: Vsock,
+    status: &StatusSink,
+    state: &Arc<SignalState>,
+) -> anyhow::Result<()> {
     let plan = setup_guest(cmdline, vsock)?;
     let image = container::prepare_image(&plan)?;
     crate::info!("image ready: {image}");
@@ -128,7 +136,11 @@ fn run_container(cmdline: &Cmdline, vsock: Vsock, status: &StatusSink, state: &A
     };
     let mut cmd = Command::new("podman");
     cmd.args(container::run_args(&plan, &image));
-    let mode = StdioMode { tty: plan.tty, interactive: plan.interactive, size: plan.tty_size };
+    let mode = StdioMode {
+        tty: plan.tty,
+        interactive: plan.interactive,
+        size: plan.tty_size,
+    };
     let running = Arc::new(crate::process::start(cmd, mode, &output)?);
     *state.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(running.clone());
     crate::info!("podman run started");
@@ -197,12 +209,18 @@ fn signal_loop(sigs: SigSet, state: Arc<SignalState>, status: StatusSink) {
         let Ok(sig) = sigs.wait() else { continue };
         let n = state.count.fetch_add(1, Ordering::SeqCst);
         crate::info!("received {sig}");
-        let running = state.running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running = state
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match running {
             Some(r) if n == 0 => r.signal(libc::SIGTERM),
             Some(r) => r.signal(libc::SIGKILL),
             None => {
-                status.send(&Status::Error(format!("stopped by {sig} before the container started")));
+                status.send(&Status::Error(format!(
+                    "stopped by {sig} before the container started"
+                )));
                 status.send(&Status::Exit(128 + sig as i32));
                 power::power_off();
             }

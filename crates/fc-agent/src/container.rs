@@ -100,9 +100,15 @@ pub fn loaded_name(stdout: &str) -> Option<String> {
 
 /// Arguments of `podman run` for the plan (after `podman`).
 pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
-    let mut a: Vec<String> = ["run", "--name", CONTAINER_NAME, "--network=host", "--pull=never"]
-        .map(String::from)
-        .to_vec();
+    let mut a: Vec<String> = [
+        "run",
+        "--name",
+        CONTAINER_NAME,
+        "--network=host",
+        "--pull=never",
+    ]
+    .map(String::from)
+    .to_vec();
     if plan.interactive {
         a.push("-i".into());
     }
@@ -171,15 +177,23 @@ mod tests {
 
     #[test]
     fn load_output_names() {
-        assert_eq!(loaded_name("Loaded image: localhost/bb:1\n").as_deref(), Some("localhost/bb:1"));
-        assert_eq!(loaded_name("Loaded image(s): a:1,b:2\n").as_deref(), Some("a:1"));
+        assert_eq!(
+            loaded_name("Loaded image: localhost/bb:1\n").as_deref(),
+            Some("localhost/bb:1")
+        );
+        assert_eq!(
+            loaded_name("Loaded image(s): a:1,b:2\n").as_deref(),
+            Some("a:1")
+        );
         assert_eq!(loaded_name("Getting image source signatures\n"), None);
         assert_eq!(loaded_name("Loaded image: \n"), None);
     }
 
     #[test]
     fn run_args_order_and_flags() {
-        let mut p = Plan::new(ImageSource::Registry { reference: "x".into() });
+        let mut p = Plan::new(ImageSource::Registry {
+            reference: "x".into(),
+        });
         p.tty = true;
         p.env.insert("A".into(), "1 2".into());
         p.cmd = Some(vec!["sh".into(), "-c".into(), "exit 3".into()]);
@@ -193,12 +207,18 @@ mod tests {
 
     #[test]
     fn exec_in_vm_vs_container() {
-        let mut r = ExecRequest { command: vec!["ls".into(), "/".into()], ..Default::default() };
+        let mut r = ExecRequest {
+            command: vec!["ls".into(), "/".into()],
+            ..Default::default()
+        };
         assert_eq!(exec_command(&r).get_program(), "ls");
         r.in_container = true;
         r.tty = true;
         let c = exec_command(&r);
-        let args: Vec<_> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(args, ["exec", "-t", CONTAINER_NAME, "ls", "/"]);
     }
 }

@@ -15,7 +15,11 @@ pub fn serve(vsock: Vsock) -> Result<(), VsockError> {
     std::thread::Builder::new()
         .name("exec-server".into())
         .spawn(move || accept_loop(listener))
-        .map_err(|e| VsockError::Sys { op: "thread", port: EXEC_PORT, source: e })?;
+        .map_err(|e| VsockError::Sys {
+            op: "thread",
+            port: EXEC_PORT,
+            source: e,
+        })?;
     Ok(())
 }
 
@@ -23,7 +27,9 @@ fn accept_loop(listener: Listener) {
     loop {
         match listener.accept() {
             Ok(conn) => {
-                let _ = std::thread::Builder::new().name("exec".into()).spawn(move || handle(conn));
+                let _ = std::thread::Builder::new()
+                    .name("exec".into())
+                    .spawn(move || handle(conn));
             }
             Err(e) => {
                 crate::info!("exec accept failed: {e}");
@@ -39,7 +45,9 @@ fn handle(mut conn: Conn) {
     let req = match read_frame(&mut conn) {
         Ok(Some(Frame::Exec(req))) => req,
         Ok(Some(other)) => {
-            sink.send(&Frame::Error(format!("expected an Exec frame first, got {other:?}")));
+            sink.send(&Frame::Error(format!(
+                "expected an Exec frame first, got {other:?}"
+            )));
             return;
         }
         Ok(None) => return,
@@ -48,8 +56,17 @@ fn handle(mut conn: Conn) {
             return;
         }
     };
-    crate::debug!("exec {:?} (container: {}, tty: {})", req.command, req.in_container, req.tty);
-    let mode = StdioMode { tty: req.tty, interactive: req.interactive, size: req.tty_size };
+    crate::debug!(
+        "exec {:?} (container: {}, tty: {})",
+        req.command,
+        req.in_container,
+        req.tty
+    );
+    let mode = StdioMode {
+        tty: req.tty,
+        interactive: req.interactive,
+        size: req.tty_size,
+    };
     let running = match process::start(exec_command(&req), mode, &sink) {
         Ok(r) => std::sync::Arc::new(r),
         Err(e) => {

@@ -56,8 +56,9 @@ fn is_mountpoint(path: &str) -> bool {
         .unwrap_or(false)
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags =
-    MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
 /// Mounts /proc (needed to read the command line).
 pub fn mount_proc() -> Result<(), InitError> {
@@ -71,7 +72,13 @@ pub fn mount_proc() -> Result<(), InitError> {
 pub fn mount_kernel_fs(static_dev: bool) -> Result<(), InitError> {
     do_mount("sysfs", "/sys", Some("sysfs"), NOSUID_NODEV_NOEXEC, None)?;
     if !static_dev {
-        do_mount("devtmpfs", "/dev", Some("devtmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))?;
+        do_mount(
+            "devtmpfs",
+            "/dev",
+            Some("devtmpfs"),
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        )?;
     }
     Ok(())
 }
@@ -87,7 +94,13 @@ pub fn switch_root(cmdline: &Cmdline) -> Result<(), InitError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    do_mount(dev, "/newroot", Some(cmdline.rootfstype()), MsFlags::empty(), None)?;
+    do_mount(
+        dev,
+        "/newroot",
+        Some(cmdline.rootfstype()),
+        MsFlags::empty(),
+        None,
+    )?;
     for fs in ["/proc", "/sys", "/dev"] {
         let target = format!("/newroot{fs}");
         do_mount(fs, &target, None, MsFlags::MS_MOVE, None)?;
@@ -114,10 +127,33 @@ pub fn mount_runtime_fs() -> Result<(), InitError> {
     if !Path::new("/dev/ptmx").exists() {
         let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     }
-    do_mount("shm", "/dev/shm", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    do_mount("run", "/run", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    do_mount("tmp", "/tmp", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    for link in [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")] {
+    do_mount(
+        "shm",
+        "/dev/shm",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    do_mount(
+        "run",
+        "/run",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    do_mount(
+        "tmp",
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    for link in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
         if fs::symlink_metadata(link.1).is_err() {
             let _ = std::os::unix::fs::symlink(link.0, link.1);
         }
@@ -128,7 +164,13 @@ pub fn mount_runtime_fs() -> Result<(), InitError> {
 /// Mounts the cgroup hierarchy crun will use.
 pub fn mount_cgroups(mode: CgroupMode) -> Result<(), InitError> {
     match mode {
-        CgroupMode::V2 => do_mount("cgroup2", "/sys/fs/cgroup", Some("cgroup2"), NOSUID_NODEV_NOEXEC, Some("nsdelegate")),
+        CgroupMode::V2 => do_mount(
+            "cgroup2",
+            "/sys/fs/cgroup",
+            Some("cgroup2"),
+            NOSUID_NODEV_NOEXEC,
+            Some("nsdelegate"),
+        ),
         CgroupMode::V1 => mount_cgroup_v1(),
     }
 }
@@ -136,12 +178,24 @@ pub fn mount_cgroups(mode: CgroupMode) -> Result<(), InitError> {
 /// A pure v1 layout: a tmpfs with one mount per existing hierarchy plus `name=systemd`.
 /// Controllers sharing a hierarchy (same id in /proc/cgroups) must be mounted together.
 fn mount_cgroup_v1() -> Result<(), InitError> {
-    do_mount("cgroup", "/sys/fs/cgroup", Some("tmpfs"), NOSUID_NODEV_NOEXEC, Some("mode=0755"))?;
+    do_mount(
+        "cgroup",
+        "/sys/fs/cgroup",
+        Some("tmpfs"),
+        NOSUID_NODEV_NOEXEC,
+        Some("mode=0755"),
+    )?;
     let table = fs::read_to_string("/proc/cgroups")
         .map_err(|e| InitError::Read("/proc/cgroups".into(), e))?;
     for opts in v1_hierarchies(&table) {
         let dir = format!("/sys/fs/cgroup/{opts}");
-        do_mount("cgroup", &dir, Some("cgroup"), NOSUID_NODEV_NOEXEC, Some(&opts))?;
+        do_mount(
+            "cgroup",
+            &dir,
+            Some("cgroup"),
+            NOSUID_NODEV_NOEXEC,
+            Some(&opts),
+        )?;
         // Some tools look for the single-controller names.
         if opts.contains(',') {
             for c in opts.split(',') {
@@ -149,7 +203,13 @@ fn mount_cgroup_v1() -> Result<(), InitError> {
             }
         }
     }
-    do_mount("cgroup", "/sys/fs/cgroup/systemd", Some("cgroup"), NOSUID_NODEV_NOEXEC, Some("none,name=systemd"))?;
+    do_mount(
+        "cgroup",
+        "/sys/fs/cgroup/systemd",
+        Some("cgroup"),
+        NOSUID_NODEV_NOEXEC,
+        Some("none,name=systemd"),
+    )?;
     Ok(())
 }
 
@@ -159,7 +219,9 @@ pub fn v1_hierarchies(proc_cgroups: &str) -> Vec<String> {
     let mut groups: Vec<(u32, Vec<String>)> = Vec::new();
     for line in proc_cgroups.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(name), Some(Ok(hier)), Some(&"1")) = (f.first(), f.get(1).map(|h| h.parse::<u32>()), f.get(3)) else {
+        let (Some(name), Some(Ok(hier)), Some(&"1")) =
+            (f.first(), f.get(1).map(|h| h.parse::<u32>()), f.get(3))
+        else {
             continue;
         };
         if hier == 0 {

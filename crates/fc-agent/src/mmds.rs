@@ -65,9 +65,17 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<String,
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body).ok_or(MmdsError::Malformed)? } else { body.to_owned() };
+    let body = if chunked {
+        dechunk(body).ok_or(MmdsError::Malformed)?
+    } else {
+        body.to_owned()
+    };
     if !(200..300).contains(&status) {
-        return Err(MmdsError::Status { request: format!("{method} {path}"), status, body });
+        return Err(MmdsError::Status {
+            request: format!("{method} {path}"),
+            status,
+            body,
+        });
     }
     Ok(body)
 }
@@ -87,14 +95,22 @@ fn dechunk(mut body: &str) -> Option<String> {
 
 /// One attempt: token, then the plan.
 pub fn fetch_once() -> Result<Plan, MmdsError> {
-    let token = request("PUT", "/latest/api/token", &[("X-metadata-token-ttl-seconds", "21600")])?;
+    let token = request(
+        "PUT",
+        "/latest/api/token",
+        &[("X-metadata-token-ttl-seconds", "21600")],
+    )?;
     let body = request(
         "GET",
         &format!("/{MMDS_ROOT_KEY}/{MMDS_PLAN_KEY}"),
-        &[("X-metadata-token", token.trim()), ("Accept", "application/json")],
+        &[
+            ("X-metadata-token", token.trim()),
+            ("Accept", "application/json"),
+        ],
     )?;
     let plan: Plan = serde_json::from_str(&body).map_err(|e| MmdsError::BadPlan(e.to_string()))?;
-    plan.validate().map_err(|e| MmdsError::BadPlan(e.to_string()))?;
+    plan.validate()
+        .map_err(|e| MmdsError::BadPlan(e.to_string()))?;
     Ok(plan)
 }
 
@@ -106,7 +122,9 @@ pub fn fetch(timeout: Duration) -> Result<Plan, MmdsError> {
         match fetch_once() {
             Ok(p) => return Ok(p),
             Err(e @ MmdsError::BadPlan(_)) => return Err(e),
-            Err(e) if Instant::now() >= deadline => return Err(MmdsError::Timeout(timeout, e.to_string())),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(MmdsError::Timeout(timeout, e.to_string()))
+            }
             Err(e) => {
                 crate::debug!("MMDS not ready: {e}");
                 std::thread::sleep(Duration::from_millis(20));
@@ -121,7 +139,10 @@ mod tests {
 
     #[test]
     fn dechunks() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").as_deref(), Some("abcde"));
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").as_deref(),
+            Some("abcde")
+        );
         assert_eq!(dechunk("zz\r\n"), None);
         assert_eq!(dechunk("5\r\nab"), None);
     }

@@ -33,7 +33,10 @@ pub enum NetError {
 fn ip(args: &[&str]) -> Result<(), NetError> {
     let out = reaper::run(Command::new("ip").args(args)).map_err(NetError::Spawn)?;
     if out.code != 0 {
-        return Err(NetError::Ip { args: args.join(" "), stderr: out.stderr.trim().to_owned() });
+        return Err(NetError::Ip {
+            args: args.join(" "),
+            stderr: out.stderr.trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -49,9 +52,23 @@ pub fn configure(ipcfg: Option<&IpConfig>) -> Result<(), NetError> {
     }
     ip(&["link", "set", dev, "up"])?;
     if let Some(c) = ipcfg {
-        ip(&["addr", "add", &format!("{}/{}", c.address, c.prefix_len), "dev", dev])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/{}", c.address, c.prefix_len),
+            "dev",
+            dev,
+        ])?;
         if let Some(gw) = c.gateway {
-            ip(&["route", "add", "default", "via", &gw.to_string(), "dev", dev])?;
+            ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+                "dev",
+                dev,
+            ])?;
         }
         if !c.dns.is_empty() {
             let text: String = c.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
@@ -67,7 +84,10 @@ pub fn set_hostname(name: &str) -> Result<(), NetError> {
     nix::unistd::sethostname(name).map_err(|e| NetError::Hostname(name.to_owned(), e))?;
     let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
     let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-    if !hosts.lines().any(|l| l.split_whitespace().skip(1).any(|h| h == name)) {
+    if !hosts
+        .lines()
+        .any(|l| l.split_whitespace().skip(1).any(|h| h == name))
+    {
         let _ = std::fs::write("/etc/hosts", format!("{hosts}127.0.1.1\t{name}\n"));
     }
     Ok(())

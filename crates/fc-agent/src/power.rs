@@ -18,7 +18,13 @@ pub fn power_off() -> ! {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(5));
     nix::unistd::sync();
-    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
     let err = reboot(RebootMode::RB_AUTOBOOT).err();
     // Only reached if reboot failed (no CAP_SYS_BOOT); exiting PID 1 panics a real kernel, which
     // with `panic=1` also ends the VM.

@@ -41,7 +41,12 @@ pub enum ProcessError {
 nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, Winsize);
 
 fn winsize(ws: WindowSize) -> Winsize {
-    Winsize { ws_row: ws.rows, ws_col: ws.cols, ws_xpixel: 0, ws_ypixel: 0 }
+    Winsize {
+        ws_row: ws.rows,
+        ws_col: ws.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
 }
 
 /// Where frames go: a shared connection, dropped after the first write error (the host left;
@@ -108,15 +113,25 @@ fn cloexec(fd: &impl AsRawFd) {
 /// Starts `cmd` and begins relaying its output to `sink` as Stdout/Stderr frames.
 pub fn start(mut cmd: Command, mode: StdioMode, sink: &FrameSink) -> Result<Running, ProcessError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let spawn_err = |source| ProcessError::Spawn { program: program.clone(), source };
+    let spawn_err = |source| ProcessError::Spawn {
+        program: program.clone(),
+        source,
+    };
     if mode.tty {
         let ws = winsize(mode.size.unwrap_or(WindowSize { rows: 24, cols: 80 }));
         let pty = openpty(Some(&ws), None).map_err(ProcessError::Pty)?;
         cloexec(&pty.master);
         cloexec(&pty.slave);
         let slave: OwnedFd = pty.slave;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| ProcessError::Spawn { program: program.clone(), source: e });
-        cmd.stdin(Stdio::from(dup(&slave)?)).stdout(Stdio::from(dup(&slave)?)).stderr(Stdio::from(slave));
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|e| ProcessError::Spawn {
+                program: program.clone(),
+                source: e,
+            })
+        };
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
         // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -137,11 +152,21 @@ pub fn start(mut cmd: Command, mode: StdioMode, sink: &FrameSink) -> Result<Runn
         let reader = master.try_clone().map_err(spawn_err)?;
         let writer = master.try_clone().map_err(spawn_err)?;
         let pump = pump(reader, sink.clone(), Frame::Stdout);
-        Ok(Running { watched, input: Mutex::new(Input::Pty(writer)), pty: Some(master), pumps: Mutex::new(vec![pump]), exited: AtomicBool::new(false) })
+        Ok(Running {
+            watched,
+            input: Mutex::new(Input::Pty(writer)),
+            pty: Some(master),
+            pumps: Mutex::new(vec![pump]),
+            exited: AtomicBool::new(false),
+        })
     } else {
-        cmd.stdin(if mode.interactive { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(if mode.interactive {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let (mut child, watched) = reaper::spawn(&mut cmd).map_err(spawn_err)?;
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -154,11 +179,21 @@ pub fn start(mut cmd: Command, mode: StdioMode, sink: &FrameSink) -> Result<Runn
             Some(s) => Input::Pipe(Some(s)),
             None => Input::None,
         };
-        Ok(Running { watched, input: Mutex::new(input), pty: None, pumps: Mutex::new(pumps), exited: AtomicBool::new(false) })
+        Ok(Running {
+            watched,
+            input: Mutex::new(input),
+            pty: None,
+            pumps: Mutex::new(pumps),
+            exited: AtomicBool::new(false),
+        })
     }
 }
 
-fn pump(mut from: impl Read + Send + 'static, sink: FrameSink, make: fn(Vec<u8>) -> Frame) -> JoinHandle<()> {
+fn pump(
+    mut from: impl Read + Send + 'static,
+    sink: FrameSink,
+    make: fn(Vec<u8>) -> Frame,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {

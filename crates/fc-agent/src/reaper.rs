@@ -32,7 +32,10 @@ struct Reaper {
 static REAPER: OnceLock<Reaper> = OnceLock::new();
 
 fn reaper() -> &'static Reaper {
-    REAPER.get_or_init(|| Reaper { table: Mutex::new(Table::default()), changed: Condvar::new() })
+    REAPER.get_or_init(|| Reaper {
+        table: Mutex::new(Table::default()),
+        changed: Condvar::new(),
+    })
 }
 
 /// Exit code as a shell reports it: the code, or 128 + signal number.
@@ -87,26 +90,28 @@ fn reap_loop() {
             }
         };
         let guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
-        let res = waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        let res = waitpid(
+            Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
         drop(guard);
-        match res {
-            Ok(status) => {
-                let (Some(pid), Some(code)) = (status.pid(), exit_code(status)) else { continue };
-                let r = reaper();
-                let mut t = r.table.lock().unwrap_or_else(|p| p.into_inner());
-                if t.watched.remove(&pid.as_raw()).is_some() {
-                    t.done.insert(pid.as_raw(), code);
-                } else {
-                    // Either an orphan or a child not registered yet; keep a bounded record.
-                    if t.early.len() > 4096 {
-                        t.early.clear();
-                    }
-                    t.early.insert(pid.as_raw(), code);
+        // An error means std already reaped it (a failed exec).
+        if let Ok(status) = res {
+            let (Some(pid), Some(code)) = (status.pid(), exit_code(status)) else {
+                continue;
+            };
+            let r = reaper();
+            let mut t = r.table.lock().unwrap_or_else(|p| p.into_inner());
+            if t.watched.remove(&pid.as_raw()).is_some() {
+                t.done.insert(pid.as_raw(), code);
+            } else {
+                // Either an orphan or a child not registered yet; keep a bounded record.
+                if t.early.len() > 4096 {
+                    t.early.clear();
                 }
-                r.changed.notify_all();
+                t.early.insert(pid.as_raw(), code);
             }
-            // Already reaped by std (a failed exec) or not exited after all.
-            Err(_) => {}
+            r.changed.notify_all();
         }
     }
 }
@@ -150,7 +155,11 @@ impl Watched {
                     if now >= d {
                         return None;
                     }
-                    t = r.changed.wait_timeout(t, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                    t = r
+                        .changed
+                        .wait_timeout(t, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
         }
@@ -209,7 +218,9 @@ pub struct Output {
 pub fn run(cmd: &mut Command) -> std::io::Result<Output> {
     use std::io::Read;
     use std::process::Stdio;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let (mut child, w) = spawn(cmd)?;
     let mut err_pipe = child.stderr.take();
     let err_thread = std::thread::spawn(move || {
@@ -224,5 +235,9 @@ pub fn run(cmd: &mut Command) -> std::io::Result<Output> {
         let _ = p.read_to_string(&mut stdout);
     }
     let stderr = err_thread.join().unwrap_or_default();
-    Ok(Output { code: w.wait(), stdout, stderr })
+    Ok(Output {
+        code: w.wait(),
+        stdout,
+        stderr,
+    })
 }

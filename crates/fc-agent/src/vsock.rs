@@ -51,7 +51,11 @@ pub enum VsockError {
 }
 
 fn sys(op: &'static str, port: u32) -> impl FnOnce(nix::Error) -> VsockError {
-    move |e| VsockError::Sys { op, port, source: e.into() }
+    move |e| VsockError::Sys {
+        op,
+        port,
+        source: e.into(),
+    }
 }
 
 /// A connected stream (vsock or Unix).
@@ -118,21 +122,44 @@ impl Vsock {
     pub fn connect_once(&self, port: u32) -> Result<Conn, VsockError> {
         match self.mode {
             VsockMode::Vsock => {
-                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-                    .map_err(sys("socket", port))?;
-                connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port)).map_err(sys("connect", port))?;
+                let fd = socket(
+                    AddressFamily::Vsock,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .map_err(sys("socket", port))?;
+                connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port))
+                    .map_err(sys("connect", port))?;
                 Ok(Conn(fd))
             }
             VsockMode::Abstract => {
-                let addr = SocketAddr::from_abstract_name(ABSTRACT_HOST_SOCKET)
-                    .map_err(|e| VsockError::Sys { op: "address", port, source: e })?;
-                let mut s = UnixStream::connect_addr(&addr)
-                    .map_err(|e| VsockError::Sys { op: "connect", port, source: e })?;
+                let addr = SocketAddr::from_abstract_name(ABSTRACT_HOST_SOCKET).map_err(|e| {
+                    VsockError::Sys {
+                        op: "address",
+                        port,
+                        source: e,
+                    }
+                })?;
+                let mut s = UnixStream::connect_addr(&addr).map_err(|e| VsockError::Sys {
+                    op: "connect",
+                    port,
+                    source: e,
+                })?;
                 s.write_all(connect_line(port).as_bytes())
-                    .map_err(|e| VsockError::Sys { op: "handshake write", port, source: e })?;
-                let line = read_line(&mut s)
-                    .map_err(|e| VsockError::Handshake { port, reason: e.to_string() })?;
-                parse_ok_line(&line).map_err(|e| VsockError::Handshake { port, reason: e.to_string() })?;
+                    .map_err(|e| VsockError::Sys {
+                        op: "handshake write",
+                        port,
+                        source: e,
+                    })?;
+                let line = read_line(&mut s).map_err(|e| VsockError::Handshake {
+                    port,
+                    reason: e.to_string(),
+                })?;
+                parse_ok_line(&line).map_err(|e| VsockError::Handshake {
+                    port,
+                    reason: e.to_string(),
+                })?;
                 Ok(Conn(s.into()))
             }
         }
@@ -141,6 +168,7 @@ impl Vsock {
     /// Connects to host `port`, retrying while the host is not listening yet.
     pub fn connect(&self, port: u32, timeout: Duration) -> Result<Conn, VsockError> {
         let deadline = Instant::now() + timeout;
+        let mut logged = false;
         loop {
             match self.connect_once(port) {
                 Ok(c) => return Ok(c),
@@ -149,7 +177,10 @@ impl Vsock {
                     return Err(VsockError::Timeout(port));
                 }
                 Err(e) => {
-                    crate::debug!("host port {port} not ready: {e}");
+                    if !logged {
+                        crate::debug!("host port {port} not ready, retrying: {e}");
+                        logged = true;
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -160,17 +191,33 @@ impl Vsock {
     pub fn listen(&self, port: u32) -> Result<Listener, VsockError> {
         match self.mode {
             VsockMode::Vsock => {
-                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-                    .map_err(sys("socket", port))?;
-                bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(sys("bind", port))?;
-                listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN)).map_err(sys("listen", port))?;
+                let fd = socket(
+                    AddressFamily::Vsock,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .map_err(sys("socket", port))?;
+                bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
+                    .map_err(sys("bind", port))?;
+                listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
+                    .map_err(sys("listen", port))?;
                 Ok(Listener::Vsock(fd))
             }
             VsockMode::Abstract => {
-                let addr = SocketAddr::from_abstract_name(abstract_guest_socket(port))
-                    .map_err(|e| VsockError::Sys { op: "address", port, source: e })?;
-                let l = UnixListener::bind_addr(&addr)
-                    .map_err(|e| VsockError::Sys { op: "bind", port, source: e })?;
+                let addr =
+                    SocketAddr::from_abstract_name(abstract_guest_socket(port)).map_err(|e| {
+                        VsockError::Sys {
+                            op: "address",
+                            port,
+                            source: e,
+                        }
+                    })?;
+                let l = UnixListener::bind_addr(&addr).map_err(|e| VsockError::Sys {
+                    op: "bind",
+                    port,
+                    source: e,
+                })?;
                 Ok(Listener::Unix(l))
             }
         }
@@ -192,8 +239,11 @@ impl Listener {
         match self {
             Listener::Vsock(fd) => loop {
                 match accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                    // SAFETY: accept returned a new descriptor that nothing else owns.
-                    Ok(raw) => return Ok(Conn(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })),
+                    Ok(raw) => {
+                        // SAFETY: accept returned a new descriptor that nothing else owns.
+                        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                        return Ok(Conn(fd));
+                    }
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(e.into()),
                 }
@@ -208,12 +258,18 @@ fn read_line(s: &mut impl Read) -> io::Result<String> {
     let mut b = [0u8; 1];
     while line.len() < MAX_HANDSHAKE_LINE {
         if s.read(&mut b)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during handshake (host not listening?)"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during handshake (host not listening?)",
+            ));
         }
         line.push(b[0]);
         if b[0] == b'\n' {
             return Ok(String::from_utf8_lossy(&line).into_owned());
         }
     }
-    Err(io::Error::new(io::ErrorKind::InvalidData, "handshake line too long"))
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "handshake line too long",
+    ))
 }

@@ -51,7 +51,21 @@ fn header(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, filesize: usize, n
     out.extend_from_slice(MAGIC);
     // ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor, rdevminor,
     // namesize, check. mtime stays 0 so the same agent gives the same bytes.
-    for v in [ino, mode, 0, 0, nlink, 0, filesize as u32, 0, 0, 0, 0, namesize as u32, 0] {
+    for v in [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        filesize as u32,
+        0,
+        0,
+        0,
+        0,
+        namesize as u32,
+        0,
+    ] {
         out.extend_from_slice(format!("{v:08x}").as_bytes());
     }
 }
@@ -71,8 +85,12 @@ pub fn write_newc(entries: &[Entry<'_>]) -> Vec<u8> {
     for (i, e) in entries.iter().enumerate() {
         let ino = i as u32 + 1;
         match e {
-            Entry::Dir { name, mode } => push(&mut out, ino, 0o040000 | (mode & 0o7777), 2, name, &[]),
-            Entry::File { name, mode, data } => push(&mut out, ino, 0o100000 | (mode & 0o7777), 1, name, data),
+            Entry::Dir { name, mode } => {
+                push(&mut out, ino, 0o040000 | (mode & 0o7777), 2, name, &[])
+            }
+            Entry::File { name, mode, data } => {
+                push(&mut out, ino, 0o100000 | (mode & 0o7777), 1, name, data)
+            }
         }
     }
     push(&mut out, 0, 0, 1, TRAILER, &[]);
@@ -91,7 +109,9 @@ pub fn find_file<'a>(archive: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, 
     let want = name.trim_start_matches("./").trim_start_matches('/');
     let mut at = 0;
     loop {
-        let head = archive.get(at..at + HEADER_LEN).ok_or(CpioError::NoTrailer)?;
+        let head = archive
+            .get(at..at + HEADER_LEN)
+            .ok_or(CpioError::NoTrailer)?;
         if &head[..6] != MAGIC {
             return Err(CpioError::BadMagic(at));
         }
@@ -104,7 +124,9 @@ pub fn find_file<'a>(archive: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, 
             .ok_or(CpioError::Corrupt(at))?;
         let entry_name = std::str::from_utf8(raw_name).map_err(|_| CpioError::Corrupt(at))?;
         let data_start = name_start + namesize + pad4(HEADER_LEN + namesize);
-        let data = archive.get(data_start..data_start + filesize).ok_or(CpioError::Corrupt(at))?;
+        let data = archive
+            .get(data_start..data_start + filesize)
+            .ok_or(CpioError::Corrupt(at))?;
         if entry_name == TRAILER {
             return Ok(None);
         }
@@ -125,31 +147,57 @@ mod tests {
         for len in 0..9 {
             let data = vec![0xab; len];
             let a = write_newc(&[
-                Entry::Dir { name: "dev", mode: 0o755 },
-                Entry::File { name: "x", mode: 0o644, data: b"odd" },
-                Entry::File { name: "init", mode: 0o755, data: &data },
+                Entry::Dir {
+                    name: "dev",
+                    mode: 0o755,
+                },
+                Entry::File {
+                    name: "x",
+                    mode: 0o644,
+                    data: b"odd",
+                },
+                Entry::File {
+                    name: "init",
+                    mode: 0o755,
+                    data: &data,
+                },
             ]);
             assert_eq!(a.len() % 4, 0);
             assert_eq!(find_file(&a, "/init").unwrap(), Some(&data[..]));
             assert_eq!(find_file(&a, "x").unwrap(), Some(&b"odd"[..]));
-            assert_eq!(find_file(&a, "dev").unwrap(), None, "directories are not files");
+            assert_eq!(
+                find_file(&a, "dev").unwrap(),
+                None,
+                "directories are not files"
+            );
             assert_eq!(find_file(&a, "missing").unwrap(), None);
         }
     }
 
     #[test]
     fn deterministic() {
-        let e = [Entry::File { name: "init", mode: 0o755, data: b"abc" }];
+        let e = [Entry::File {
+            name: "init",
+            mode: 0o755,
+            data: b"abc",
+        }];
         assert_eq!(write_newc(&e), write_newc(&e));
     }
 
     #[test]
     fn rejects_garbage_and_truncation() {
-        assert_eq!(find_file(b"\x1f\x8b\x08\x00 gzip data........", "init"), Err(CpioError::NoTrailer));
+        assert_eq!(
+            find_file(b"\x1f\x8b\x08\x00 gzip data........", "init"),
+            Err(CpioError::NoTrailer)
+        );
         let mut gz = vec![0x1f, 0x8b];
         gz.resize(200, 0);
         assert_eq!(find_file(&gz, "init"), Err(CpioError::BadMagic(0)));
-        let a = write_newc(&[Entry::File { name: "other", mode: 0o755, data: &[1; 100] }]);
+        let a = write_newc(&[Entry::File {
+            name: "other",
+            mode: 0o755,
+            data: &[1; 100],
+        }]);
         for cut in [50, 120, 200] {
             assert!(find_file(&a[..cut], "init").is_err(), "cut {cut}");
         }

@@ -9,7 +9,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::model::{Action, BootSource, Drive, Logger, MachineConfig, MmdsConfig, NetworkInterface, PartialDrive, VmState, Vsock};
+use crate::model::{
+    Action, BootSource, Drive, Logger, MachineConfig, MmdsConfig, NetworkInterface, PartialDrive,
+    VmState, Vsock,
+};
 use crate::vmm::{Vmm, VmmError};
 
 /// Version reported by `GET /` and `--version`.
@@ -26,7 +29,10 @@ fn empty(status: StatusCode) -> Resp {
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -35,27 +41,53 @@ pub fn fault(status: StatusCode, msg: impl std::fmt::Display) -> Resp {
     json_resp(status, &json!({ "fault_message": msg.to_string() }))
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Resp> {
-    serde_json::from_slice(body).map_err(|e| fault(StatusCode::BAD_REQUEST, format!("An error occurred when deserializing the json body of a request: {e}.")))
+/// A request failure: status and `fault_message`.
+struct Fault(StatusCode, String);
+
+fn fault_of(status: StatusCode, msg: impl std::fmt::Display) -> Fault {
+    Fault(status, msg.to_string())
 }
 
-fn vmm_err(e: VmmError) -> Resp {
-    fault(StatusCode::BAD_REQUEST, e)
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Fault> {
+    serde_json::from_slice(body).map_err(|e| {
+        fault_of(
+            StatusCode::BAD_REQUEST,
+            format!("An error occurred when deserializing the json body of a request: {e}."),
+        )
+    })
+}
+
+fn vmm_err(e: VmmError) -> Fault {
+    fault_of(StatusCode::BAD_REQUEST, e)
 }
 
 /// Serves one request.
-pub async fn handle(vmm: Arc<Vmm>, req: Request<hyper::body::Incoming>) -> Result<Resp, Infallible> {
+pub async fn handle(
+    vmm: Arc<Vmm>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return Ok(fault(StatusCode::BAD_REQUEST, format!("Cannot read request body: {e}"))),
+        Err(e) => {
+            return Ok(fault(
+                StatusCode::BAD_REQUEST,
+                format!("Cannot read request body: {e}"),
+            ))
+        }
     };
-    Ok(route(&vmm, &method, &path, &body).await.unwrap_or_else(|r| r))
+    Ok(route(&vmm, &method, &path, &body)
+        .await
+        .unwrap_or_else(|Fault(status, msg)| fault(status, msg)))
 }
 
-async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Result<Resp, Resp> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Result<Resp, Fault> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let ok = || Ok(empty(StatusCode::NO_CONTENT));
     match (method, segs.as_slice()) {
         (&Method::GET, []) => Ok(json_resp(
@@ -85,10 +117,10 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
                 parse(body)?
             };
             if !(1..=32).contains(&m.vcpu_count) {
-                return Err(fault(StatusCode::BAD_REQUEST, "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled."));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled."));
             }
             if m.mem_size_mib == 0 {
-                return Err(fault(StatusCode::BAD_REQUEST, "The memory size (MiB) is invalid."));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The memory size (MiB) is invalid."));
             }
             cfg.machine = m;
             ok()
@@ -96,15 +128,15 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
         (&Method::PUT, ["drives", id]) => {
             let d: Drive = parse(body)?;
             if d.drive_id != *id {
-                return Err(fault(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
             }
             vmm.ensure_not_started().map_err(vmm_err)?;
             if !std::path::Path::new(&d.path_on_host).exists() {
-                return Err(fault(StatusCode::BAD_REQUEST, format!("Unable to create the block device: cannot open {}: No such file or directory", d.path_on_host)));
+                return Err(fault_of(StatusCode::BAD_REQUEST, format!("Unable to create the block device: cannot open {}: No such file or directory", d.path_on_host)));
             }
             let mut cfg = vmm.config.lock().unwrap_or_else(|p| p.into_inner());
             if d.is_root_device && cfg.drives.iter().any(|x| x.is_root_device && x.drive_id != d.drive_id) {
-                return Err(fault(StatusCode::BAD_REQUEST, "A root block device already exists!"));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "A root block device already exists!"));
             }
             match cfg.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
                 Some(x) => *x = d,
@@ -115,13 +147,13 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
         (&Method::PATCH, ["drives", id]) => {
             let p: PartialDrive = parse(body)?;
             if p.drive_id != *id {
-                return Err(fault(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
             }
             if vmm.ensure_not_started().is_err() {
-                return Err(fault(StatusCode::BAD_REQUEST, "The sandbox VMM cannot swap a drive of a running guest."));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The sandbox VMM cannot swap a drive of a running guest."));
             }
             let mut cfg = vmm.config.lock().unwrap_or_else(|p| p.into_inner());
-            let d = cfg.drives.iter_mut().find(|x| x.drive_id == p.drive_id).ok_or_else(|| fault(StatusCode::BAD_REQUEST, "Invalid block device ID!"))?;
+            let d = cfg.drives.iter_mut().find(|x| x.drive_id == p.drive_id).ok_or_else(|| fault_of(StatusCode::BAD_REQUEST, "Invalid block device ID!"))?;
             if let Some(path) = p.path_on_host {
                 d.path_on_host = path;
             }
@@ -130,7 +162,7 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
         (&Method::PUT, ["network-interfaces", id]) => {
             let n: NetworkInterface = parse(body)?;
             if n.iface_id != *id {
-                return Err(fault(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The id from the path does not match the id from the body!"));
             }
             vmm.ensure_not_started().map_err(vmm_err)?;
             let mut cfg = vmm.config.lock().unwrap_or_else(|p| p.into_inner());
@@ -147,12 +179,12 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
             let c: MmdsConfig = parse(body)?;
             vmm.ensure_not_started().map_err(vmm_err)?;
             if c.ipv4_address.as_deref().is_some_and(|a| a != "169.254.169.254") {
-                return Err(fault(StatusCode::BAD_REQUEST, "The sandbox VMM serves MMDS on 169.254.169.254 only."));
+                return Err(fault_of(StatusCode::BAD_REQUEST, "The sandbox VMM serves MMDS on 169.254.169.254 only."));
             }
             match c.version.as_str() {
                 "V1" => vmm.mmds.set_v2(false),
                 "V2" => vmm.mmds.set_v2(true),
-                v => return Err(fault(StatusCode::BAD_REQUEST, format!("Unknown MMDS version {v}"))),
+                v => return Err(fault_of(StatusCode::BAD_REQUEST, format!("Unknown MMDS version {v}"))),
             }
             vmm.config.lock().unwrap_or_else(|p| p.into_inner()).mmds_config = Some(c);
             ok()
@@ -177,7 +209,7 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
                 "InstanceStart" => vmm.start().await.map_err(vmm_err)?,
                 "SendCtrlAltDel" => vmm.ctrl_alt_del().map_err(vmm_err)?,
                 "FlushMetrics" => {}
-                other => return Err(fault(StatusCode::BAD_REQUEST, format!("Unknown action type {other}"))),
+                other => return Err(fault_of(StatusCode::BAD_REQUEST, format!("Unknown action type {other}"))),
             }
             ok()
         }
@@ -186,16 +218,16 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
             match s.state.as_str() {
                 "Paused" => vmm.set_paused(true).map_err(vmm_err)?,
                 "Resumed" => vmm.set_paused(false).map_err(vmm_err)?,
-                other => return Err(fault(StatusCode::BAD_REQUEST, format!("Invalid VM state {other}: expected Paused or Resumed"))),
+                other => return Err(fault_of(StatusCode::BAD_REQUEST, format!("Invalid VM state {other}: expected Paused or Resumed"))),
             }
             ok()
         }
-        (&Method::PUT, ["snapshot", "create" | "load"]) => Err(fault(
+        (&Method::PUT, ["snapshot", "create" | "load"]) => Err(fault_of(
             StatusCode::BAD_REQUEST,
             "The fcvm sandbox VMM does not simulate memory snapshots: it runs the guest as processes in namespaces, with no guest memory to save or restore. Use Firecracker on a KVM host for snapshots.",
         )),
-        (&Method::PUT | &Method::PATCH, ["balloon", ..]) => Err(fault(StatusCode::BAD_REQUEST, "The fcvm sandbox VMM has no balloon device.")),
-        _ => Err(fault(StatusCode::BAD_REQUEST, format!("Invalid request method and/or path: {method} {path}."))),
+        (&Method::PUT | &Method::PATCH, ["balloon", ..]) => Err(fault_of(StatusCode::BAD_REQUEST, "The fcvm sandbox VMM has no balloon device.")),
+        _ => Err(fault_of(StatusCode::BAD_REQUEST, format!("Invalid request method and/or path: {method} {path}."))),
     }
 }
 
@@ -218,7 +250,9 @@ fn full_config(vmm: &Vmm) -> Value {
 /// Serves the API on `listener` until the process exits.
 pub async fn serve(vmm: Arc<Vmm>, listener: tokio::net::UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let vmm = vmm.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(vmm.clone(), req));

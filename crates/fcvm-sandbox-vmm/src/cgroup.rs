@@ -51,7 +51,13 @@ fn cgroup_mounts() -> Vec<(PathBuf, String, String)> {
             let fstype = r.next()?;
             let _src = r.next()?;
             let opts = r.next()?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| (PathBuf::from(mount_point), fstype.to_owned(), opts.to_owned()))
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| {
+                (
+                    PathBuf::from(mount_point),
+                    fstype.to_owned(),
+                    opts.to_owned(),
+                )
+            })
         })
         .collect()
 }
@@ -63,11 +69,15 @@ fn our_cgroups() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut f = line.splitn(3, ':');
-        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else { continue };
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
         let mount = if ctrls.is_empty() {
             mounts.iter().find(|(_, t, _)| t == "cgroup2")
         } else {
-            mounts.iter().find(|(_, t, o)| t == "cgroup" && ctrls.split(',').all(|c| o.split(',').any(|x| x == c)))
+            mounts.iter().find(|(_, t, o)| {
+                t == "cgroup" && ctrls.split(',').all(|c| o.split(',').any(|x| x == c))
+            })
         };
         if let Some((mp, _, _)) = mount {
             out.push((mp.join(path.trim_start_matches('/')), ctrls.to_owned()));
@@ -108,19 +118,31 @@ impl SandboxCgroups {
 
     /// `cgroup.procs` files the sandbox writes its pid into.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.nodes.iter().map(|n| n.dir.join("cgroup.procs")).collect()
+        self.nodes
+            .iter()
+            .map(|n| n.dir.join("cgroup.procs"))
+            .collect()
     }
 
     /// Freezes (`true`) or thaws every process in the sandbox.
     pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        if let Some(n) = self.nodes.iter().find(|n| n.controllers.split(',').any(|c| c == "freezer")) {
+        if let Some(n) = self
+            .nodes
+            .iter()
+            .find(|n| n.controllers.split(',').any(|c| c == "freezer"))
+        {
             let f = n.dir.join("freezer.state");
             let v = if frozen { "FROZEN" } else { "THAWED" };
             return fs::write(&f, v).map_err(|e| CgroupError::Write(f, e));
         }
-        if let Some(n) = self.nodes.iter().find(|n| n.controllers.is_empty() && n.dir.join("cgroup.freeze").exists()) {
+        if let Some(n) = self
+            .nodes
+            .iter()
+            .find(|n| n.controllers.is_empty() && n.dir.join("cgroup.freeze").exists())
+        {
             let f = n.dir.join("cgroup.freeze");
-            return fs::write(&f, if frozen { "1" } else { "0" }).map_err(|e| CgroupError::Write(f, e));
+            return fs::write(&f, if frozen { "1" } else { "0" })
+                .map_err(|e| CgroupError::Write(f, e));
         }
         Err(CgroupError::NoFreezer)
     }
@@ -135,7 +157,9 @@ impl SandboxCgroups {
             loop {
                 match remove_tree(&n.dir) {
                     Ok(()) => break,
-                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
                     Err(_) => {
                         left.push(n.dir.clone());
                         break;
@@ -171,10 +195,14 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
 /// pid is no longer alive. Best effort.
 pub fn collect_stale() {
     for (base, _) in our_cgroups() {
-        let Ok(entries) = fs::read_dir(&base) else { continue };
+        let Ok(entries) = fs::read_dir(&base) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
             let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
             if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                 let _ = remove_tree(&e.path());

@@ -44,11 +44,17 @@ async fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
 /// runs; before that, connections are closed (the guest has no listeners yet).
 pub async fn serve_host(listener: UnixListener, netns: watch::Receiver<Option<Arc<File>>>) {
     loop {
-        let Ok((mut host, _)) = listener.accept().await else { continue };
+        let Ok((mut host, _)) = listener.accept().await else {
+            continue;
+        };
         let netns = netns.borrow().clone();
         tokio::spawn(async move {
-            let Ok(line) = read_line(&mut host).await else { return };
-            let Ok(port) = parse_connect_line(&line) else { return };
+            let Ok(line) = read_line(&mut host).await else {
+                return;
+            };
+            let Ok(port) = parse_connect_line(&line) else {
+                return;
+            };
             let Some(ns) = netns else { return };
             let name = abstract_guest_socket(port);
             let guest = tokio::task::spawn_blocking(move || {
@@ -61,7 +67,9 @@ pub async fn serve_host(listener: UnixListener, netns: watch::Receiver<Option<Ar
             })
             .await;
             let Ok(Ok(guest)) = guest else { return };
-            let Ok(mut guest) = UnixStream::from_std(guest) else { return };
+            let Ok(mut guest) = UnixStream::from_std(guest) else {
+                return;
+            };
             let local = NEXT_LOCAL_PORT.fetch_add(1, Ordering::Relaxed);
             if host.write_all(ok_line(local).as_bytes()).await.is_err() {
                 return;
@@ -85,14 +93,22 @@ pub fn bind_guest_listener(ns: &File) -> std::io::Result<UnixListener> {
 /// Forwards guest connections to `<uds_path>_<port>` on the host.
 pub async fn serve_guest(listener: UnixListener, uds_path: PathBuf) {
     loop {
-        let Ok((mut guest, _)) = listener.accept().await else { continue };
+        let Ok((mut guest, _)) = listener.accept().await else {
+            continue;
+        };
         let uds_path = uds_path.clone();
         tokio::spawn(async move {
-            let Ok(line) = read_line(&mut guest).await else { return };
-            let Ok(port) = parse_connect_line(&line) else { return };
+            let Ok(line) = read_line(&mut guest).await else {
+                return;
+            };
+            let Ok(port) = parse_connect_line(&line) else {
+                return;
+            };
             let target = host_listener_path(Path::new(&uds_path), port);
             // Nothing listening: close, as Firecracker resets the guest's connection.
-            let Ok(mut host) = UnixStream::connect(&target).await else { return };
+            let Ok(mut host) = UnixStream::connect(&target).await else {
+                return;
+            };
             if guest.write_all(ok_line(port).as_bytes()).await.is_err() {
                 return;
             }

@@ -51,7 +51,11 @@ impl LoopDevice {
             .write(!read_only)
             .open(file)
             .map_err(|e| LoopError::Backing(file.to_owned(), e))?;
-        let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control").map_err(LoopError::Control)?;
+        let ctl = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/loop-control")
+            .map_err(LoopError::Control)?;
         // Another process may take the free device between GET_FREE and CONFIGURE (EBUSY): retry.
         for _ in 0..16 {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
@@ -64,19 +68,38 @@ impl LoopDevice {
                 .read(true)
                 .write(!read_only)
                 .open(&path)
-                .map_err(|e| LoopError::Configure { file: file.to_owned(), dev: path.display().to_string(), source: e })?;
+                .map_err(|e| LoopError::Configure {
+                    file: file.to_owned(),
+                    dev: path.display().to_string(),
+                    source: e,
+                })?;
             // SAFETY: loop_config is plain data; all-zero is a valid value.
             let mut cfg: loop_config = unsafe { std::mem::zeroed() };
             cfg.fd = backing.as_raw_fd() as u32;
-            cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR as u32 | if read_only { LO_FLAGS_READ_ONLY as u32 } else { 0 };
+            cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR as u32
+                | if read_only {
+                    LO_FLAGS_READ_ONLY as u32
+                } else {
+                    0
+                };
             // SAFETY: LOOP_CONFIGURE reads one loop_config from a valid pointer.
-            let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &cfg as *const loop_config) };
+            let rc = unsafe {
+                libc::ioctl(
+                    dev.as_raw_fd(),
+                    LOOP_CONFIGURE as _,
+                    &cfg as *const loop_config,
+                )
+            };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EBUSY) {
                     continue;
                 }
-                return Err(LoopError::Configure { file: file.to_owned(), dev: path.display().to_string(), source: e });
+                return Err(LoopError::Configure {
+                    file: file.to_owned(),
+                    dev: path.display().to_string(),
+                    source: e,
+                });
             }
             let rdev = dev.metadata().map(|m| m.rdev()).unwrap_or(0);
             return Ok(Self { dev, path, rdev });

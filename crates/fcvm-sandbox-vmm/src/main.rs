@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fcvm_sandbox_vmm::{api, cgroup, sandbox_init, vmm::Vmm};
+use fcvm_sandbox_vmm::vmm::{self, Vmm};
+use fcvm_sandbox_vmm::{api, sandbox_init};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Firecracker-compatible stand-in VMM (namespace sandbox, no KVM).
@@ -62,7 +63,10 @@ fn main() {
 fn run() -> anyhow::Result<i32> {
     let args = Args::parse();
     if args.version {
-        println!("Firecracker v{} (fcvm-sandbox-vmm: namespace sandbox, no KVM, no memory snapshots)", api::FIRECRACKER_VERSION);
+        println!(
+            "Firecracker v{} (fcvm-sandbox-vmm: namespace sandbox, no KVM, no memory snapshots)",
+            api::FIRECRACKER_VERSION
+        );
         return Ok(0);
     }
     if args.no_api || args.config_file.is_some() {
@@ -70,15 +74,21 @@ fn run() -> anyhow::Result<i32> {
     }
     if let Some(p) = &args.log_path {
         if !p.exists() {
-            bail!("log file {} does not exist (Firecracker requires it to exist too)", p.display());
+            bail!(
+                "log file {} does not exist (Firecracker requires it to exist too)",
+                p.display()
+            );
         }
     }
     let api_sock = args.api_sock.context("--api-sock is required")?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the sandbox VMM needs root (namespaces, loop devices, cgroups)");
     }
-    cgroup::collect_stale();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    vmm::collect_stale();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::UnixListener::bind(&api_sock)
             .with_context(|| format!("cannot bind the API socket {}", api_sock.display()))?;
@@ -94,7 +104,12 @@ fn run() -> anyhow::Result<i32> {
         };
         vmm.cleanup();
         let _ = std::fs::remove_file(&api_sock);
-        if let Some(p) = vmm.vsock_path.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(p) = vmm
+            .vsock_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = std::fs::remove_file(p);
         }
         Ok(code)

@@ -29,7 +29,11 @@ pub struct Mmds {
 
 impl Default for Mmds {
     fn default() -> Self {
-        Self { data: Mutex::new(Value::Object(Default::default())), version_v2: Mutex::new(false), tokens: Mutex::default() }
+        Self {
+            data: Mutex::new(Value::Object(Default::default())),
+            version_v2: Mutex::new(false),
+            tokens: Mutex::default(),
+        }
     }
 }
 
@@ -93,27 +97,52 @@ impl Mmds {
     }
 
     fn token_valid(&self, token: &str) -> bool {
-        lock(&self.tokens).get(token).is_some_and(|exp| *exp > Instant::now())
+        lock(&self.tokens)
+            .get(token)
+            .is_some_and(|exp| *exp > Instant::now())
     }
 
     /// Serves one guest request.
     pub fn serve_guest(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let header = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let path = req.uri().path().to_owned();
         if req.method() == Method::PUT && path == "/latest/api/token" {
             let ttl = header("x-metadata-token-ttl-seconds").and_then(|t| t.parse::<u64>().ok());
             return match ttl {
-                Some(ttl) if (1..=MAX_TTL).contains(&ttl) => text(StatusCode::OK, self.new_token(ttl)),
-                _ => text(StatusCode::BAD_REQUEST, "Token time to live value not found or invalid.".into()),
+                Some(ttl) if (1..=MAX_TTL).contains(&ttl) => {
+                    text(StatusCode::OK, self.new_token(ttl))
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "Token time to live value not found or invalid.".into(),
+                ),
             };
         }
         if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "Not allowed HTTP method.".into());
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Not allowed HTTP method.".into(),
+            );
         }
         let v2 = *lock(&self.version_v2);
         match header("x-metadata-token") {
-            Some(t) if !self.token_valid(&t) => return text(StatusCode::UNAUTHORIZED, "Token is expired or invalid.".into()),
-            None if v2 => return text(StatusCode::UNAUTHORIZED, "No MMDS token provided. Use `X-metadata-token` header.".into()),
+            Some(t) if !self.token_valid(&t) => {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "Token is expired or invalid.".into(),
+                )
+            }
+            None if v2 => {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "No MMDS token provided. Use `X-metadata-token` header.".into(),
+                )
+            }
             _ => {}
         }
         let data = lock(&self.data);
@@ -121,7 +150,12 @@ impl Mmds {
         for seg in path.split('/').filter(|s| !s.is_empty()) {
             match node.get(seg) {
                 Some(n) => node = n,
-                None => return text(StatusCode::NOT_FOUND, format!("Resource not found: {path}.")),
+                None => {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("Resource not found: {path}."),
+                    )
+                }
             }
         }
         let json = header("accept").is_some_and(|a| a.contains("application/json"));
@@ -130,14 +164,23 @@ impl Mmds {
             (false, Value::String(s)) => s.clone(),
             (false, Value::Object(m)) => m
                 .iter()
-                .map(|(k, v)| if v.is_object() { format!("{k}/") } else { k.clone() })
+                .map(|(k, v)| {
+                    if v.is_object() {
+                        format!("{k}/")
+                    } else {
+                        k.clone()
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("\n"),
             (false, v) => v.to_string(),
         };
         let mut r = text(StatusCode::OK, body);
         if json {
-            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
         }
         r
     }
@@ -152,7 +195,9 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// Serves the guest side on `listener` (inside the sandbox's network namespace).
 pub async fn serve(mmds: Arc<Mmds>, listener: tokio::net::TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let mmds = mmds.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {

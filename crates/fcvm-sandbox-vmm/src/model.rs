@@ -41,7 +41,14 @@ pub struct MachineConfig {
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self { vcpu_count: 1, mem_size_mib: 128, smt: false, cpu_template: None, track_dirty_pages: false, huge_pages: None }
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+            huge_pages: None,
+        }
     }
 }
 

@@ -55,8 +55,14 @@ fn run() -> Result<i32> {
             | CloneFlags::CLONE_NEWCGROUP,
     )
     .context("unshare (needs root)")?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making mounts private")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
     nix::unistd::sethostname("fcvm").context("sethostname")?;
     loopback_with_mmds().context("configuring loopback")?;
 
@@ -96,10 +102,22 @@ fn run() -> Result<i32> {
 
 fn exec_init(spec: &Spec) -> anyhow::Error {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and has no memory effects.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     let path = c"/init";
     let env = [
-        CString::new(format!("{}={}", fcvm_proto::boot::CMDLINE_ENV, spec.cmdline)),
+        CString::new(format!(
+            "{}={}",
+            fcvm_proto::boot::CMDLINE_ENV,
+            spec.cmdline
+        )),
         CString::new("TERM=linux"),
         CString::new("HOME=/"),
     ];
@@ -116,7 +134,14 @@ fn exec_init(spec: &Spec) -> anyhow::Error {
 /// Builds the sandbox root (tmpfs with /init and a populated /dev) and pivots into it.
 fn build_root(spec: &Spec) -> Result<()> {
     let root = &spec.root_dir;
-    mount(Some("rootfs"), root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755")).context("mounting the root tmpfs")?;
+    mount(
+        Some("rootfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .context("mounting the root tmpfs")?;
     fs::copy(&spec.init_path, root.join("init")).context("copying the agent to /init")?;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
@@ -125,10 +150,22 @@ fn build_root(spec: &Spec) -> Result<()> {
     }
     // /dev must be a mount of its own: the agent moves it into the root drive.
     let dev = root.join("dev");
-    mount(Some("dev"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755")).context("mounting /dev")?;
+    mount(
+        Some("dev"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .context("mounting /dev")?;
     let chr = |name: &str, major: u64, minor: u64| -> Result<()> {
-        mknod(&dev.join(name), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), libc::makedev(major as u32, minor as u32))
-            .with_context(|| format!("mknod /dev/{name}"))
+        mknod(
+            &dev.join(name),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            libc::makedev(major as u32, minor as u32),
+        )
+        .with_context(|| format!("mknod /dev/{name}"))
     };
     chr("null", 1, 3)?;
     chr("zero", 1, 5)?;
@@ -143,8 +180,13 @@ fn build_root(spec: &Spec) -> Result<()> {
     chr("net/tun", 10, 200)?;
     for d in &spec.devices {
         let mode = if d.read_only { 0o440 } else { 0o660 };
-        mknod(&dev.join(&d.name), SFlag::S_IFBLK, Mode::from_bits_truncate(mode), d.rdev)
-            .with_context(|| format!("mknod /dev/{}", d.name))?;
+        mknod(
+            &dev.join(&d.name),
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(mode),
+            d.rdev,
+        )
+        .with_context(|| format!("mknod /dev/{}", d.name))?;
     }
     let old = root.join(".oldroot");
     fs::create_dir_all(&old)?;
@@ -197,10 +239,19 @@ fn loopback_with_mmds() -> Result<()> {
         let mut r = ifreq("lo:0");
         let a = sin(ip);
         // SAFETY: sockaddr_in fits in the sockaddr member of the union (both 16 bytes).
-        unsafe { std::ptr::write(&mut r.ifr_ifru.ifru_addr as *mut libc::sockaddr as *mut libc::sockaddr_in, a) };
+        unsafe {
+            std::ptr::write(
+                &mut r.ifr_ifru.ifru_addr as *mut libc::sockaddr as *mut libc::sockaddr_in,
+                a,
+            )
+        };
         ioctl(req, &mut r, what)
     };
     set_addr(libc::SIOCSIFADDR, MMDS_IP, "SIOCSIFADDR lo:0")?;
-    set_addr(libc::SIOCSIFNETMASK, [255, 255, 255, 255], "SIOCSIFNETMASK lo:0")?;
+    set_addr(
+        libc::SIOCSIFNETMASK,
+        [255, 255, 255, 255],
+        "SIOCSIFNETMASK lo:0",
+    )?;
     Ok(())
 }

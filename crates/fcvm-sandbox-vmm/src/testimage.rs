@@ -62,7 +62,12 @@ fn header(path: &str, size: u64, mode: u32, kind: tar::EntryType) -> tar::Header
     h
 }
 
-fn append_file(t: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) -> io::Result<()> {
+fn append_file(
+    t: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+) -> io::Result<()> {
     let mut h = header(path, data.len() as u64, mode, tar::EntryType::Regular);
     h.set_cksum();
     t.append(&h, data)
@@ -77,7 +82,10 @@ fn append_dir(t: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> io::Resul
 /// The image's single layer: busybox, applet links, and a minimal /etc.
 fn layer(busybox: &Path) -> Result<Vec<u8>, TestImageError> {
     let bin = std::fs::read(busybox).map_err(|e| TestImageError::Busybox(busybox.to_owned(), e))?;
-    let out = Command::new(busybox).arg("--list").output().map_err(|e| TestImageError::Busybox(busybox.to_owned(), e))?;
+    let out = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(|e| TestImageError::Busybox(busybox.to_owned(), e))?;
     if !out.status.success() {
         return Err(TestImageError::List(busybox.to_owned()));
     }
@@ -101,14 +109,25 @@ fn layer(busybox: &Path) -> Result<Vec<u8>, TestImageError> {
         h.set_cksum();
         t.append(&h, io::empty()).map_err(w)?;
     }
-    append_file(&mut t, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644).map_err(w)?;
+    append_file(
+        &mut t,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        0o644,
+    )
+    .map_err(w)?;
     append_file(&mut t, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644).map_err(w)?;
     t.into_inner().map_err(w)
 }
 
 /// Builds `out` from `busybox` (usually [`DEFAULT_BUSYBOX`]), naming the image `name:tag`.
 /// Written to a temporary file next to `out` and renamed, so readers never see half an archive.
-pub fn build_busybox_archive(busybox: &Path, out: &Path, name: &str, tag: &str) -> Result<ImageArchive, TestImageError> {
+pub fn build_busybox_archive(
+    busybox: &Path,
+    out: &Path,
+    name: &str,
+    tag: &str,
+) -> Result<ImageArchive, TestImageError> {
     let layer = layer(busybox)?;
     let layer_digest = sha256_hex(&layer);
     let config = serde_json::to_vec(&json!({
@@ -142,11 +161,21 @@ pub fn build_busybox_archive(busybox: &Path, out: &Path, name: &str, tag: &str) 
 
     let w = |e| TestImageError::Write(out.to_owned(), e);
     let mut t = tar::Builder::new(Vec::new());
-    append_file(&mut t, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644).map_err(w)?;
+    append_file(
+        &mut t,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+    )
+    .map_err(w)?;
     append_file(&mut t, "index.json", &index, 0o644).map_err(w)?;
     append_dir(&mut t, "blobs", 0o755).map_err(w)?;
     append_dir(&mut t, "blobs/sha256", 0o755).map_err(w)?;
-    for (digest, data) in [(&manifest_digest, &manifest), (&config_digest, &config), (&layer_digest, &layer)] {
+    for (digest, data) in [
+        (&manifest_digest, &manifest),
+        (&config_digest, &config),
+        (&layer_digest, &layer),
+    ] {
         append_file(&mut t, &format!("blobs/sha256/{digest}"), data, 0o644).map_err(w)?;
     }
     let bytes = t.into_inner().map_err(w)?;
@@ -156,7 +185,11 @@ pub fn build_busybox_archive(busybox: &Path, out: &Path, name: &str, tag: &str) 
         let _ = std::fs::remove_file(&tmp);
         w(e)
     })?;
-    Ok(ImageArchive { path: out.to_owned(), reference: format!("localhost/{name}:{tag}"), image_id: config_digest })
+    Ok(ImageArchive {
+        path: out.to_owned(),
+        reference: format!("localhost/{name}:{tag}"),
+        image_id: config_digest,
+    })
 }
 
 #[cfg(test)]
@@ -170,14 +203,33 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let a = build_busybox_archive(Path::new(DEFAULT_BUSYBOX), &dir.path().join("a.tar"), "bb", "1").unwrap();
-        let b = build_busybox_archive(Path::new(DEFAULT_BUSYBOX), &dir.path().join("b.tar"), "bb", "1").unwrap();
-        let (da, db) = (std::fs::read(&a.path).unwrap(), std::fs::read(&b.path).unwrap());
+        let a = build_busybox_archive(
+            Path::new(DEFAULT_BUSYBOX),
+            &dir.path().join("a.tar"),
+            "bb",
+            "1",
+        )
+        .unwrap();
+        let b = build_busybox_archive(
+            Path::new(DEFAULT_BUSYBOX),
+            &dir.path().join("b.tar"),
+            "bb",
+            "1",
+        )
+        .unwrap();
+        let (da, db) = (
+            std::fs::read(&a.path).unwrap(),
+            std::fs::read(&b.path).unwrap(),
+        );
         assert_eq!(da, db);
         assert_eq!(da.len() % 512, 0);
         assert_eq!(a.reference, "localhost/bb:1");
         let mut ar = tar::Archive::new(&da[..]);
-        let names: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
         assert!(names.contains(&"index.json".to_string()));
         assert!(names.contains(&format!("blobs/sha256/{}", a.image_id)));
     }

@@ -56,23 +56,43 @@ fn build_assets() -> Result<Assets, String> {
         "FCVM_TEST_ROOTFS is not set: build a guest rootfs (see crates/fcvm-sandbox-vmm/README.md) and point it there",
     )?;
     if !rootfs.exists() {
-        return Err(format!("FCVM_TEST_ROOTFS={} does not exist", rootfs.display()));
+        return Err(format!(
+            "FCVM_TEST_ROOTFS={} does not exist",
+            rootfs.display()
+        ));
     }
     if !Path::new(DEFAULT_BUSYBOX).exists() {
-        return Err(format!("{DEFAULT_BUSYBOX} missing (apt-get install busybox-static)"));
+        return Err(format!(
+            "{DEFAULT_BUSYBOX} missing (apt-get install busybox-static)"
+        ));
     }
     let agent = agent_binary()?;
     let dir = std::env::temp_dir().join(format!("fcvm-sbx-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&agent).map_err(|e| format!("{}: {e}", agent.display()))?;
     let initrd = dir.join("initrd.cpio");
-    let cpio = fcvm_proto::initrd::write_newc(&[fcvm_proto::initrd::Entry::File { name: "init", mode: 0o755, data: &bytes }]);
+    let cpio = fcvm_proto::initrd::write_newc(&[fcvm_proto::initrd::Entry::File {
+        name: "init",
+        mode: 0o755,
+        data: &bytes,
+    }]);
     std::fs::write(&initrd, cpio).map_err(|e| e.to_string())?;
     let kernel = dir.join("vmlinux-unused");
     std::fs::write(&kernel, b"").map_err(|e| e.to_string())?;
-    let image = build_busybox_archive(Path::new(DEFAULT_BUSYBOX), &dir.join("busybox.oci.tar"), "fcvm-test-busybox", "1")
-        .map_err(|e| e.to_string())?;
-    Ok(Assets { dir, initrd, kernel, rootfs, image })
+    let image = build_busybox_archive(
+        Path::new(DEFAULT_BUSYBOX),
+        &dir.join("busybox.oci.tar"),
+        "fcvm-test-busybox",
+        "1",
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Assets {
+        dir,
+        initrd,
+        kernel,
+        rootfs,
+        image,
+    })
 }
 
 /// `FCVM_AGENT_BIN`, or a static release build of fc-agent made now (gnu target, crt-static).
@@ -81,14 +101,25 @@ fn agent_binary() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(p));
     }
     let target_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agent-static");
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("agent-static")).unwrap_or(target_dir);
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "fc-agent", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .map_err(|e| format!("cannot run cargo to build fc-agent: {e}"))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| PathBuf::from(d).join("agent-static"))
+        .unwrap_or(target_dir);
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "fc-agent",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "--target-dir",
+            ])
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map_err(|e| format!("cannot run cargo to build fc-agent: {e}"))?;
     if !status.success() {
         return Err("building fc-agent failed".into());
     }
@@ -103,12 +134,22 @@ pub async fn wait_for_api(sock: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("the VMM API socket {} never accepted connections", sock.display());
+    panic!(
+        "the VMM API socket {} never accepted connections",
+        sock.display()
+    );
 }
 
 /// Minimal HTTP/1.1 request over the API socket; returns (status, body).
-pub async fn api(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).await.expect("connect to the API socket");
+pub async fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let mut s = UnixStream::connect(sock)
+        .await
+        .expect("connect to the API socket");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -119,7 +160,11 @@ pub async fn api(sock: &Path, method: &str, path: &str, body: Option<serde_json:
     s.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (code, body.to_owned())
 }
 
@@ -149,9 +194,17 @@ pub struct RunResult {
 impl Vm {
     /// Configures a VMM and starts the plan. `plan.image` should be the test archive.
     pub async fn boot(a: &Assets, plan: &Plan) -> Vm {
-        let dir = tempfile::Builder::new().prefix("fcvm-sbx-").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("fcvm-sbx-")
+            .tempdir_in("/tmp")
+            .unwrap();
         let rootfs = dir.path().join("rootfs.ext4");
-        let st = std::process::Command::new("cp").arg("--sparse=always").arg(&a.rootfs).arg(&rootfs).status().unwrap();
+        let st = std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&a.rootfs)
+            .arg(&rootfs)
+            .status()
+            .unwrap();
         assert!(st.success(), "copying the rootfs failed");
         let api_sock = dir.path().join("api.sock");
         let uds = dir.path().join("v.sock");
@@ -177,10 +230,13 @@ impl Vm {
         // Host-side listeners must exist before the guest connects.
         let status_l = UnixListener::bind(host_listener_path(&uds, STATUS_PORT)).unwrap();
         let output_l = UnixListener::bind(host_listener_path(&uds, OUTPUT_PORT)).unwrap();
-        let input_l = (plan.interactive || plan.tty).then(|| UnixListener::bind(host_listener_path(&uds, INPUT_PORT)).unwrap());
+        let input_l = (plan.interactive || plan.tty)
+            .then(|| UnixListener::bind(host_listener_path(&uds, INPUT_PORT)).unwrap());
         let (tx, status) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let Ok((s, _)) = status_l.accept().await else { return };
+            let Ok((s, _)) = status_l.accept().await else {
+                return;
+            };
             let mut lines = tokio::io::BufReader::new(s);
             let mut line = String::new();
             use tokio::io::AsyncBufReadExt;
@@ -193,7 +249,9 @@ impl Vm {
         });
         let output = tokio::spawn(async move {
             let (mut o, mut e) = (Vec::new(), Vec::new());
-            let Ok((mut s, _)) = output_l.accept().await else { return (o, e) };
+            let Ok((mut s, _)) = output_l.accept().await else {
+                return (o, e);
+            };
             while let Ok(Some(f)) = read_frame(&mut s).await {
                 match f {
                     Frame::Stdout(b) => o.extend(b),
@@ -207,24 +265,85 @@ impl Vm {
 
         let ok = |r: (u16, String), what: &str| assert_eq!(r.0, 204, "{what}: {}", r.1);
         let p = |x: &Path| x.display().to_string();
-        ok(api(&api_sock, "PUT", "/boot-source", Some(serde_json::json!({
+        ok(
+            api(
+                &api_sock,
+                "PUT",
+                "/boot-source",
+                Some(serde_json::json!({
             "kernel_image_path": p(&a.kernel), "initrd_path": p(&a.initrd),
-            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw fcvm.debug=1"}))).await, "boot-source");
-        ok(api(&api_sock, "PUT", "/machine-config", Some(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 512}))).await, "machine-config");
+            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw fcvm.debug=1"})),
+            )
+            .await,
+            "boot-source",
+        );
+        ok(
+            api(
+                &api_sock,
+                "PUT",
+                "/machine-config",
+                Some(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 512})),
+            )
+            .await,
+            "machine-config",
+        );
         ok(api(&api_sock, "PUT", "/drives/rootfs", Some(serde_json::json!({
             "drive_id": "rootfs", "path_on_host": p(&rootfs), "is_root_device": true, "is_read_only": false}))).await, "root drive");
         ok(api(&api_sock, "PUT", "/drives/image", Some(serde_json::json!({
             "drive_id": "image", "path_on_host": p(&a.image.path), "is_root_device": false, "is_read_only": true}))).await, "image drive");
-        ok(api(&api_sock, "PUT", "/vsock", Some(serde_json::json!({"guest_cid": 3, "uds_path": p(&uds)}))).await, "vsock");
-        ok(api(&api_sock, "PUT", "/mmds/config", Some(serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]}))).await, "mmds config");
-        ok(api(&api_sock, "PUT", "/mmds", Some(plan.mmds_document())).await, "mmds");
-        ok(api(&api_sock, "PUT", "/actions", Some(serde_json::json!({"action_type": "InstanceStart"}))).await, "InstanceStart");
-        Vm { dir, api_sock, uds, vmm, vmm_pid, status, output: Some(output), input, console }
+        ok(
+            api(
+                &api_sock,
+                "PUT",
+                "/vsock",
+                Some(serde_json::json!({"guest_cid": 3, "uds_path": p(&uds)})),
+            )
+            .await,
+            "vsock",
+        );
+        ok(
+            api(
+                &api_sock,
+                "PUT",
+                "/mmds/config",
+                Some(serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]})),
+            )
+            .await,
+            "mmds config",
+        );
+        ok(
+            api(&api_sock, "PUT", "/mmds", Some(plan.mmds_document())).await,
+            "mmds",
+        );
+        ok(
+            api(
+                &api_sock,
+                "PUT",
+                "/actions",
+                Some(serde_json::json!({"action_type": "InstanceStart"})),
+            )
+            .await,
+            "InstanceStart",
+        );
+        Vm {
+            dir,
+            api_sock,
+            uds,
+            vmm,
+            vmm_pid,
+            status,
+            output: Some(output),
+            input,
+            console,
+        }
     }
 
     /// Waits for a status message.
     pub async fn next_status(&mut self, timeout: Duration) -> Option<Status> {
-        tokio::time::timeout(timeout, self.status.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, self.status.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Waits for `ready`, failing with the console output otherwise.
@@ -238,17 +357,26 @@ impl Vm {
     /// The connection for `-i`/`-t` input.
     pub async fn input_conn(&mut self) -> UnixStream {
         let h = self.input.take().expect("plan without -i/-t");
-        tokio::time::timeout(Duration::from_secs(60), h).await.expect("agent connects to the input port").unwrap()
+        tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .expect("agent connects to the input port")
+            .unwrap()
     }
 
     /// Opens an exec connection (`CONNECT 4998`) and sends the request.
     pub async fn exec(&self, req: fcvm_proto::exec::ExecRequest) -> UnixStream {
         let mut s = UnixStream::connect(&self.uds).await.unwrap();
-        s.write_all(fcvm_proto::vsock::connect_line(EXEC_PORT).as_bytes()).await.unwrap();
+        s.write_all(fcvm_proto::vsock::connect_line(EXEC_PORT).as_bytes())
+            .await
+            .unwrap();
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while b[0] != b'\n' {
-            assert_eq!(s.read(&mut b).await.unwrap(), 1, "VMM closed the CONNECT without OK");
+            assert_eq!(
+                s.read(&mut b).await.unwrap(),
+                1,
+                "VMM closed the CONNECT without OK"
+            );
             line.push(b[0]);
         }
         fcvm_proto::vsock::parse_ok_line(&String::from_utf8_lossy(&line)).unwrap();
@@ -270,12 +398,24 @@ impl Vm {
             }
         }
         let (o, e) = match self.output.take() {
-            Some(h) => tokio::time::timeout(Duration::from_secs(30), h).await.ok().and_then(|r| r.ok()).unwrap_or_default(),
+            Some(h) => tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default(),
             None => Default::default(),
         };
         let st = tokio::time::timeout(Duration::from_secs(60), self.vmm.wait()).await;
-        let console = tokio::time::timeout(Duration::from_secs(5), self.console).await.ok().and_then(|r| r.ok()).unwrap_or_default();
-        let st = st.unwrap_or_else(|_| panic!("VMM did not exit after the guest ended; console:\n{console}")).unwrap();
+        let console = tokio::time::timeout(Duration::from_secs(5), self.console)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let st = st
+            .unwrap_or_else(|_| {
+                panic!("VMM did not exit after the guest ended; console:\n{console}")
+            })
+            .unwrap();
         assert_eq!(st.code(), Some(0), "VMM exit status; console:\n{console}");
         assert_nothing_left(self.vmm_pid, self.dir.path()).await;
         RunResult {
@@ -290,6 +430,12 @@ impl Vm {
 
 /// Asserts that a finished VMM left no processes, cgroups, loop devices or files behind.
 pub async fn assert_nothing_left(vmm_pid: u32, dir: &Path) {
+    assert_left(vmm_pid, dir, true).await
+}
+
+/// Like [`assert_nothing_left`]; `cgroups: false` skips the cgroup directories (a SIGKILLed VMM
+/// cannot remove them; the next VMM start collects them).
+pub async fn assert_left(vmm_pid: u32, dir: &Path, cgroups: bool) {
     let tag = format!("{}{vmm_pid}-", fcvm_sandbox_vmm::cgroup::PREFIX);
     let mut last = String::new();
     for _ in 0..500 {
@@ -298,24 +444,45 @@ pub async fn assert_nothing_left(vmm_pid: u32, dir: &Path) {
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
             if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
                 if cg.contains(&tag) {
-                    last.push_str(&format!("process {} still in {tag}\n", e.file_name().to_string_lossy()));
+                    last.push_str(&format!(
+                        "process {} still in {tag}\n",
+                        e.file_name().to_string_lossy()
+                    ));
                 }
             }
         }
         // Cgroup directories.
-        let out = std::process::Command::new("find").args(["/sys/fs/cgroup", "-maxdepth", "4", "-name"]).arg(format!("{tag}*")).output().unwrap();
-        if !out.stdout.is_empty() {
-            last.push_str(&format!("cgroups left: {}", String::from_utf8_lossy(&out.stdout)));
+        let out = std::process::Command::new("find")
+            .args(["/sys/fs/cgroup", "-maxdepth", "4", "-name"])
+            .arg(format!("{tag}*"))
+            .output()
+            .unwrap();
+        if cgroups && !out.stdout.is_empty() {
+            last.push_str(&format!(
+                "cgroups left: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
         }
         // Loop devices backed by files of this VM.
         for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
             if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
                 if b.trim().starts_with(&dir.display().to_string()) {
-                    last.push_str(&format!("loop device {} still backed by {}\n", e.file_name().to_string_lossy(), b.trim()));
+                    last.push_str(&format!(
+                        "loop device {} still backed by {}\n",
+                        e.file_name().to_string_lossy(),
+                        b.trim()
+                    ));
                 }
             }
         }
-        if Path::new(&format!("/tmp/fcvm-sandbox-{vmm_pid}")).exists() {
+        if cgroups
+            && std::env::temp_dir()
+                .join(format!(
+                    "{}{vmm_pid}",
+                    fcvm_sandbox_vmm::vmm::WORKDIR_PREFIX
+                ))
+                .exists()
+        {
             last.push_str("sandbox work dir left\n");
         }
         if last.is_empty() {
@@ -330,11 +497,23 @@ pub async fn assert_nothing_left(vmm_pid: u32, dir: &Path) {
 pub async fn collect_exec(s: &mut UnixStream) -> (String, String, i32) {
     let (mut o, mut e) = (Vec::new(), Vec::new());
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), read_frame(s)).await.expect("exec timed out") {
+        match tokio::time::timeout(Duration::from_secs(20), read_frame(s))
+            .await
+            .expect("exec timed out")
+        {
             Ok(Some(Frame::Stdout(b))) => o.extend(b),
             Ok(Some(Frame::Stderr(b))) => e.extend(b),
-            Ok(Some(Frame::Exit(c))) => return (String::from_utf8_lossy(&o).into(), String::from_utf8_lossy(&e).into(), c),
-            other => panic!("unexpected exec frame {other:?}; stdout so far {:?}", String::from_utf8_lossy(&o)),
+            Ok(Some(Frame::Exit(c))) => {
+                return (
+                    String::from_utf8_lossy(&o).into(),
+                    String::from_utf8_lossy(&e).into(),
+                    c,
+                )
+            }
+            other => panic!(
+                "unexpected exec frame {other:?}; stdout so far {:?}",
+                String::from_utf8_lossy(&o)
+            ),
         }
     }
 }

@@ -53,7 +53,10 @@ pub fn find_agent_binary() -> Result<PathBuf, InitrdError> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|_| InitrdError::AgentNotFound)?;
-    let candidate = exe.parent().map(|d| d.join(AGENT_FILE_NAME)).ok_or(InitrdError::AgentNotFound)?;
+    let candidate = exe
+        .parent()
+        .map(|d| d.join(AGENT_FILE_NAME))
+        .ok_or(InitrdError::AgentNotFound)?;
     if candidate.is_file() {
         return Ok(candidate);
     }
@@ -64,13 +67,25 @@ pub fn find_agent_binary() -> Result<PathBuf, InitrdError> {
 pub fn is_static_elf(elf: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     // ELF magic, 64-bit, little endian, machine x86_64 (62).
-    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) || u16_at(18) != Some(62) {
+    if elf.get(..4) != Some(b"\x7fELF")
+        || elf.get(4) != Some(&2)
+        || elf.get(5) != Some(&1)
+        || u16_at(18) != Some(62)
+    {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     (0..phnum as usize).all(|i| {
@@ -83,11 +98,27 @@ pub fn is_static_elf(elf: &[u8]) -> bool {
 pub fn initrd_bytes(agent: &[u8]) -> Vec<u8> {
     use fcvm_proto::initrd::{write_newc, Entry};
     write_newc(&[
-        Entry::Dir { name: "dev", mode: 0o755 },
-        Entry::Dir { name: "proc", mode: 0o755 },
-        Entry::Dir { name: "sys", mode: 0o755 },
-        Entry::Dir { name: "newroot", mode: 0o755 },
-        Entry::File { name: "init", mode: 0o755, data: agent },
+        Entry::Dir {
+            name: "dev",
+            mode: 0o755,
+        },
+        Entry::Dir {
+            name: "proc",
+            mode: 0o755,
+        },
+        Entry::Dir {
+            name: "sys",
+            mode: 0o755,
+        },
+        Entry::Dir {
+            name: "newroot",
+            mode: 0o755,
+        },
+        Entry::File {
+            name: "init",
+            mode: 0o755,
+            data: agent,
+        },
     ])
 }
 
@@ -117,7 +148,11 @@ pub fn ensure_initrd(paths: &Paths, agent: &Path) -> Result<AgentInitrd, InitrdE
     let werr = |e| InitrdError::Write(path.clone(), e);
     // Same directory, so the rename is atomic; a per-process name so concurrent builders do
     // not write into each other's file (they produce identical bytes, either rename wins).
-    let tmp = dir.join(format!(".fc-agent-{}.cpio.tmp.{}", &digest[..16], std::process::id()));
+    let tmp = dir.join(format!(
+        ".fc-agent-{}.cpio.tmp.{}",
+        &digest[..16],
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(&initrd_bytes(&bytes))?;
@@ -159,7 +194,10 @@ mod tests {
         truncated.truncate(66); // inside the program header
         assert!(!is_static_elf(&truncated));
         if let Ok(sh) = fs::read("/bin/sh") {
-            assert!(!is_static_elf(&sh), "/bin/sh is dynamically linked on Debian");
+            assert!(
+                !is_static_elf(&sh),
+                "/bin/sh is dynamically linked on Debian"
+            );
         }
     }
 
@@ -171,10 +209,17 @@ mod tests {
         fs::write(&agent, fake_elf(false)).unwrap();
         let a = ensure_initrd(&paths, &agent).unwrap();
         let data = fs::read(&a.path).unwrap();
-        assert_eq!(fcvm_proto::initrd::find_file(&data, "init").unwrap(), Some(&fake_elf(false)[..]));
+        assert_eq!(
+            fcvm_proto::initrd::find_file(&data, "init").unwrap(),
+            Some(&fake_elf(false)[..])
+        );
         let mtime = fs::metadata(&a.path).unwrap().modified().unwrap();
         assert_eq!(ensure_initrd(&paths, &agent).unwrap(), a);
-        assert_eq!(fs::metadata(&a.path).unwrap().modified().unwrap(), mtime, "not rebuilt");
+        assert_eq!(
+            fs::metadata(&a.path).unwrap().modified().unwrap(),
+            mtime,
+            "not rebuilt"
+        );
         // A different agent gets a different file; nothing else is left in the directory.
         let mut other = fake_elf(false);
         other.push(0);
@@ -189,7 +234,10 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let agent = base.path().join("fc-agent");
         fs::write(&agent, fake_elf(true)).unwrap();
-        assert!(matches!(ensure_initrd(&Paths::new(base.path()), &agent), Err(InitrdError::NotStatic(_))));
+        assert!(matches!(
+            ensure_initrd(&Paths::new(base.path()), &agent),
+            Err(InitrdError::NotStatic(_))
+        ));
         assert!(!Paths::new(base.path()).initrd_dir().exists());
     }
 }
