@@ -179,6 +179,7 @@ pub struct Vm {
     pub output: Option<tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>>,
     pub input: Option<tokio::task::JoinHandle<UnixStream>>,
     pub console: tokio::task::JoinHandle<String>,
+    pub started: std::time::Instant,
 }
 
 /// What the VM produced.
@@ -208,6 +209,7 @@ impl Vm {
         assert!(st.success(), "copying the rootfs failed");
         let api_sock = dir.path().join("api.sock");
         let uds = dir.path().join("v.sock");
+        let started = std::time::Instant::now();
         let mut vmm = Command::new(env!("CARGO_BIN_EXE_fcvm-sandbox-vmm"))
             .arg("--api-sock")
             .arg(&api_sock)
@@ -335,6 +337,7 @@ impl Vm {
             output: Some(output),
             input,
             console,
+            started,
         }
     }
 
@@ -417,6 +420,12 @@ impl Vm {
             })
             .unwrap();
         assert_eq!(st.code(), Some(0), "VMM exit status; console:\n{console}");
+        if std::env::var_os("FCVM_TEST_SHOW_CONSOLE").is_some() {
+            eprintln!(
+                "--- console ({:?} from VMM start to exit) ---\n{console}",
+                self.started.elapsed()
+            );
+        }
         assert_nothing_left(self.vmm_pid, self.dir.path()).await;
         RunResult {
             stdout: String::from_utf8_lossy(&o).into_owned(),
