@@ -67,16 +67,20 @@ fn build_assets() -> Result<Assets, String> {
         ));
     }
     let agent = agent_binary()?;
-    let dir = std::env::temp_dir().join(format!("fcvm-sbx-test-{}", std::process::id()));
+    // Build outputs, not per-run scratch: kept in cargo's test tmpdir and reused; every file
+    // is written under a temporary name and renamed, so parallel test binaries never clash.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sandbox-assets");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&agent).map_err(|e| format!("{}: {e}", agent.display()))?;
-    let initrd = dir.join("initrd.cpio");
     let cpio = fcvm_proto::initrd::write_newc(&[fcvm_proto::initrd::Entry::File {
         name: "init",
         mode: 0o755,
         data: &bytes,
     }]);
-    std::fs::write(&initrd, cpio).map_err(|e| e.to_string())?;
+    let initrd = dir.join("initrd.cpio");
+    let tmp = dir.join(format!("initrd.cpio.tmp.{}", std::process::id()));
+    std::fs::write(&tmp, cpio).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &initrd).map_err(|e| e.to_string())?;
     let kernel = dir.join("vmlinux-unused");
     std::fs::write(&kernel, b"").map_err(|e| e.to_string())?;
     let image = build_busybox_archive(
