@@ -297,8 +297,8 @@ impl RootfsRecipe {
             "--variant=essential",
             "--format=directory",
             "--components=main",
-            // Documentation, manuals and translations are a fifth of the tree and nobody
-            // reads them inside a microVM; copyright files stay.
+            // Nobody reads manuals, documentation or translations inside a microVM; leaving
+            // them out saves about 60 MB per image. Copyright files stay.
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/info/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
