@@ -33,6 +33,11 @@ pub struct ProbeArgs {
     /// Pages verified per tick, as a rolling window; 0 means the whole
     /// region (`probe.verify_pages`, default 0).
     pub verify_pages: u64,
+    /// Crash on purpose right after printing this tick: ring 3 writes to a
+    /// supervisor-only page, so the guest prints `FAULT vector=14` and
+    /// resets; 0 means never (`probe.fault_after`). For testing how the host
+    /// copes with a crashing guest.
+    pub fault_after: u64,
 }
 
 impl Default for ProbeArgs {
@@ -44,21 +49,23 @@ impl Default for ProbeArgs {
             dirty_pages: 0,
             exit_after: 0,
             verify_pages: 0,
+            fault_after: 0,
         }
     }
 }
 
-const KEYS: [&str; 6] = [
+const KEYS: [&str; 7] = [
     "mem_mib",
     "seed",
     "tick_ms",
     "dirty_pages",
     "exit_after",
     "verify_pages",
+    "fault_after",
 ];
 
 impl ProbeArgs {
-    fn values(&self) -> [u64; 6] {
+    fn values(&self) -> [u64; 7] {
         [
             self.mem_mib,
             self.seed,
@@ -66,6 +73,7 @@ impl ProbeArgs {
             self.dirty_pages,
             self.exit_after,
             self.verify_pages,
+            self.fault_after,
         ]
     }
 
@@ -77,13 +85,15 @@ impl ProbeArgs {
             "dirty_pages" => &mut self.dirty_pages,
             "exit_after" => &mut self.exit_after,
             "verify_pages" => &mut self.verify_pages,
+            "fault_after" => &mut self.fault_after,
             _ => return None,
         })
     }
 
     /// Renders every parameter as the kernel command line fragment the guest
     /// reads, e.g. `probe.mem_mib=32 probe.seed=1 probe.tick_ms=200
-    /// probe.dirty_pages=0 probe.exit_after=0 probe.verify_pages=0`.
+    /// probe.dirty_pages=0 probe.exit_after=0 probe.verify_pages=0
+    /// probe.fault_after=0`.
     /// Append it to (or use it as) Firecracker's `boot_args`.
     pub fn to_boot_args(&self) -> String {
         self.to_string()
@@ -138,11 +148,12 @@ mod tests {
             dirty_pages: 7,
             exit_after: 3,
             verify_pages: 1024,
+            fault_after: 9,
         };
         assert_eq!(
             args.to_boot_args(),
             "probe.mem_mib=64 probe.seed=18446744073709551615 probe.tick_ms=50 \
-             probe.dirty_pages=7 probe.exit_after=3 probe.verify_pages=1024"
+             probe.dirty_pages=7 probe.exit_after=3 probe.verify_pages=1024 probe.fault_after=9"
         );
     }
 
@@ -151,7 +162,7 @@ mod tests {
         assert_eq!(
             ProbeArgs::default().to_boot_args(),
             "probe.mem_mib=32 probe.seed=1 probe.tick_ms=200 \
-             probe.dirty_pages=0 probe.exit_after=0 probe.verify_pages=0"
+             probe.dirty_pages=0 probe.exit_after=0 probe.verify_pages=0 probe.fault_after=0"
         );
     }
 
@@ -164,6 +175,7 @@ mod tests {
             dirty_pages: 1,
             exit_after: 0,
             verify_pages: 5,
+            fault_after: 2,
         };
         let cmdline = format!(
             "reboot=k panic=1 pci=off {} virtio_mmio.device=4K@0xd0000000:5",

@@ -7,7 +7,7 @@
 //! exactly 16 lowercase hex digits.
 //!
 //! ```text
-//! PROBE BANNER boot_id=<hex16> mem_mib=<n> seed=<n> tick_ms=<n> dirty_pages=<n> ram_mib=<n> exit_after=<n> verify_pages=<n> requested_mib=<n> avail_mib=<n> id_source=<rdrand|rdtsc>
+//! PROBE BANNER boot_id=<hex16> mem_mib=<n> seed=<n> tick_ms=<n> dirty_pages=<n> ram_mib=<n> exit_after=<n> verify_pages=<n> requested_mib=<n> avail_mib=<n> fault_after=<n> id_source=<rdrand|rdtsc>
 //! PROBE FILLED pages=<n> checksum=<hex16> ms=<n>
 //! PROBE TICK n=<n> gen=<n> verified=<n> bad=<n> checksum=<hex16>
 //! PROBE ERROR page=<n> expected=<hex16> found=<hex16> word=<n>
@@ -31,7 +31,8 @@
 //!   3..=511 pattern) with the value it should have and the one found.
 //! * FAULT reports a CPU exception (or unexpected interrupt vector) with the
 //!   frame's error code (0 if the CPU pushes none), rip and cr2; the guest
-//!   then resets, so Firecracker exits 0 right after it.
+//!   then resets, so Firecracker exits 0 right after it. `probe.fault_after`
+//!   provokes one on purpose (vector 14, error 7, cr2 0x100000).
 //! * SHUTDOWN is the last line before a deliberate reset; `n` is the last
 //!   tick started.
 //!
@@ -88,6 +89,8 @@ pub struct Banner {
     pub requested_mib: u64,
     /// Whole MiB of RAM usable for the fill.
     pub avail_mib: u64,
+    /// Tick after which the guest crashes on purpose; 0 means never.
+    pub fault_after: u64,
     /// Where the boot id came from.
     pub id_source: IdSource,
 }
@@ -317,6 +320,7 @@ impl ProbeLine {
                     verify_pages: f.dec("verify_pages")?,
                     requested_mib: f.dec("requested_mib")?,
                     avail_mib: f.dec("avail_mib")?,
+                    fault_after: f.dec("fault_after")?,
                     id_source,
                 })
             }
@@ -422,7 +426,7 @@ impl fmt::Display for ProbeLine {
             Self::Banner(b) => write!(
                 f,
                 "BANNER boot_id={:016x} mem_mib={} seed={} tick_ms={} dirty_pages={} ram_mib={} \
-                 exit_after={} verify_pages={} requested_mib={} avail_mib={} id_source={}",
+                 exit_after={} verify_pages={} requested_mib={} avail_mib={} fault_after={} id_source={}",
                 b.boot_id,
                 b.mem_mib,
                 b.seed,
@@ -433,6 +437,7 @@ impl fmt::Display for ProbeLine {
                 b.verify_pages,
                 b.requested_mib,
                 b.avail_mib,
+                b.fault_after,
                 b.id_source
             ),
             Self::Filled(x) => write!(
@@ -467,7 +472,7 @@ mod tests {
     // Lines as the guest printed them under Firecracker v1.12.1.
     const BANNER: &str = "PROBE BANNER boot_id=aa195a8674fb05c2 mem_mib=64 seed=1 tick_ms=100 \
         dirty_pages=3 ram_mib=128 exit_after=5 verify_pages=16384 requested_mib=64 \
-        avail_mib=126 id_source=rdrand";
+        avail_mib=126 fault_after=0 id_source=rdrand";
 
     #[test]
     fn parses_a_banner() {
@@ -488,6 +493,7 @@ mod tests {
                 verify_pages: 16384,
                 requested_mib: 64,
                 avail_mib: 126,
+                fault_after: 0,
                 id_source: IdSource::Rdrand,
             }
         );

@@ -703,6 +703,15 @@ user_entry:
         mov     [u_checksum], rax
         call    print_tick
 
+        // probe.fault_after: crash on purpose (a ring-3 write to the
+        // supervisor-only kernel window) so hosts can test guest faults.
+        mov     rax, [u_fault_after]
+        test    rax, rax
+        jz      2f
+        cmp     [u_tick], rax
+        jb      2f
+        mov     QWORD PTR [KERNEL_BASE], rax
+2:
         mov     rax, [u_exit_after]
         test    rax, rax
         jz      .Ltick_loop
@@ -1238,6 +1247,9 @@ print_banner:
         lea     rdi, [u_s_avail]
         mov     rsi, [u_avail_mib]
         call    ln_kdec
+        lea     rdi, [u_s_fault_after]
+        mov     rsi, [u_fault_after]
+        call    ln_kdec
         lea     rdi, [u_s_id_src]
         call    ln_str
         lea     rdi, [u_s_rdtsc]
@@ -1374,6 +1386,7 @@ u_tick_ms:      .quad 200
 u_dirty:        .quad 0
 u_exit_after:   .quad 0
 u_verify:       .quad 0
+u_fault_after:  .quad 0
 
 // Key prefix -> destination.
 u_keytab:
@@ -1383,6 +1396,7 @@ u_keytab:
         .quad   u_k_dirty, u_dirty
         .quad   u_k_exit, u_exit_after
         .quad   u_k_verify, u_verify
+        .quad   u_k_fault, u_fault_after
         .quad   0, 0
 
 u_k_mem:        .asciz "probe.mem_mib="
@@ -1391,6 +1405,7 @@ u_k_tick:       .asciz "probe.tick_ms="
 u_k_dirty:      .asciz "probe.dirty_pages="
 u_k_exit:       .asciz "probe.exit_after="
 u_k_verify:     .asciz "probe.verify_pages="
+u_k_fault:      .asciz "probe.fault_after="
 
 u_s_banner:     .asciz "PROBE BANNER boot_id="
 u_s_mem_mib:    .asciz " mem_mib="
@@ -1402,6 +1417,7 @@ u_s_exit_after: .asciz " exit_after="
 u_s_verify:     .asciz " verify_pages="
 u_s_requested:  .asciz " requested_mib="
 u_s_avail:      .asciz " avail_mib="
+u_s_fault_after: .asciz " fault_after="
 u_s_id_src:     .asciz " id_source="
 u_s_rdrand:     .asciz "rdrand"
 u_s_rdtsc:      .asciz "rdtsc"

@@ -188,6 +188,21 @@ impl Vm {
         }
     }
 
+    /// Probe lines that arrive until the serial output has been quiet for
+    /// `quiet` (for instance everything a paused VM printed before pausing).
+    pub fn drain(&mut self, quiet: Duration) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        while let Ok((at, text)) = self.lines.recv_timeout(quiet) {
+            self.transcript.push(text.clone());
+            match ProbeLine::parse(&text) {
+                Ok(Some(line)) => seen.push(Seen { at, line }),
+                Ok(None) => {}
+                Err(e) => self.fail(&format!("malformed probe line {text:?}: {e}")),
+            }
+        }
+        seen
+    }
+
     /// Skips lines until `pick` accepts one.
     pub fn until<T>(
         &mut self,
@@ -215,6 +230,11 @@ impl Vm {
                 Err(e) => self.fail(&format!("waiting for firecracker: {e}")),
             }
         }
+    }
+
+    /// Firecracker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the process now but keeps the directory (and its snapshots).
