@@ -16,22 +16,16 @@ use fcvm_probe::output::ProbeLine;
 use fcvm_probe::ProbeArgs;
 
 /// The Firecracker binary from `FCVM_FIRECRACKER_BIN`, or `None` after a
-/// loud SKIPPED notice when it is unset or missing.
+/// loud SKIPPED notice when it is unset or missing. The notice goes straight
+/// to the stderr handle: libtest's capture only swallows `eprintln!`.
 pub fn firecracker_bin(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("FCVM_FIRECRACKER_BIN").map(PathBuf::from) {
-        Some(path) if path.is_file() => Some(path),
-        Some(path) => {
-            eprintln!(
-                "SKIPPED: {test}: FCVM_FIRECRACKER_BIN={} is not a file",
-                path.display()
-            );
-            None
-        }
-        None => {
-            eprintln!("SKIPPED: {test}: FCVM_FIRECRACKER_BIN is not set (needs a real Firecracker v1.12.1)");
-            None
-        }
-    }
+    let why = match std::env::var_os("FCVM_FIRECRACKER_BIN").map(PathBuf::from) {
+        Some(path) if path.is_file() => return Some(path),
+        Some(path) => format!("FCVM_FIRECRACKER_BIN={} is not a file", path.display()),
+        None => "FCVM_FIRECRACKER_BIN is not set (needs a real Firecracker v1.12.1)".to_owned(),
+    };
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+    None
 }
 
 /// One serial line and when the host read it.
