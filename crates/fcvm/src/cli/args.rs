@@ -34,6 +34,17 @@ pub enum Command {
     Stop(StopArgs),
     /// List VMs.
     Ls(LsArgs),
+    /// Containers in microVMs (`fcvm podman run`).
+    #[command(subcommand)]
+    Podman(super::podman::PodmanCommand),
+    /// Run a command in a container VM (or in the VM itself with --vm).
+    Exec(super::podman::ExecArgs),
+    /// Create, serve and clone snapshots.
+    #[command(subcommand)]
+    Snapshot(super::snapshot::SnapshotCommand),
+    /// List and remove snapshots.
+    #[command(subcommand)]
+    Snapshots(super::snapshot::SnapshotsCommand),
 }
 
 /// `fcvm setup`.

@@ -1,6 +1,8 @@
 //! The `fcvm` command line: parse, dispatch to `commands`, print. `anyhow` lives here only.
 
 pub mod args;
+pub mod podman;
+pub mod snapshot;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,6 +30,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => cmd_run(&paths, a).await,
         Command::Stop(a) => cmd_stop(&paths, a).await,
         Command::Ls(a) => cmd_ls(&paths, a),
+        Command::Podman(c) => podman::podman(&paths, c).await,
+        Command::Exec(a) => podman::exec(&paths, a).await,
+        Command::Snapshot(c) => snapshot::snapshot(&paths, c).await,
+        Command::Snapshots(c) => snapshot::snapshots(&paths, c).await,
     }
 }
 
