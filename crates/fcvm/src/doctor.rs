@@ -199,7 +199,7 @@ fn check_reflink(paths: &Paths) -> Check {
     } else {
         std::env::temp_dir()
     };
-    match crate::storage_probe::supports_reflink(&probe_dir) {
+    match crate::storage::supports_reflink(&probe_dir) {
         Ok(true) => item(
             "reflink",
             Level::Ok,

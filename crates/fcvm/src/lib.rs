@@ -11,5 +11,5 @@ pub mod paths;
 pub mod process;
 pub mod setup;
 pub mod state;
-pub mod storage_probe;
+pub mod storage;
 pub mod vm;
