@@ -13,3 +13,4 @@ pub mod setup;
 pub mod state;
 pub mod storage;
 pub mod vm;
+pub mod vsock;

@@ -62,6 +62,12 @@ pub enum SetupStep {
     Firecracker,
     /// Write the built-in probe guest kernel.
     Probe,
+    /// Pack the static fc-agent binary into the agent initrd.
+    Agent,
+    /// Build the guest root filesystem (Debian + podman; needs root and mmdebstrap).
+    Rootfs,
+    /// Build the guest kernel from Debian's linux-source (slow; for hosts with real KVM).
+    Kernel,
 }
 
 /// `fcvm doctor`.

@@ -81,6 +81,28 @@ fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
         let path = setup::probe::ensure(paths).context("writing the probe kernel")?;
         eprintln!("probe kernel {}", path.display());
     }
+    if all || matches!(step, Some(SetupStep::Agent)) {
+        let agent = setup::initrd::find_agent_binary()?;
+        let initrd =
+            setup::initrd::ensure_initrd(paths, &agent).context("packing the agent initrd")?;
+        eprintln!(
+            "agent initrd {} (from {})",
+            initrd.path.display(),
+            agent.display()
+        );
+    }
+    if all || matches!(step, Some(SetupStep::Rootfs)) {
+        let image = setup::rootfs::ensure_rootfs(paths, &setup::rootfs::RootfsOptions::default())
+            .context("building the guest root filesystem")?;
+        eprintln!("rootfs {}", image.display());
+    }
+    if matches!(step, Some(SetupStep::Kernel)) || (all && doctor::check(paths).guest_kernels_boot) {
+        let kernel = setup::kernel::ensure_kernel(paths, &setup::kernel::KernelOptions::default())
+            .context("building the guest kernel")?;
+        eprintln!("kernel {}", kernel.display());
+    } else if all {
+        eprintln!("kernel: skipped, this host cannot boot guest kernels (see `fcvm doctor`; `fcvm podman run` uses the sandbox VMM here); build it anyway with `fcvm setup kernel`");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

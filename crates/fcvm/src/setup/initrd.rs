@@ -47,20 +47,38 @@ pub struct AgentInitrd {
     pub digest: String,
 }
 
-/// Finds the agent: `$FCVM_AGENT_BIN`, else `fc-agent` next to the running executable.
+/// Finds the agent: `$FCVM_AGENT_BIN`, else `fc-agent` next to the running executable, else
+/// (in a development checkout, where fcvm runs from `target/{debug,release}`) the static
+/// build at `target/x86_64-unknown-linux-gnu/release/fc-agent`.
 pub fn find_agent_binary() -> Result<PathBuf, InitrdError> {
     if let Some(p) = std::env::var_os(AGENT_ENV).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|_| InitrdError::AgentNotFound)?;
-    let candidate = exe
-        .parent()
-        .map(|d| d.join(AGENT_FILE_NAME))
-        .ok_or(InitrdError::AgentNotFound)?;
-    if candidate.is_file() {
-        return Ok(candidate);
-    }
-    Err(InitrdError::AgentNotFound)
+    let dir = exe.parent().ok_or(InitrdError::AgentNotFound)?;
+    let static_build = Path::new("x86_64-unknown-linux-gnu/release").join(AGENT_FILE_NAME);
+    let candidates = [
+        dir.join(AGENT_FILE_NAME),
+        dir.join("..").join(&static_build),
+        // Where the sandbox VMM's tests build it.
+        dir.join("../agent-static").join(&static_build),
+    ];
+    // A plain `cargo build` also leaves a dynamic fc-agent next to fcvm; skip it.
+    candidates
+        .into_iter()
+        .find(|c| looks_static(c))
+        .ok_or(InitrdError::AgentNotFound)
+}
+
+/// Whether `path` is a static ELF, judged from its first page (headers only).
+fn looks_static(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = vec![0u8; 4096];
+    let Ok(n) = File::open(path).and_then(|mut f| f.read(&mut head)) else {
+        return false;
+    };
+    head.truncate(n);
+    is_static_elf(&head)
 }
 
 /// True if `elf` is an x86_64 ELF executable without a `PT_INTERP` (dynamic loader) header.

@@ -1,0 +1,213 @@
+//! `fcvm exec`: run a command in a container VM's container (default) or in the VM itself
+//! (`--vm`), through the agent's exec server on vsock port 4998.
+//!
+//! The exit code is the command's. With `-t` the local terminal is switched to raw mode and
+//! size changes are forwarded; Ctrl-C then travels as a byte to the guest's terminal. Without
+//! `-t`, SIGINT/SIGTERM sent to fcvm are forwarded to the command as signals.
+
+use std::time::Duration;
+
+use fcvm_proto::exec::ExecRequest;
+use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
+use fcvm_proto::frame::{Frame, FrameError};
+use fcvm_proto::vsock::EXEC_PORT;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::commands::podman::{plan, tty};
+use crate::paths::{Paths, VmPaths};
+use crate::state::{Store, StoreError, VmKind, VmRecord};
+use crate::vsock::{self, VsockError};
+
+/// How long the exec server may take to accept.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which VM.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// By name.
+    Name(String),
+    /// By the pid of its fcvm or VMM process.
+    Pid(u32),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// The VM.
+    pub target: Target,
+    /// Run in the VM rather than the container.
+    pub in_vm: bool,
+    /// Forward standard input.
+    pub interactive: bool,
+    /// Allocate a terminal.
+    pub tty: bool,
+    /// `--env` occurrences.
+    pub env: Vec<String>,
+    /// Program and arguments.
+    pub command: Vec<String>,
+}
+
+/// Why `fcvm exec` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// No such VM.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Not a container VM.
+    #[error(
+        "VM {0} runs a raw kernel, not the fcvm agent; exec works on `fcvm podman run` VMs only"
+    )]
+    NotContainer(String),
+    /// Empty command.
+    #[error("no command given: put it after `--`, e.g. `fcvm exec --name N -- ls /`")]
+    NoCommand,
+    /// Bad `--env`.
+    #[error(transparent)]
+    Args(#[from] plan::PlanArgsError),
+    /// The exec server is not reachable.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// The agent could not start the command.
+    #[error("{0}")]
+    Guest(String),
+    /// The stream broke.
+    #[error("the exec connection broke: {0}")]
+    Stream(#[from] FrameError),
+    /// The agent closed the connection without an exit code.
+    #[error("the VM closed the exec connection without an exit status (did the VM stop?)")]
+    NoExit,
+    /// Signal setup failed.
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
+    /// The terminal could not be set up.
+    #[error("cannot set the terminal to raw mode: {0}")]
+    Terminal(std::io::Error),
+}
+
+impl ExecError {
+    /// Exit code for this error, following podman: 127 when the program does not exist,
+    /// 126 when it cannot be run, 125 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExecError::Guest(text) if text.contains("No such file") => 127,
+            ExecError::Guest(_) => 126,
+            _ => 125,
+        }
+    }
+}
+
+/// Find the VM for `target`.
+pub fn find_vm(paths: &Paths, target: &Target) -> Result<VmRecord, ExecError> {
+    let store = Store::open(paths)?;
+    let record = match target {
+        Target::Name(n) => store.find_by_name(n)?,
+        Target::Pid(p) => store.find_by_pid(*p)?,
+    };
+    if record.kind != VmKind::Container {
+        return Err(ExecError::NotContainer(record.name.as_str().to_owned()));
+    }
+    Ok(record)
+}
+
+/// Run the command and return its exit code.
+pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
+    if opts.command.is_empty() {
+        return Err(ExecError::NoCommand);
+    }
+    let env = plan::parse_env(&opts.env)?;
+    let record = find_vm(paths, &opts.target)?;
+    let uds = VmPaths::new(&record.runtime_dir).vsock_socket();
+    let mut conn = vsock::connect(&uds, EXEC_PORT, CONNECT_TIMEOUT).await?;
+    let request = ExecRequest {
+        command: opts.command.clone(),
+        in_container: !opts.in_vm,
+        interactive: opts.interactive,
+        tty: opts.tty,
+        tty_size: if opts.tty {
+            Some(
+                tty::terminal_size()
+                    .unwrap_or(fcvm_proto::frame::WindowSize { rows: 24, cols: 80 }),
+            )
+        } else {
+            None
+        },
+        env,
+        workdir: None,
+    };
+    request
+        .validate()
+        .map_err(|e| ExecError::Guest(e.to_string()))?;
+    write_frame(&mut conn, &Frame::Exec(request)).await?;
+
+    let _raw = if opts.tty {
+        tty::RawMode::enable().map_err(ExecError::Terminal)?
+    } else {
+        None
+    };
+    let (mut rd, mut wr) = conn.into_split();
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ExecError::Signals)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ExecError::Signals)?;
+    let mut winch = signal(SignalKind::window_change()).map_err(ExecError::Signals)?;
+    let mut stdin: Option<mpsc::Receiver<Option<Vec<u8>>>> =
+        (opts.interactive).then(tty::stdin_chunks);
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+
+    // Reading frames is not cancel-safe, so it runs in its own task and hands frames over.
+    let (ftx, mut frames) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut rd).await;
+            let done = !matches!(f, Ok(Some(_)));
+            if ftx.send(f).await.is_err() || done {
+                return;
+            }
+        }
+    });
+
+    let result = loop {
+        let outgoing = tokio::select! {
+            f = frames.recv() => match f {
+                Some(Ok(Some(Frame::Stdout(b)))) => { let _ = emit(&mut stdout, &b).await; continue }
+                Some(Ok(Some(Frame::Stderr(b)))) => { let _ = emit(&mut stderr, &b).await; continue }
+                Some(Ok(Some(Frame::Exit(code)))) => break Ok(code),
+                Some(Ok(Some(Frame::Error(text)))) => break Err(ExecError::Guest(text)),
+                Some(Ok(Some(other))) => {
+                    tracing::warn!("ignoring unexpected exec frame {other:?}");
+                    continue
+                }
+                Some(Ok(None)) | None => break Err(ExecError::NoExit),
+                Some(Err(e)) => break Err(e.into()),
+            },
+            chunk = next_chunk(&mut stdin) => match chunk {
+                Some(Some(b)) => Frame::Stdin(b),
+                _ => { stdin = None; Frame::Eof }
+            },
+            _ = winch.recv(), if opts.tty => match tty::terminal_size() {
+                Some(ws) => Frame::Resize(ws),
+                None => continue,
+            },
+            _ = sigint.recv() => Frame::Signal(libc::SIGINT),
+            _ = sigterm.recv() => Frame::Signal(libc::SIGTERM),
+        };
+        // A failed write means the guest is closing; its last frames are still read.
+        let _ = write_frame(&mut wr, &outgoing).await;
+    };
+    reader.abort();
+    let _ = wr.shutdown().await;
+    result
+}
+
+async fn next_chunk(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}

@@ -1,0 +1,221 @@
+//! The host end of a running container: status lines, output frames and input frames over
+//! the hybrid vsock listeners.
+//!
+//! Output goes to fcvm's own stdout and stderr, kept apart, and nothing else is ever
+//! written to stdout, so `fcvm podman run ... > file` captures exactly the container's
+//! standard output.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
+use fcvm_proto::frame::Frame;
+use fcvm_proto::status::{Status, MAX_STATUS_LINE};
+use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::tty;
+use crate::vsock::{HostListener, VsockError};
+
+/// The guest-facing listeners, bound before the VM starts.
+#[derive(Debug)]
+pub struct Listeners {
+    status: HostListener,
+    output: HostListener,
+    input: Option<HostListener>,
+}
+
+impl Listeners {
+    /// Bind `<uds>_4999`, `<uds>_4997` and, with `-i`/`-t`, `<uds>_4996`.
+    pub fn bind(uds: &Path, with_input: bool) -> Result<Listeners, VsockError> {
+        Ok(Listeners {
+            status: HostListener::bind(uds, STATUS_PORT)?,
+            output: HostListener::bind(uds, OUTPUT_PORT)?,
+            input: if with_input {
+                Some(HostListener::bind(uds, INPUT_PORT)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// What to feed the input connection.
+#[derive(Debug, Clone, Copy)]
+pub struct InputMode {
+    /// Forward standard input (`-i`).
+    pub stdin: bool,
+    /// Forward terminal size changes (`-t`).
+    pub resize: bool,
+}
+
+/// Tasks relaying one container's streams.
+pub struct Session {
+    /// Status messages in order; closed when the agent closes the status connection.
+    pub status: mpsc::UnboundedReceiver<Status>,
+    /// Ends when the agent closes the output connection (all output written).
+    pub output: JoinHandle<()>,
+    input: Option<JoinHandle<()>>,
+    /// When the first byte of container output arrived.
+    pub first_output: Arc<OnceLock<Instant>>,
+}
+
+impl Session {
+    /// Start relaying.
+    pub fn start(listeners: Listeners, input: InputMode) -> Session {
+        let (tx, status) = mpsc::unbounded_channel();
+        let Listeners {
+            status: status_l,
+            output: output_l,
+            input: input_l,
+        } = listeners;
+        tokio::spawn(async move {
+            if let Ok(conn) = status_l.accept().await {
+                read_status(conn, tx).await;
+            }
+        });
+        let first_output = Arc::new(OnceLock::new());
+        let first = first_output.clone();
+        let output = tokio::spawn(async move {
+            if let Ok(conn) = output_l.accept().await {
+                relay_output(conn, &first).await;
+            }
+        });
+        let input = input_l.map(|l| {
+            tokio::spawn(async move {
+                if let Ok(conn) = l.accept().await {
+                    relay_input(conn, input).await;
+                }
+            })
+        });
+        Session {
+            status,
+            output,
+            input,
+            first_output,
+        }
+    }
+
+    /// Stop forwarding input (the container has ended).
+    pub fn stop_input(&mut self) {
+        if let Some(h) = self.input.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop_input();
+        self.output.abort();
+    }
+}
+
+async fn read_status(conn: UnixStream, tx: mpsc::UnboundedSender<Status>) {
+    // Bounded lines: a confused peer cannot make us buffer without limit.
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut reader).take(MAX_STATUS_LINE as u64);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        // Unknown lines are ignored so the agent can add messages later.
+        if let Ok(s) = Status::parse(&String::from_utf8_lossy(&line)) {
+            if tx.send(s).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>) {
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    loop {
+        match read_frame(&mut conn).await {
+            Ok(Some(Frame::Stdout(b))) => {
+                first.get_or_init(Instant::now);
+                if emit(&mut stdout, &b).await.is_err() {
+                    // Our stdout is gone (closed pipe): keep draining so the guest never blocks.
+                    continue;
+                }
+            }
+            Ok(Some(Frame::Stderr(b))) => {
+                first.get_or_init(Instant::now);
+                let _ = emit(&mut stderr, &b).await;
+            }
+            Ok(Some(other)) => {
+                tracing::warn!("ignoring unexpected frame on the output port: {other:?}");
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("container output stream broke: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+async fn relay_input(mut conn: UnixStream, mode: InputMode) {
+    let mut stdin = mode.stdin.then(tty::stdin_chunks);
+    let mut winch = if mode.resize {
+        signal(SignalKind::window_change()).ok()
+    } else {
+        None
+    };
+    if mode.resize {
+        // The size may have changed between building the plan and the agent connecting.
+        if let Some(ws) = tty::terminal_size() {
+            if write_frame(&mut conn, &Frame::Resize(ws)).await.is_err() {
+                return;
+            }
+        }
+    }
+    loop {
+        let frame = tokio::select! {
+            chunk = recv_opt(&mut stdin) => match chunk {
+                Some(Some(bytes)) => Frame::Stdin(bytes),
+                Some(None) | None => {
+                    stdin = None;
+                    Frame::Eof
+                }
+            },
+            Some(()) = recv_winch(&mut winch) => match tty::terminal_size() {
+                Some(ws) => Frame::Resize(ws),
+                None => continue,
+            },
+            else => return,
+        };
+        if write_frame(&mut conn, &frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Next stdin chunk; pending forever once stdin is finished.
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_winch(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
