@@ -43,8 +43,7 @@ pub enum Command {
     #[command(subcommand)]
     Snapshot(super::snapshot::SnapshotCommand),
     /// List and remove snapshots.
-    #[command(subcommand)]
-    Snapshots(super::snapshot::SnapshotsCommand),
+    Snapshots(super::snapshot::SnapshotsArgs),
 }
 
 /// `fcvm setup`.
@@ -108,6 +107,22 @@ pub struct RunArgs {
     /// Return once the VM has booted and leave it running.
     #[arg(short, long)]
     pub detach: bool,
+    /// Network: `none`, or `tap` (eth0 on a TAP named tap0 in the VM's own network
+    /// namespace; snapshot clones get the same in theirs).
+    #[arg(long, value_enum, default_value_t = NetworkMode::None)]
+    pub network: NetworkMode,
+    /// Let KSM merge the VM's identical pages with other VMs' (auto: when ksmd runs).
+    #[arg(long, value_enum, default_value_t = super::snapshot::KsmMode::Auto)]
+    pub ksm: super::snapshot::KsmMode,
+}
+
+/// `fcvm run --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkMode {
+    /// No network device.
+    None,
+    /// A TAP in the VM's own network namespace.
+    Tap,
 }
 
 /// `fcvm stop`.

@@ -131,6 +131,8 @@ async fn cmd_run(paths: &Paths, a: args::RunArgs) -> Result<ExitCode> {
         mem_mib: a.mem,
         track_dirty_pages: a.track_dirty_pages,
         detach: a.detach,
+        network_tap: a.network == args::NetworkMode::Tap,
+        ksm: a.ksm.enabled(),
     };
     let mut stdout = std::io::stdout();
     let outcome = commands::run::run(paths, &req, &mut stdout).await?;

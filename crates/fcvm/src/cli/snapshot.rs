@@ -1,26 +1,452 @@
-//! `fcvm snapshot create|serve|run` and `fcvm snapshots`.
+//! `fcvm snapshot create|serve|run` and `fcvm snapshots [ls|rm|prune]`.
 
-use std::process::ExitCode;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use clap::Subcommand;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cleanup::CleanupStep;
 use crate::paths::Paths;
+use crate::snapshot::clone::{self, CloneRequest, MemorySource};
+use crate::snapshot::create::{self, CreateRequest};
+use crate::snapshot::{self, guard, serve, SnapshotStore};
+use crate::state::{Store, VmKind, VmStatus};
+use crate::vm::console::ConsoleFollower;
+use crate::vm::spawn::ksm_running;
 
 /// `fcvm snapshot ...`.
 #[derive(Debug, Subcommand)]
-pub enum SnapshotCommand {}
+pub enum SnapshotCommand {
+    /// Snapshot a running VM (it is paused briefly and keeps running).
+    Create(CreateArgs),
+    /// Serve a snapshot's memory to clones over userfaultfd.
+    Serve(ServeArgs),
+    /// Start a clone of a snapshot (from a page server with --pid, or the memory file).
+    Run(RunArgs),
+    /// Internal: resume a VM if the snapshot creator dies (see `snapshot::guard`).
+    #[command(name = "__resume-guard", hide = true)]
+    ResumeGuard {
+        /// The VM's API socket.
+        api_socket: PathBuf,
+    },
+}
+
+/// `fcvm snapshot create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM to snapshot.
+    pub vm: String,
+    /// Name of the new snapshot.
+    #[arg(long)]
+    pub tag: String,
+    /// Write only the pages dirtied since the VM's last snapshot (needs
+    /// --track-dirty-pages, or a clone) and merge them onto that snapshot's memory.
+    #[arg(long)]
+    pub diff: bool,
+}
+
+/// `fcvm snapshot serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The snapshot to serve.
+    pub tag: String,
+    /// Name in `fcvm ls` (default serve-<tag>-<pid>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run in the background; prints the server's pid.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Internal: log file of a detached server, removed when it exits.
+    #[arg(long, hide = true)]
+    pub log_file: Option<PathBuf>,
+}
+
+/// KSM choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KsmMode {
+    /// On when ksmd runs (/sys/kernel/mm/ksm/run is 1).
+    Auto,
+    /// Always mark the VMM's memory mergeable.
+    On,
+    /// Never.
+    Off,
+}
+
+impl KsmMode {
+    /// Resolve `auto`.
+    pub fn enabled(self) -> bool {
+        match self {
+            KsmMode::Auto => ksm_running(),
+            KsmMode::On => true,
+            KsmMode::Off => false,
+        }
+    }
+}
+
+/// `fcvm snapshot run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Page server pid (`fcvm snapshot serve`): memory is served lazily over userfaultfd.
+    #[arg(long, required_unless_present = "snapshot")]
+    pub pid: Option<u32>,
+    /// Snapshot to restore from its memory file (or to check against --pid's).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Clone name (default <tag>-<random>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the clone runs; it keeps running.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Run a command in the clone through the guest agent.
+    #[arg(long)]
+    pub exec: Option<String>,
+    /// Let KSM merge identical pages across clones.
+    #[arg(long, value_enum, default_value_t = KsmMode::Auto)]
+    pub ksm: KsmMode,
+}
+
+/// `fcvm snapshots`.
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// What to do (default: ls).
+    #[command(subcommand)]
+    pub command: Option<SnapshotsCommand>,
+    /// JSON output (for the default ls).
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// `fcvm snapshots ...`.
 #[derive(Debug, Subcommand)]
-pub enum SnapshotsCommand {}
+pub enum SnapshotsCommand {
+    /// List snapshots with their sizes.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a snapshot (refused while a server, clone or VM uses it).
+    Rm {
+        /// The snapshot.
+        tag: String,
+    },
+    /// Remove leftovers of interrupted creates; with --unused, also every snapshot that no
+    /// live server, clone or VM (as Diff parent) uses.
+    Prune {
+        /// Also remove unused snapshots.
+        #[arg(long)]
+        unused: bool,
+    },
+}
 
 /// Dispatch `fcvm snapshot`.
-pub async fn snapshot(_paths: &Paths, cmd: SnapshotCommand) -> Result<ExitCode> {
-    match cmd {}
+pub async fn snapshot(paths: &Paths, cmd: SnapshotCommand) -> Result<ExitCode> {
+    match cmd {
+        SnapshotCommand::Create(a) => cmd_create(paths, a).await,
+        SnapshotCommand::Serve(a) => cmd_serve(paths, a).await,
+        SnapshotCommand::Run(a) => cmd_run(paths, a).await,
+        SnapshotCommand::ResumeGuard { api_socket } => {
+            guard::run_guard(&api_socket).await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Dispatch `fcvm snapshots`.
-pub async fn snapshots(_paths: &Paths, cmd: SnapshotsCommand) -> Result<ExitCode> {
-    match cmd {}
+pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
+    match args.command.unwrap_or(SnapshotsCommand::Ls { json: args.json }) {
+        SnapshotsCommand::Ls { json } => {
+            let list = snapshot::list(paths)?;
+            let users = snapshot::users(paths)?;
+            if json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|s| {
+                        let mut v = serde_json::to_value(s).expect("serialises");
+                        v["in_use_by"] = users
+                            .get(&s.meta.tag)
+                            .map(|u| u.iter().map(|r| r.name.to_string()).collect::<Vec<_>>())
+                            .unwrap_or_default()
+                            .into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", table(&list, &users));
+            }
+        }
+        SnapshotsCommand::Rm { tag } => {
+            snapshot::remove(paths, &tag)?;
+            eprintln!("removed snapshot {tag}");
+        }
+        SnapshotsCommand::Prune { unused } => {
+            let p = snapshot::prune(paths, unused)?;
+            eprintln!(
+                "removed {} unfinished snapshot dir(s){}",
+                p.staging.len(),
+                if unused {
+                    format!(" and {} unused snapshot(s): {}", p.snapshots.len(), p.snapshots.join(", "))
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1 << 20) as f64)
+}
+
+fn table(
+    list: &[snapshot::SnapshotInfo],
+    users: &std::collections::BTreeMap<String, Vec<crate::state::VmRecord>>,
+) -> String {
+    let mut rows = vec![[
+        "TAG", "KIND", "PARENT", "SOURCE", "MEM", "ON-DISK", "APPARENT", "USERS",
+    ]
+    .map(str::to_owned)];
+    for s in list {
+        let m = &s.meta;
+        rows.push([
+            m.tag.clone(),
+            format!("{:?}", m.kind).to_lowercase(),
+            m.parent.clone().unwrap_or_else(|| "-".into()),
+            m.source_vm.clone(),
+            format!("{}M", m.mem_mib),
+            mib(s.allocated_bytes),
+            mib(s.apparent_bytes),
+            users.get(&m.tag).map_or(0, Vec::len).to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+async fn cmd_create(paths: &Paths, a: CreateArgs) -> Result<ExitCode> {
+    let req = CreateRequest {
+        vm: a.vm,
+        tag: a.tag,
+        diff: a.diff,
+    };
+    let out = create::create(paths, &req).await?;
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(dirty) = out.meta.diff_dirty_bytes {
+        eprintln!(
+            "diff: {:.2} MiB dirty of {} MiB, merged onto {}",
+            dirty as f64 / (1 << 20) as f64,
+            out.meta.memory_bytes >> 20,
+            out.meta.parent.as_deref().unwrap_or("an all-zero base")
+        );
+    }
+    eprintln!(
+        "snapshot {} of {} created in {} (VM paused {} ms)",
+        out.meta.tag,
+        req.vm,
+        out.path.display(),
+        out.paused_for.as_millis()
+    );
+    println!("{}", out.meta.tag);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_serve(paths: &Paths, a: ServeArgs) -> Result<ExitCode> {
+    // Check early so a detached start reports a bad tag synchronously.
+    SnapshotStore::open(paths)?.get(&a.tag)?;
+    if a.detach {
+        return serve_detached(paths, &a).await;
+    }
+    let extra = a
+        .log_file
+        .iter()
+        .map(|p| CleanupStep::RemoveFile { path: p.clone() })
+        .collect();
+    let mut err = std::io::stderr();
+    serve::serve(paths, &a.tag, a.name, extra, &mut err).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_detached(paths: &Paths, a: &ServeArgs) -> Result<ExitCode> {
+    let dir = paths.base().join("uffd");
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join(format!("serve-{}.log", crate::state::new_vm_id()));
+    let file = std::fs::File::create(&log)?;
+    let mut cmd = std::process::Command::new(guard::self_exe()?);
+    cmd.arg("--base-dir")
+        .arg(paths.base())
+        .args(["snapshot", "serve", &a.tag, "--log-file"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    if let Some(n) = &a.name {
+        cmd.args(["--name", n]);
+    }
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::unistd::setsid().map(|_| ()).map_err(Into::into)
+        });
+    }
+    let mut child = cmd.spawn().context("starting the page server")?;
+    let pid = child.id();
+    let store = Store::open(paths)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = store.find_by_pid(pid) {
+            if r.status == VmStatus::Running {
+                println!("{pid}");
+                eprintln!(
+                    "page server for {} running (pid {pid}); clone with `fcvm snapshot run --pid {pid}`; log {}",
+                    a.tag,
+                    log.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            bail!("page server exited ({status}):\n{text}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("page server did not come up within 10 s; log {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
+    let state = Store::open(paths)?;
+    let (tag, memory) = match a.pid {
+        Some(pid) => {
+            let r = state.find_by_pid(pid)?;
+            let (Some(tag), Some(socket), VmKind::PageServer) =
+                (r.snapshot.clone(), r.uffd_socket.clone(), r.kind)
+            else {
+                bail!("pid {pid} is not a page server (see `fcvm ls`)");
+            };
+            if r.status != VmStatus::Running {
+                bail!("page server {pid} is not accepting clones (status {:?})", r.status);
+            }
+            if let Some(t) = &a.snapshot {
+                if *t != tag {
+                    bail!("page server {pid} serves {tag}, not {t}");
+                }
+            }
+            (
+                tag,
+                MemorySource::Uffd {
+                    socket,
+                    server: r.owner,
+                },
+            )
+        }
+        None => (
+            a.snapshot.clone().expect("clap requires --pid or --snapshot"),
+            MemorySource::File,
+        ),
+    };
+    if a.exec.is_some() {
+        let meta = SnapshotStore::open(paths)?.get(&tag)?;
+        let probe = meta
+            .kernel
+            .as_ref()
+            .and_then(|k| k.file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("fcvm-probe"));
+        if probe {
+            bail!("--exec needs the guest agent, and snapshot {tag} is of a probe guest, which has none; run the clone without --exec");
+        }
+        bail!("--exec on clones needs the guest agent of a container snapshot (`fcvm podman`); snapshot {tag} was not made by it");
+    }
+    let req = CloneRequest {
+        tag: tag.clone(),
+        name: a.name.clone(),
+        memory,
+        detach: a.detach,
+        ksm: a.ksm.enabled(),
+    };
+    let started = clone::start_clone(paths, &req).await?;
+    let t = &started.timings;
+    tracing::info!(
+        "clone timings: record {:?} netns {:?} disks {:?} spawn {:?} load {:?} patch {:?} resume {:?} total {:?}",
+        t.record, t.netns, t.disks, t.spawn, t.load, t.patch, t.resume, t.total
+    );
+    let r = &started.record;
+    if a.detach {
+        println!("{}", r.name);
+        eprintln!(
+            "clone {} of {tag} running (firecracker pid {}), restored in {} ms; console: {}; stop with `fcvm stop {}`",
+            r.name,
+            r.pid(),
+            t.total.as_millis(),
+            started.vm_paths.console_log().display(),
+            r.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow_clone(&state, started).await
+}
+
+/// Foreground clone: stream its console until the VM exits, fcvm is interrupted, or the
+/// page server dies (then the clone is stopped and marked failed: it must never run on).
+async fn follow_clone(state: &Store, mut started: clone::StartedClone) -> Result<ExitCode> {
+    let id = started.record.id.clone();
+    let server = started.record.page_server;
+    let mut follower = ConsoleFollower::open(&started.vm_paths.console_log())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut out = std::io::stdout();
+    let code = loop {
+        let chunk = follower.read_new()?;
+        if !chunk.is_empty() {
+            out.write_all(&chunk)?;
+            out.flush()?;
+        }
+        if let Some(s) = server.filter(|s| !s.is_alive()) {
+            let reason = format!(
+                "page server (pid {}) died; the clone lost its memory source and was stopped",
+                s.pid
+            );
+            clone::fail_clone(state, &id, &reason);
+            let _ = started.vmm.child.wait();
+            eprintln!("fcvm: error: clone {}: {reason}", started.record.name);
+            return Ok(ExitCode::from(1));
+        }
+        if let Some(status) = started.vmm.child.try_wait()? {
+            out.write_all(&follower.read_new()?)?;
+            out.flush()?;
+            break status.code().unwrap_or(1);
+        }
+        tokio::select! {
+            _ = sigint.recv() => break 130,
+            _ = sigterm.recv() => break 130,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    };
+    clone::teardown_clone(state, &id);
+    let _ = started.vmm.child.wait();
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

@@ -8,16 +8,17 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cleanup::CleanupStep;
 use crate::firecracker::binary::{self, BinaryError, Program};
-use crate::firecracker::models::Drive;
+use crate::firecracker::models::{Drive, NetworkInterface};
 use crate::firecracker::TransportError;
 use crate::names::{Name, NameError};
+use crate::network;
 use crate::paths::{Paths, VmPaths};
 use crate::setup::probe::{self, PROBE_KEYWORD};
 use crate::state::{new_vm_id, Store, StoreError, VmKind, VmRecord, VmStatus};
 use crate::vm::config::{validate_sizing, SizingError};
 use crate::vm::console::ConsoleFollower;
 use crate::vm::spawn::{tail, SpawnError};
-use crate::vm::{spawn_vmm, SpawnOptions, VmConfig};
+use crate::vm::{spawn_vmm_with, SpawnExtras, SpawnOptions, VmConfig};
 
 /// Kernel command line used when the user gives none.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -43,6 +44,11 @@ pub struct RunRequest {
     pub track_dirty_pages: bool,
     /// Return once booted, leaving the VM running.
     pub detach: bool,
+    /// Give the VM an eth0 backed by a TAP ([`network::DEFAULT_TAP`]) in its own network
+    /// namespace `fcvm-<id>`, so its snapshots can be cloned with the same TAP name.
+    pub network_tap: bool,
+    /// Mark the VMM's memory mergeable by KSM.
+    pub ksm: bool,
 }
 
 /// Why `fcvm run` failed.
@@ -85,6 +91,9 @@ pub enum RunError {
     /// Console I/O failed.
     #[error("console: {0}")]
     Console(std::io::Error),
+    /// Network namespace or TAP.
+    #[error(transparent)]
+    Net(#[from] network::NetError),
 }
 
 /// How the VM ended (foreground) or where it runs (detached).
@@ -150,6 +159,13 @@ pub async fn run(
     record.cleanup = vec![CleanupStep::RemoveDir {
         path: vm_paths.dir().to_owned(),
     }];
+    if req.network_tap {
+        let ns = format!("fcvm-{id}");
+        // Recorded before it exists, so a crash right after creating it is still undone.
+        record.cleanup.insert(0, CleanupStep::DeleteNetns { name: ns.clone() });
+        record.netns = Some(ns);
+        record.tap = Some(network::DEFAULT_TAP.to_owned());
+    }
     store.create(&record)?;
 
     let booted = boot(
@@ -203,14 +219,17 @@ async fn boot(
     mem_mib: u32,
     req: &RunRequest,
 ) -> Result<(VmRecord, crate::vm::SpawnedVmm), RunError> {
+    if let (Some(ns), Some(tap)) = (&record.netns, &record.tap) {
+        network::create_netns(ns, Some(tap))?;
+    }
     let opts = SpawnOptions {
         binary: binary.to_owned(),
         id: record.id.clone(),
         vm_paths: vm_paths.clone(),
-        netns: None,
+        netns: record.netns.clone(),
         die_with_parent: !req.detach,
     };
-    let vmm = spawn_vmm(&opts).await?;
+    let vmm = spawn_vmm_with(&opts, SpawnExtras { ksm: req.ksm }).await?;
     let process = vmm.process;
     store.update(&record.id, |r| {
         r.vmm = Some(process);
@@ -236,7 +255,11 @@ async fn boot(
                 is_read_only: false,
             })
             .collect(),
-        network: None,
+        network: record.tap.as_ref().map(|tap| NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: tap.clone(),
+            guest_mac: Some(network::mac_for(&record.id)),
+        }),
         vsock: None,
         mmds: None,
     };

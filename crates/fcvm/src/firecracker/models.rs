@@ -174,7 +174,13 @@ pub struct SnapshotLoadParams {
     /// Where memory comes from.
     pub mem_backend: MemBackend,
     /// Keep tracking dirty pages, so the restored VM can itself take diff snapshots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Sent under its older name: v1.12.1 rejects `track_dirty_pages` on load, and later
+    /// versions still accept `enable_diff_snapshots` as an alias.
+    #[serde(
+        default,
+        rename = "enable_diff_snapshots",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub track_dirty_pages: Option<bool>,
     /// Resume right after loading. fcvm loads paused, patches drives, then resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -123,6 +123,25 @@ pub struct VmRecord {
     /// How to undo what was created for this VM, in order.
     #[serde(default)]
     pub cleanup: Vec<CleanupStep>,
+    /// TAP device the VM's eth0 uses, inside `netns` (snapshots record it so clones get
+    /// the same name in their own namespace).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// The snapshot whose memory file equals this VM's memory as of the last reset of its
+    /// dirty-page log: the parent of its next Diff snapshot. For a clone, the snapshot it
+    /// was restored from; after `snapshot create`, that snapshot.
+    #[serde(default)]
+    pub diff_parent: Option<String>,
+    /// Set once a snapshot was attempted: the dirty log no longer covers everything since
+    /// boot, so a Diff without a `diff_parent` is impossible.
+    #[serde(default)]
+    pub snapshot_attempted: bool,
+    /// Page servers: clones being served right now.
+    #[serde(default)]
+    pub served_live: Option<u64>,
+    /// Page servers: pages copied into clones so far.
+    #[serde(default)]
+    pub served_pages: Option<u64>,
 }
 
 impl VmRecord {
@@ -153,6 +172,11 @@ impl VmRecord {
             exit_code: None,
             error: None,
             cleanup: Vec::new(),
+            tap: None,
+            diff_parent: None,
+            snapshot_attempted: false,
+            served_live: None,
+            served_pages: None,
         }
     }
 

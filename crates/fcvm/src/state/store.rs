@@ -15,7 +15,15 @@ use crate::fsutil::{self, FileLock};
 use crate::names::Name;
 use crate::paths::Paths;
 
-use super::record::VmRecord;
+use super::record::{VmRecord, VmStatus};
+use crate::process::ProcessRef;
+
+/// The dead page server a not-yet-failed clone depends on, if any.
+fn orphaned_by(record: &VmRecord) -> Option<ProcessRef> {
+    let server = record.page_server?;
+    let running = record.status != VmStatus::Failed && record.status != VmStatus::Stopping;
+    (running && !server.is_alive() && record.vmm.is_some_and(|v| v.is_alive())).then_some(server)
+}
 
 /// Failure of a store operation.
 #[derive(Debug, thiserror::Error)]
@@ -144,11 +152,11 @@ impl Store {
         self.reap_locked()
     }
 
-    /// Find a live record by name.
+    /// Find a live (or failed, kept for the user to see) record by name.
     pub fn find_by_name(&self, name: &str) -> Result<VmRecord, StoreError> {
         self.list()?
             .into_iter()
-            .find(|r| r.name.as_str() == name && r.is_live())
+            .find(|r| r.name.as_str() == name && (r.is_live() || r.status == VmStatus::Failed))
             .ok_or_else(|| StoreError::NotFound(format!("name {name:?}")))
     }
 
@@ -162,8 +170,24 @@ impl Store {
 
     fn reap_locked(&self) -> Result<Vec<Reaped>, StoreError> {
         let mut reaped = Vec::new();
-        for record in self.read_all()? {
-            if record.is_live() {
+        for mut record in self.read_all()? {
+            if let Some(server) = orphaned_by(&record) {
+                // A clone whose page server died would hang (or worse) at its next page
+                // fault: stop it and keep a Failed record so the user sees why.
+                let failures = cleanup::run_all(&record.cleanup);
+                record.status = VmStatus::Failed;
+                record.error = Some(format!(
+                    "page server (pid {}) serving snapshot {} died; the clone lost its memory source and was stopped",
+                    server.pid,
+                    record.snapshot.as_deref().unwrap_or("?")
+                ));
+                record.cleanup.clear();
+                self.write_locked(&record)?;
+                reaped.push(Reaped { record, failures });
+                continue;
+            }
+            // Failed records stay until `fcvm stop`, so the error remains visible.
+            if record.is_live() || record.status == VmStatus::Failed {
                 continue;
             }
             let failures = cleanup::run_all(&record.cleanup);

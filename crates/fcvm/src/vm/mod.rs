@@ -7,4 +7,4 @@ pub mod spawn;
 pub mod stop;
 
 pub use config::VmConfig;
-pub use spawn::{spawn_vmm, SpawnOptions, SpawnedVmm};
+pub use spawn::{spawn_vmm, spawn_vmm_with, SpawnExtras, SpawnOptions, SpawnedVmm};

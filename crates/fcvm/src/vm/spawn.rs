@@ -21,6 +21,9 @@ use crate::firecracker::{FirecrackerClient, TransportError};
 use crate::paths::{VmPaths, MAX_SOCKET_PATH, VMM_VIEW_DIR};
 use crate::process::ProcessRef;
 
+/// `prctl` option (Linux 6.4+), not in every libc crate version.
+const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+
 /// How long a VMM may take to open its API socket.
 pub const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -97,6 +100,21 @@ pub struct SpawnOptions {
     pub die_with_parent: bool,
 }
 
+/// Optional extras for [`spawn_vmm_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnExtras {
+    /// Mark all of the VMM's anonymous memory mergeable by KSM
+    /// (`prctl(PR_SET_MEMORY_MERGE)`, set in the child before exec; it survives exec).
+    /// Clones restored from one snapshot hold mostly identical pages, which ksmd then
+    /// shares; it only has an effect while `/sys/kernel/mm/ksm/run` is 1.
+    pub ksm: bool,
+}
+
+/// Whether ksmd is running (`/sys/kernel/mm/ksm/run` is 1).
+pub fn ksm_running() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/ksm/run").is_ok_and(|s| s.trim() == "1")
+}
+
 /// A VMM process we started.
 #[derive(Debug)]
 pub struct SpawnedVmm {
@@ -137,6 +155,14 @@ fn append(path: &Path) -> Result<File, SpawnError> {
 
 /// Start the VMM and wait until its API socket answers.
 pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
+    spawn_vmm_with(opts, SpawnExtras::default()).await
+}
+
+/// [`spawn_vmm`] with extras.
+pub async fn spawn_vmm_with(
+    opts: &SpawnOptions,
+    extras: SpawnExtras,
+) -> Result<SpawnedVmm, SpawnError> {
     let vm = &opts.vm_paths;
     check_socket_len(&vm.api_socket())?;
     check_socket_len(&vm.vsock_socket())?;
@@ -192,6 +218,12 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
                 return Err(io::Error::last_os_error());
             }
         }
+        if extras.ksm {
+            // SAFETY: PR_SET_MEMORY_MERGE takes an integer flag; no pointers.
+            if unsafe { libc::prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         if let Some(fd) = netns_raw {
             // SAFETY: the namespace fd stays open in the parent, and so in this child,
             // until after spawn returns; borrowing it for the call is sound.
@@ -201,7 +233,8 @@ pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
         Ok(())
     };
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setsid, prctl, setns); it allocates nothing.
+    // async-signal-safe system calls (setsid, unshare, mount, prctl, setns); it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(child_setup);
     }

@@ -1,0 +1,263 @@
+//! Per-VM network namespaces and TAP devices, made in-process (no `ip` calls on the hot
+//! path of a clone).
+//!
+//! Firecracker v1.12 has no `network_overrides` on snapshot load: a restored VM reopens the
+//! TAP by the name recorded in its snapshot. Every VM therefore lives in its own named
+//! network namespace (`/run/netns/fcvm-<id>`), where its TAP can have the same name as the
+//! original's (`tap0`) without clashing with other clones.
+//!
+//! A namespace is made by a short-lived thread: it unshares `CLONE_NEWNET` (which moves only
+//! that thread), bind-mounts `/proc/thread-self/ns/net` onto `/run/netns/<name>` so the
+//! namespace outlives the thread, creates the persistent TAP there and brings it up. Removal
+//! is [`delete_netns`] (or the recorded `CleanupStep::DeleteNetns`), which unmounts and
+//! unlinks the file; the TAP disappears with the namespace.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Where named network namespaces live (the `ip netns` convention).
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The TAP name every fcvm VM with a network uses inside its own namespace.
+pub const DEFAULT_TAP: &str = "tap0";
+
+/// Linux interface names are at most 15 bytes.
+const IFNAMSIZ: usize = 16;
+
+/// `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 203, int)`.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// What went wrong making or removing a namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Bad namespace or interface name.
+    #[error("invalid name {0:?}: use 1-15 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    /// The namespace already exists.
+    #[error("network namespace {0} already exists; remove it with `ip netns delete {0}` if no VM uses it")]
+    Exists(String),
+    /// A step failed.
+    #[error("{step} for network namespace {name} (fcvm needs root, /dev/net/tun and network namespaces)")]
+    Step {
+        /// What was being done.
+        step: &'static str,
+        /// The namespace.
+        name: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The helper thread panicked or could not start.
+    #[error("network namespace helper thread failed: {0}")]
+    Thread(String),
+}
+
+/// `/run/netns/<name>`.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+fn check_name(name: &str) -> Result<(), NetError> {
+    let ok = !name.is_empty()
+        && name.len() < IFNAMSIZ.max(64)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(NetError::BadName(name.to_owned()))
+    }
+}
+
+/// Create network namespace `name` and, when `tap` is given, a persistent TAP device of
+/// that name inside it, up. On failure nothing is left behind.
+pub fn create_netns(name: &str, tap: Option<&str>) -> Result<(), NetError> {
+    check_name(name)?;
+    if let Some(t) = tap {
+        if t.len() >= IFNAMSIZ {
+            return Err(NetError::BadName(t.to_owned()));
+        }
+        check_name(t)?;
+    }
+    let path = netns_path(name);
+    let step = |step: &'static str| {
+        let name = name.to_owned();
+        move |source| NetError::Step { step, name, source }
+    };
+    fs::create_dir_all(NETNS_DIR).map_err(step("create /run/netns"))?;
+    match OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(NetError::Exists(name.to_owned()))
+        }
+        Err(e) => return Err(step("create the namespace file")(e)),
+    }
+    let target = path.clone();
+    let tap = tap.map(str::to_owned);
+    let result = std::thread::Builder::new()
+        .name("fcvm-netns".into())
+        .spawn(move || in_new_netns(&target, tap.as_deref()))
+        .map_err(|e| NetError::Thread(e.to_string()))?
+        .join()
+        .map_err(|_| NetError::Thread("panicked".into()))?;
+    if let Err((what, e)) = result {
+        let _ = delete_netns(name);
+        return Err(step(what)(e));
+    }
+    Ok(())
+}
+
+/// Runs on a throwaway thread: after `unshare` this thread alone is in the new namespace.
+fn in_new_netns(target: &Path, tap: Option<&str>) -> Result<(), (&'static str, io::Error)> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| ("unshare(CLONE_NEWNET)", e.into()))?;
+    nix::mount::mount(
+        Some("/proc/thread-self/ns/net"),
+        target,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| ("bind-mount the namespace", io::Error::from(e)))?;
+    if let Some(tap) = tap {
+        create_tap(tap).map_err(|e| ("create the TAP device", e))?;
+        set_up(tap).map_err(|e| ("bring the TAP device up", e))?;
+    }
+    set_up("lo").map_err(|e| ("bring lo up", e))?;
+    Ok(())
+}
+
+fn ifreq_with_name(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req
+}
+
+/// A persistent TAP named `name` in the calling thread's namespace.
+fn create_tap(name: &str) -> io::Result<()> {
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = ifreq_with_name(name);
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `ip link set <name> up` in the calling thread's namespace.
+fn set_up(name: &str) -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is owned by `sock` right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let sock: File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let mut req = ifreq_with_name(name);
+    // SAFETY: SIOCGIFFLAGS fills the flags of the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the union was just filled as flags by SIOCGIFFLAGS.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as i16 };
+    // SAFETY: SIOCSIFFLAGS reads the ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Remove namespace `name` (idempotent): detach the bind mount and unlink the file. The
+/// namespace (and its TAP) goes away once no process is inside it any more.
+pub fn delete_netns(name: &str) -> Result<(), NetError> {
+    check_name(name)?;
+    let path = netns_path(name);
+    match nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            return Err(NetError::Step {
+                step: "unmount",
+                name: name.to_owned(),
+                source: e.into(),
+            })
+        }
+    }
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetError::Step {
+            step: "remove",
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A locally administered, unicast MAC derived from `seed` (e.g. the VM id).
+pub fn mac_for(seed: &str) -> String {
+    let digest = crate::fsutil::sha256_bytes(seed.as_bytes());
+    let b = hex::decode(&digest[..10]).unwrap_or_else(|_| vec![0; 5]);
+    format!("06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+}
+
+/// Whether `name` exists as an interface in namespace `netns` (tests, diagnostics).
+pub fn interface_in_netns(netns: &str, name: &str) -> io::Result<bool> {
+    let ns = File::open(netns_path(netns))?;
+    let name = name.to_owned();
+    std::thread::spawn(move || -> io::Result<bool> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        // Not /sys/class/net: sysfs shows the namespace of whoever mounted it.
+        let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: the string is NUL-terminated and lives for the call.
+        Ok(unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_macs() {
+        assert!(check_name("fcvm-0123456789ab").is_ok());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name("").is_err());
+        let m = mac_for("abc");
+        assert_eq!(m.len(), 17);
+        assert!(m.starts_with("06:"));
+        assert_ne!(m, mac_for("abd"));
+    }
+
+    #[test]
+    fn netns_with_tap_round_trip() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED netns_with_tap_round_trip: needs root");
+            return;
+        }
+        let name = format!("fcvm-ut-{}", std::process::id());
+        create_netns(&name, Some("tap0")).unwrap();
+        assert!(netns_path(&name).exists());
+        assert!(interface_in_netns(&name, "tap0").unwrap());
+        assert!(matches!(create_netns(&name, None), Err(NetError::Exists(_))));
+        delete_netns(&name).unwrap();
+        assert!(!netns_path(&name).exists());
+        delete_netns(&name).unwrap();
+    }
+}
