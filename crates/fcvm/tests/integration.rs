@@ -1,8 +1,10 @@
 //! Integration tests that run the real `fcvm` binary. Topic modules:
 //! - `cli`: argument errors and state hygiene (no VM needed)
 //! - `firecracker_vm`: the real Firecracker with the probe guest
+//! - `snapshot`: snapshots, the UFFD page server and clones (real Firecracker)
 
 mod common;
 
 mod cli;
 mod firecracker_vm;
+mod snapshot;
