@@ -101,7 +101,7 @@ pub enum PodmanError {
     Image(#[from] image::ImageError),
     /// A boot input is missing.
     #[error(transparent)]
-    Machine(#[from] machine::MachineError),
+    Machine(Box<machine::MachineError>),
     /// State store failure (includes name clashes).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -118,7 +118,7 @@ pub enum PodmanError {
     Vsock(#[from] VsockError),
     /// The VMM did not start.
     #[error(transparent)]
-    Spawn(#[from] SpawnError),
+    Spawn(Box<SpawnError>),
     /// The VMM refused the configuration or the boot.
     #[error("{source}\n(VMM log: {log})")]
     Api {
@@ -136,6 +136,18 @@ pub enum PodmanError {
     /// Installing signal handlers failed.
     #[error("cannot handle signals: {0}")]
     Signals(std::io::Error),
+}
+
+impl From<machine::MachineError> for PodmanError {
+    fn from(e: machine::MachineError) -> Self {
+        PodmanError::Machine(Box::new(e))
+    }
+}
+
+impl From<SpawnError> for PodmanError {
+    fn from(e: SpawnError) -> Self {
+        PodmanError::Spawn(Box::new(e))
+    }
 }
 
 /// How a run ended.
@@ -210,9 +222,6 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
 
     let (vmm, notice) = machine::choose_vmm(req.vmm, paths);
     let prepared = prepare(paths, req, vmm)?;
-    if let Some(n) = notice {
-        eprintln!("{n}");
-    }
     timeline.mark("checked");
 
     let store = Store::open(paths)?;
@@ -235,6 +244,9 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
         path: vm_paths.dir().to_owned(),
     }];
     store.create(&record)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
 
     let result = boot_and_follow(
         &store,

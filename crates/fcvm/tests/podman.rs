@@ -1,0 +1,855 @@
+//! `fcvm podman run` and `fcvm exec` end to end through the sandbox VMM: the real `fcvm`
+//! binary, the real agent (static build), a real Debian rootfs with podman, and a busybox
+//! image built from Debian's busybox-static.
+//!
+//! Needs root, /dev/loop-control and /bin/busybox (busybox-static). The rootfs comes from
+//! FCVM_TEST_ROOTFS, or is built once with `fcvm setup rootfs` into cargo's test tmpdir.
+//! Missing facilities skip loudly, and fail under CI.
+//!
+//! The tests run one at a time (a lock) so that the global checks after each (loop devices,
+//! the VMM view path) see only their own VMs; every fcvm they start runs in a cgroup of its
+//! own, and after each test that cgroup must hold no process and no child cgroup.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::common::{wait_until, TestEnv};
+
+const IMAGE_REF: &str = "localhost/fcvm-test-busybox:1";
+
+struct Assets {
+    rootfs: PathBuf,
+    agent: PathBuf,
+    sandbox: PathBuf,
+    archive: PathBuf,
+}
+
+static ASSETS: OnceLock<Result<Assets, String>> = OnceLock::new();
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn skip_or_panic(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why} (required under CI)");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// Shared assets, or None after a loud SKIPPED message.
+fn assets(test: &str) -> Option<&'static Assets> {
+    match ASSETS.get_or_init(build_assets) {
+        Ok(a) => Some(a),
+        Err(why) => {
+            skip_or_panic(test, why);
+            None
+        }
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// Build with cargo into a separate target dir (the running `cargo test` holds the lock of
+/// its own).
+fn cargo_build(args: &[&str], rustflags: Option<&str>) -> Result<(), String> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.arg("build")
+        .args(args)
+        .arg("--target-dir")
+        .arg(target_dir().join("agent-static"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    match rustflags {
+        Some(f) => cmd.env("RUSTFLAGS", f),
+        None => cmd.env_remove("RUSTFLAGS"),
+    };
+    let st = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    st.success()
+        .then_some(())
+        .ok_or_else(|| format!("cargo build {args:?} failed"))
+}
+
+fn build_assets() -> Result<Assets, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("podman tests need root".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Err("no /dev/loop-control (modprobe loop)".into());
+    }
+    let busybox = Path::new(fcvm_sandbox_vmm::testimage::DEFAULT_BUSYBOX);
+    if !busybox.exists() {
+        return Err("/bin/busybox missing (apt-get install busybox-static)".into());
+    }
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let agent = match std::env::var_os("FCVM_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            cargo_build(
+                &[
+                    "--release",
+                    "-p",
+                    "fc-agent",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ],
+                Some("-C target-feature=+crt-static"),
+            )?;
+            target_dir().join("agent-static/x86_64-unknown-linux-gnu/release/fc-agent")
+        }
+    };
+    let sandbox = match std::env::var_os("FCVM_SANDBOX_VMM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            cargo_build(&["--release", "-p", "fcvm-sandbox-vmm"], None)?;
+            target_dir().join("agent-static/release/fcvm-sandbox-vmm")
+        }
+    };
+    let rootfs = match std::env::var_os("FCVM_TEST_ROOTFS") {
+        Some(p) => PathBuf::from(p),
+        None => build_rootfs(&tmp.join("podman-rootfs"))?,
+    };
+    if !rootfs.is_file() {
+        return Err(format!("rootfs {} does not exist", rootfs.display()));
+    }
+    let images = tmp.join("podman-images");
+    std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+    let archive = fcvm_sandbox_vmm::testimage::build_busybox_archive(
+        busybox,
+        &images.join("busybox.oci.tar"),
+        "fcvm-test-busybox",
+        "1",
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Assets {
+        rootfs,
+        agent,
+        sandbox,
+        archive: archive.path,
+    })
+}
+
+/// `fcvm setup rootfs` into a base dir kept across runs (content-addressed: a no-op later).
+fn build_rootfs(base: &Path) -> Result<PathBuf, String> {
+    if Command::new("mmdebstrap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Err("no FCVM_TEST_ROOTFS and no mmdebstrap to build one (apt-get install mmdebstrap e2fsprogs)".into());
+    }
+    eprintln!("building the guest rootfs with `fcvm setup rootfs` (once, about a minute)");
+    let st = Command::new(env!("CARGO_BIN_EXE_fcvm"))
+        .args(["setup", "rootfs"])
+        .env("FCVM_BASE_DIR", base)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err("fcvm setup rootfs failed".into());
+    }
+    std::fs::read_dir(base.join("rootfs"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "ext4"))
+        .ok_or_else(|| "fcvm setup rootfs produced no image".into())
+}
+
+/// One test's world: a base dir, a temp dir for the VMM, and a cgroup holding every
+/// process the test's fcvm commands start.
+struct Env {
+    env: TestEnv,
+    assets: &'static Assets,
+    cgroup: Option<PathBuf>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// A cgroup for the test: in the v1 `pids` hierarchy where there is one, else cgroup v2.
+fn make_cgroup() -> Option<PathBuf> {
+    let root = [
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.join("cgroup.procs").exists())?;
+    let dir = root.join(format!("fcvm-ptest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+impl Env {
+    fn new(test: &str) -> Option<Env> {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let assets = assets(test)?;
+        let env = TestEnv::new();
+        std::fs::create_dir_all(env.base().join("t")).unwrap();
+        Some(Env {
+            env,
+            assets,
+            cgroup: make_cgroup(),
+            _serial: serial,
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.env.command();
+        cmd.args(args)
+            .env("FCVM_ROOTFS", &self.assets.rootfs)
+            .env("FCVM_AGENT_BIN", &self.assets.agent)
+            .env("FCVM_SANDBOX_VMM_BIN", &self.assets.sandbox)
+            .env("FCVM_VMM", "sandbox")
+            .env("TMPDIR", self.env.base().join("t"))
+            .env_remove("FCVM_PODMAN_TIMINGS");
+        if let Some(cg) = &self.cgroup {
+            let procs =
+                std::ffi::CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .unwrap();
+            // SAFETY: runs in the forked child before exec; open/write/close are
+            // async-signal-safe and the path was allocated before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        cmd
+    }
+
+    /// `fcvm podman run --name NAME --image-archive ARCHIVE [extra...] IMAGE -- cmd...`.
+    fn run_args(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec!["podman".into(), "run".into(), "--name".into(), name.into()];
+        v.push("--image-archive".into());
+        v.push(self.assets.archive.display().to_string());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.push(IMAGE_REF.into());
+        if !cmd.is_empty() {
+            v.push("--".into());
+            v.extend(cmd.iter().map(|s| s.to_string()));
+        }
+        v
+    }
+
+    fn output(&self, args: &[String], stdin: &[u8]) -> Output {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = self
+            .command(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run fcvm");
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    fn run(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        self.output(&self.run_args(name, extra, cmd), b"")
+    }
+
+    fn spawn(&self, args: &[String]) -> Child {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fcvm")
+    }
+
+    fn exec(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut v = vec!["exec".to_string()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        self.output(&v, stdin)
+    }
+
+    /// Wait until `fcvm ls` shows `name` healthy (the agent said `ready`).
+    fn wait_healthy(&self, name: &str) -> serde_json::Value {
+        wait_until(Duration::from_secs(90), "the container to be ready", || {
+            self.env
+                .ls()
+                .into_iter()
+                .find(|v| v["name"] == name && v["health"] == "healthy")
+        })
+    }
+
+    /// Everything gone: records, runtime dirs, processes, cgroups, loop devices, mounts,
+    /// the sandbox's work dir.
+    fn assert_nothing_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind:\n{}",
+                left.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.env.assert_clean();
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        if let Some(cg) = &self.cgroup {
+            for dir in walk_dirs(cg) {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                if !procs.trim().is_empty() {
+                    left.push(format!(
+                        "processes in {}: {}",
+                        dir.display(),
+                        procs.trim().replace('\n', " ")
+                    ));
+                }
+                if &dir != cg {
+                    left.push(format!("cgroup {}", dir.display()));
+                }
+            }
+        }
+        let base = self.env.base().display().to_string();
+        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                let b = b.trim();
+                if b.starts_with(&base) || b.starts_with(fcvm::paths::VMM_VIEW_DIR) {
+                    left.push(format!("loop device {:?} backed by {b}", e.file_name()));
+                }
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for l in mounts.lines().filter(|l| l.contains(&base)) {
+            left.push(format!("mount {l}"));
+        }
+        if let Ok(rd) = std::fs::read_dir(self.env.base().join("t")) {
+            for e in rd.flatten() {
+                left.push(format!("sandbox work dir {}", e.path().display()));
+            }
+        }
+        if !self.env.state_files().is_empty() || !self.env.vm_dirs().is_empty() {
+            left.push(format!(
+                "state {:?} dirs {:?}",
+                self.env.state_files(),
+                self.env.vm_dirs()
+            ));
+        }
+        left
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(cg) = &self.cgroup {
+            // Kill stragglers of a failed test, then remove the (now empty) cgroups.
+            for dir in walk_dirs(cg) {
+                for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let mut dirs = walk_dirs(cg);
+            dirs.reverse();
+            for d in dirs {
+                let _ = std::fs::remove_dir(&d);
+            }
+        }
+    }
+}
+
+/// `dir` and every cgroup below it, parents first.
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = std::fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// stderr without fcvm's one-line sandbox notice.
+fn container_stderr(o: &Output) -> String {
+    text(&o.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("fcvm: this host cannot boot guest kernels"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn run_separates_streams_forwards_exit_codes_env_and_commands() {
+    let Some(env) = Env::new("run_separates_streams") else {
+        return;
+    };
+    let o = env.run(
+        "streams",
+        &[
+            "--env",
+            "A=1",
+            "--env",
+            "B=two,C=x y",
+            "-e",
+            "PATHLIKE=/a,/b",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo out; echo err >&2; echo \"$A|$B|$C|$PATHLIKE\"; exit 7",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "out\n1|two|x y|/a,/b\n");
+    assert_eq!(container_stderr(&o), "err\n");
+    env.assert_nothing_left();
+
+    // --cmd is split like a shell would; the image default (sh) is not used.
+    let o = env.run("cmd", &["--cmd", "sh -c 'echo \"via cmd\"; exit 0'"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "via cmd\n");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn interactive_stdin_is_piped_to_the_container() {
+    let Some(env) = Env::new("interactive_stdin") else {
+        return;
+    };
+    let args = env.run_args("stdin", &["-i"], &["cat"]);
+    let o = env.output(&args, b"hi\nthere\n");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "hi\nthere\n");
+    // Without -i the container's stdin is empty.
+    let o = env.run("nostdin", &[], &["sh", "-c", "cat; echo end"]);
+    assert_eq!(text(&o.stdout), "end\n");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn exec_in_container_and_vm_name_clash_and_137() {
+    let Some(env) = Env::new("exec") else { return };
+    let mut vm = env.spawn(&env.run_args("ex", &[], &["sh", "-c", "echo started; sleep 300"]));
+    let rec = env.wait_healthy("ex");
+    assert_eq!(rec["kind"], "container");
+    assert_eq!(rec["image"], IMAGE_REF);
+    assert_eq!(rec["vmm_kind"], "sandbox");
+
+    let o = env.exec(
+        &[
+            "--name",
+            "ex",
+            "--",
+            "sh",
+            "-c",
+            "hostname; echo e >&2; exit 3",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(
+        (text(&o.stdout), text(&o.stderr)),
+        ("ex\n".into(), "e\n".into())
+    );
+
+    let o = env.exec(
+        &[
+            "--name",
+            "ex",
+            "--vm",
+            "--",
+            "sh",
+            "-c",
+            ". /etc/os-release; echo $ID; exit 5",
+        ],
+        b"",
+    );
+    assert_eq!(
+        (text(&o.stdout), o.status.code()),
+        ("debian\n".into(), Some(5))
+    );
+
+    let o = env.exec(&["--name", "ex", "-i", "--", "wc", "-c"], b"12345");
+    assert_eq!((text(&o.stdout).trim(), o.status.code()), ("5", Some(0)));
+
+    let pid = rec["pid"].as_u64().unwrap().to_string();
+    let o = env.exec(&["--pid", &pid, "--vm", "--", "/no/such/program"], b"");
+    assert_eq!(o.status.code(), Some(127));
+    assert!(
+        text(&o.stderr).contains("/no/such/program"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = env.exec(&["--name", "ghost", "--", "true"], b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        text(&o.stderr).contains("no running VM matches"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // The name is taken while the VM runs; the refused run leaves nothing of its own.
+    let o = env.run("ex", &[], &["true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("a VM named \"ex\" is already running"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(env.env.state_files().len(), 1);
+
+    // Killing the container from the VM ends the run with 137.
+    let o = env.exec(
+        &[
+            "--name",
+            "ex",
+            "--vm",
+            "--",
+            "sh",
+            "-c",
+            "kill -9 $(podman inspect -f '{{.State.Pid}}' fcvm-container)",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let mut out = String::new();
+    vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let st = vm.wait().unwrap();
+    assert_eq!(st.code(), Some(137));
+    assert_eq!(out, "started\n");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
+    let Some(env) = Env::new("ctrl_c") else {
+        return;
+    };
+    let script = "trap 'echo got-term; exit 0' TERM; echo started; while :; do sleep 0.1; done";
+    let mut vm = env.spawn(&env.run_args("cc", &[], &["sh", "-c", script]));
+    let mut out = BufReader::new(vm.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    env.wait_healthy("cc");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let st = vm.wait().unwrap();
+    assert_eq!(st.code(), Some(130));
+    assert_eq!(
+        rest, "got-term\n",
+        "the container got SIGTERM and could clean up"
+    );
+    env.assert_nothing_left();
+
+    // SIGKILL of fcvm: the VMM dies with it; the next fcvm command reaps the record.
+    let mut vm = env.spawn(&env.run_args("kk", &[], &["sleep", "300"]));
+    let rec = env.wait_healthy("kk");
+    let vmm_pid = rec["vmm"]["pid"].as_u64().expect("VMM pid recorded");
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+    wait_until(Duration::from_secs(10), "the VMM to die with fcvm", || {
+        (!Path::new(&format!("/proc/{vmm_pid}")).exists()).then_some(())
+    });
+    let _ = env.env.ls();
+    assert!(env.env.state_files().is_empty() && env.env.vm_dirs().is_empty());
+    // The sandbox's empty cgroups and work dir are collected by the next VMM start.
+    let o = env.run("after", &[], &["true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    env.assert_nothing_left();
+}
+
+#[test]
+fn five_vms_at_once() {
+    let Some(env) = Env::new("five_vms") else {
+        return;
+    };
+    let mut vms: Vec<(usize, Child)> = (0..5)
+        .map(|i| {
+            let name = format!("par{i}");
+            let env_arg = format!("N={i}");
+            let child = env.spawn(&env.run_args(
+                &name,
+                &["--env", &env_arg],
+                &["sh", "-c", "sleep 2; echo vm-$N"],
+            ));
+            (i, child)
+        })
+        .collect();
+    for (i, vm) in vms.iter_mut() {
+        let mut out = String::new();
+        vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let mut err = String::new();
+        vm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(vm.wait().unwrap().code(), Some(0), "{err}");
+        assert_eq!(out, format!("vm-{i}\n"));
+    }
+    env.assert_nothing_left();
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_leaves_nothing() {
+    let Some(env) = Env::new("bad_input") else {
+        return;
+    };
+    // Unknown image: the agent's error is forwarded, exit 125 like podman.
+    let mut args = env.run_args("badimg", &[], &["true"]);
+    let pos = args.iter().position(|a| a == IMAGE_REF).unwrap();
+    args[pos] = "localhost/no-such-image:9".into();
+    let o = env.output(&args, b"");
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    // podman's own message (or the agent's) reaches stderr.
+    assert!(err.contains("localhost/no-such-image:9"), "{err}");
+    assert!(o.stdout.is_empty());
+
+    for (extra, needle) in [
+        (&["--env", "NOEQUALS"][..], "expected NAME=VALUE"),
+        (&["--env", "=1"][..], "expected NAME=VALUE"),
+        (&["--cpu", "0"][..], "--cpu 0 is out of range"),
+        (&["--cmd", "echo"][..], "not both"),
+        (
+            &["--kernel", "/nope/vmlinux"][..],
+            "kernel /nope/vmlinux does not exist",
+        ),
+    ] {
+        let o = env.run("bad", extra, &["true"]);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        assert!(
+            text(&o.stderr).contains(needle),
+            "{extra:?}: {}",
+            text(&o.stderr)
+        );
+    }
+    let o = env.output(
+        &[
+            "podman".into(),
+            "run".into(),
+            "--name".into(),
+            "x".into(),
+            "--vmm".into(),
+            "qemu".into(),
+            "img".into(),
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(2), "clap rejects an unknown VMM");
+    let o = env.output(
+        &[
+            "podman".into(),
+            "run".into(),
+            "--name".into(),
+            "x".into(),
+            "--image-archive".into(),
+            "/nope.tar".into(),
+        ],
+        b"",
+    );
+    assert!(
+        text(&o.stderr).contains("--image-archive /nope.tar"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Missing setup names the command to run.
+    let mut cmd = env.command(&["podman", "run", "--name", "x", "img"]);
+    cmd.env_remove("FCVM_ROOTFS");
+    let o = cmd.output().unwrap();
+    assert!(
+        text(&o.stderr).contains("fcvm setup rootfs"),
+        "{}",
+        text(&o.stderr)
+    );
+    let mut cmd = env.command(&["podman", "run", "--name", "x", "img"]);
+    cmd.env("FCVM_SANDBOX_VMM_BIN", "")
+        .env("PATH", "/usr/bin:/bin");
+    let o = cmd.output().unwrap();
+    let err = text(&o.stderr);
+    // Beside the fcvm binary is allowed to satisfy it; otherwise the error says how to build it.
+    if o.status.code() == Some(1) && err.contains("sandbox VMM") {
+        assert!(
+            err.contains("cargo build --release -p fcvm-sandbox-vmm"),
+            "{err}"
+        );
+    }
+    env.assert_nothing_left();
+}
+
+/// tmux driving a real terminal: a full-screen program, arrow keys, resize.
+#[test]
+fn tty_full_screen_arrows_and_resize() {
+    let Some(env) = Env::new("tty") else { return };
+    if Command::new("tmux").arg("-V").output().is_err() {
+        skip_or_panic("tty", "tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let session = format!("fcvm-ptest-{}", std::process::id());
+    let socket = env.env.base().join("tmux.sock");
+    let tmux = |args: &[&str]| -> String {
+        let o = Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        text(&o.stdout)
+    };
+    let exit_file = env.env.base().join("exit");
+    let script = env.env.base().join("run.sh");
+    let c = env.command(&[]);
+    let mut sh = String::from("#!/bin/sh\n");
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            sh.push_str(&format!(
+                "export {}='{}'\n",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            ));
+        }
+    }
+    let args: Vec<String> = env.run_args("tty", &["-i", "-t"], &["sh"]);
+    sh.push_str(&format!(
+        "echo 0 > {}/cgroup.procs 2>/dev/null\n{} {}\necho $? > {}\n",
+        env.cgroup
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or("/nonexistent".into()),
+        env!("CARGO_BIN_EXE_fcvm"),
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        exit_file.display()
+    ));
+    std::fs::write(&script, sh).unwrap();
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &format!("sh {}", script.display()),
+    ]);
+    tmux(&["set-option", "-t", &session, "status", "off"]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let wait_screen = |what: &str, f: &dyn Fn(&str) -> bool| {
+        wait_until(Duration::from_secs(90), what, || {
+            let s = screen();
+            f(&s).then_some(s)
+        })
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_screen("a shell prompt", &|s| s.contains("/ #"));
+        tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+        let size = tmux(&[
+            "display-message",
+            "-p",
+            "-t",
+            &session,
+            "#{pane_height} #{pane_width}",
+        ]);
+        let size = size.trim().to_owned();
+        wait_screen("the initial size", &|s| s.contains(&size));
+
+        // Full-screen editor: type two lines, go up with the arrow key, append there.
+        tmux(&["send-keys", "-t", &session, "vi /tmp/f", "Enter"]);
+        wait_screen("vi to draw", &|s| {
+            s.lines().filter(|l| l.starts_with('~')).count() > 5
+        });
+        // Pauses between keys: vi tells a lone Escape from an arrow key's escape sequence
+        // by timing.
+        for keys in [
+            &["i", "aaa", "Enter", "bbb"][..],
+            &["Escape"],
+            &["Up"],
+            &["A", "!"],
+            &["Escape"],
+            &[":wq", "Enter"],
+        ] {
+            let mut a = vec!["send-keys", "-t", &session];
+            a.extend_from_slice(keys);
+            tmux(&a);
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        wait_screen("vi to exit", &|s| !s.lines().any(|l| l.starts_with('~')));
+        tmux(&["send-keys", "-t", &session, "clear; cat /tmp/f", "Enter"]);
+        wait_screen("the edited file", &|s| {
+            s.contains("aaa!") && s.contains("bbb")
+        });
+
+        // Resize reaches the container's terminal.
+        tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+        std::thread::sleep(Duration::from_millis(500));
+        tmux(&["send-keys", "-t", &session, "clear; stty size", "Enter"]);
+        let size = tmux(&[
+            "display-message",
+            "-p",
+            "-t",
+            &session,
+            "#{pane_height} #{pane_width}",
+        ]);
+        let size = size.trim().to_owned();
+        assert!(size.ends_with(" 120"), "{size}");
+        wait_screen("the new size", &|s| s.contains(&size));
+
+        tmux(&["send-keys", "-t", &session, "exit 4", "Enter"]);
+        wait_until(Duration::from_secs(60), "fcvm to exit", || {
+            std::fs::read_to_string(&exit_file)
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+    }));
+    let last = screen();
+    tmux(&["kill-server"]);
+    match result {
+        Ok(code) => assert_eq!(code.trim(), "4", "screen:\n{last}"),
+        Err(e) => {
+            eprintln!("screen at failure:\n{last}");
+            std::panic::resume_unwind(e)
+        }
+    }
+    env.assert_nothing_left();
+}
