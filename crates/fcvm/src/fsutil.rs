@@ -38,6 +38,20 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Replace `path` with `bytes` atomically for concurrent readers, without forcing the data
+/// to disk.
+///
+/// For runtime state (VM records) that describes processes which do not survive a host
+/// crash anyway: the rename keeps readers from ever seeing a torn file, and skipping the
+/// fsync keeps `fcvm run` fast. Use [`atomic_write`] for anything that must survive a crash.
+pub fn atomic_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Hex SHA-256 of a file's content.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut file = File::open(path)?;

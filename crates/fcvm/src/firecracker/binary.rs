@@ -158,9 +158,20 @@ pub enum BinaryError {
 }
 
 /// Find `program` and check that it is recent enough.
+///
+/// The version of a given binary (identified by inode, size and mtime) is cached in the
+/// base dir, so only the first command after an upgrade pays for running `--version`.
 pub fn find(program: Program, paths: &Paths) -> Result<FoundBinary, BinaryError> {
     let path = locate(program, paths)?;
-    let version = query_version(&path)?;
+    let cache = VersionCache::new(paths);
+    let version = match cache.get(&path) {
+        Some(v) => v,
+        None => {
+            let v = query_version(&path)?;
+            cache.put(&path, v);
+            v
+        }
+    };
     if version < MIN_VERSION {
         return Err(BinaryError::TooOld {
             program,
@@ -218,6 +229,79 @@ pub fn query_version(path: &Path) -> Result<Version, BinaryError> {
     })
 }
 
+/// Versions of binaries already asked, keyed by path and identified by inode/size/mtime.
+struct VersionCache {
+    file: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+struct CachedVersion {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    version: (u32, u32, u32),
+}
+
+impl VersionCache {
+    fn new(paths: &Paths) -> Self {
+        Self {
+            file: paths.cache_dir().join("binary-versions.json"),
+        }
+    }
+
+    fn identity(path: &Path) -> Option<(u64, u64, i128)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((
+            m.ino(),
+            m.size(),
+            i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ))
+    }
+
+    fn load(&self) -> std::collections::BTreeMap<String, CachedVersion> {
+        std::fs::read(&self.file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn get(&self, path: &Path) -> Option<Version> {
+        let (ino, size, mtime_ns) = Self::identity(path)?;
+        let entries = self.load();
+        let e = entries.get(&path.display().to_string())?;
+        (e.ino == ino && e.size == size && e.mtime_ns == mtime_ns).then_some(Version {
+            major: e.version.0,
+            minor: e.version.1,
+            patch: e.version.2,
+        })
+    }
+
+    fn put(&self, path: &Path, v: Version) {
+        let Some((ino, size, mtime_ns)) = Self::identity(path) else {
+            return;
+        };
+        let mut entries = self.load();
+        let version = (v.major, v.minor, v.patch);
+        entries.insert(
+            path.display().to_string(),
+            CachedVersion {
+                ino,
+                size,
+                mtime_ns,
+                version,
+            },
+        );
+        // Best effort: a cache that cannot be written only costs the next `--version`.
+        if let Some(dir) = self.file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Ok(bytes) = serde_json::to_vec(&entries) {
+            let _ = crate::fsutil::atomic_replace(&self.file, &bytes);
+        }
+    }
+}
+
 fn search_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -264,6 +348,29 @@ mod tests {
             })
         );
         assert_eq!(Version::from_banner("no version here"), None);
+    }
+
+    #[test]
+    fn version_cache_is_invalidated_when_the_binary_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let bin = dir.path().join("fc");
+        std::fs::write(&bin, b"one").unwrap();
+        let cache = VersionCache::new(&paths);
+        assert_eq!(cache.get(&bin), None);
+        let v = Version {
+            major: 1,
+            minor: 12,
+            patch: 1,
+        };
+        cache.put(&bin, v);
+        assert_eq!(cache.get(&bin), Some(v));
+        std::fs::write(&bin, b"changed").unwrap();
+        assert_eq!(
+            cache.get(&bin),
+            None,
+            "a replaced binary must be asked again"
+        );
     }
 
     #[test]

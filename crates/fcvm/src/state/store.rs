@@ -227,6 +227,8 @@ impl Store {
     fn write_locked(&self, record: &VmRecord) -> Result<(), StoreError> {
         let path = self.record_path(&record.id);
         let bytes = serde_json::to_vec_pretty(record).expect("records always serialize");
-        fsutil::atomic_write(&path, &bytes).map_err(io_err("write", &path))
+        // Records describe live processes, which a host crash ends anyway: atomic for
+        // readers is what matters, durability is not worth an fsync per update.
+        fsutil::atomic_replace(&path, &bytes).map_err(io_err("write", &path))
     }
 }
