@@ -59,10 +59,14 @@ fn tick_lines(path: &Path) -> Vec<Tick> {
 }
 
 fn wait_ticks(path: &Path, at_least: usize) -> Vec<Tick> {
-    wait_until(WAIT, &format!("{at_least} ticks in {}", path.display()), || {
-        let t = tick_lines(path);
-        (t.len() >= at_least).then_some(t)
-    })
+    wait_until(
+        WAIT,
+        &format!("{at_least} ticks in {}", path.display()),
+        || {
+            let t = tick_lines(path);
+            (t.len() >= at_least).then_some(t)
+        },
+    )
 }
 
 fn last_tick(path: &Path) -> u64 {
@@ -104,7 +108,10 @@ fn snapshot(env: &TestEnv, vm_name: &str, tag: &str, diff: bool) -> (u64, u64) {
 fn verify_clone(env: &TestEnv, clone: &str, model: &ProbeModel, window: (u64, u64), ticks: usize) {
     let log = console(env, clone);
     let seen = wait_ticks(&log, ticks);
-    assert!(banner(&log).is_none(), "{clone} rebooted instead of restoring");
+    assert!(
+        banner(&log).is_none(),
+        "{clone} rebooted instead of restoring"
+    );
     let first = seen[0].n;
     assert!(
         first >= window.0 && first <= window.1 + 1,
@@ -114,7 +121,12 @@ fn verify_clone(env: &TestEnv, clone: &str, model: &ProbeModel, window: (u64, u6
     );
     for (i, t) in seen.iter().enumerate() {
         assert_eq!(t.n, first + i as u64, "{clone}: ticks not consecutive");
-        assert_eq!(*t, model.expected_tick(t.n), "{clone}: tick {} differs from the model", t.n);
+        assert_eq!(
+            *t,
+            model.expected_tick(t.n),
+            "{clone}: tick {} differs from the model",
+            t.n
+        );
     }
 }
 
@@ -247,7 +259,10 @@ fn diff_snapshots_and_clone_lineage_restore_correctly() {
     assert_eq!(d2["parent"], "full1");
     let dirty = d2["diff_dirty_bytes"].as_u64().unwrap();
     assert!(dirty > 0 && dirty < 32 << 20, "diff of {dirty} bytes");
-    assert_eq!(tags.iter().find(|s| s["tag"] == "d0").unwrap()["parent"], serde_json::Value::Null);
+    assert_eq!(
+        tags.iter().find(|s| s["tag"] == "d0").unwrap()["parent"],
+        serde_json::Value::Null
+    );
 
     clone_detached(&env, "c0", &["--snapshot", "d0"]);
     clone_detached(&env, "c2", &["--snapshot", "d2"]);
@@ -302,7 +317,11 @@ fn ten_clones_from_one_server_kill_one_then_sigterm_the_server() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for i in 0..10 {
         verify_clone(&env, &format!("c{i}"), &model, window, 2);
@@ -316,7 +335,10 @@ fn ten_clones_from_one_server_kill_one_then_sigterm_the_server() {
     assert!(victim.wait_gone(Duration::from_secs(5)));
     let srv = ProcessRef::of_pid(server).unwrap();
     assert!(srv.is_alive());
-    assert!(env.ls().iter().all(|v| v["name"] != "c0"), "dead clone reaped");
+    assert!(
+        env.ls().iter().all(|v| v["name"] != "c0"),
+        "dead clone reaped"
+    );
     wait_until(WAIT, "server notices the dead clone", || {
         let s = env.ls().into_iter().find(|v| v["kind"] == "page_server")?;
         (s["served_live"] == 9).then_some(())
@@ -324,9 +346,13 @@ fn ten_clones_from_one_server_kill_one_then_sigterm_the_server() {
 
     // SIGTERM: no new clones, but live ones keep being served correctly.
     srv.signal(nix::sys::signal::Signal::SIGTERM);
-    let before: Vec<u64> = (1..10).map(|i| last_tick(&console(&env, &format!("c{i}")))).collect();
+    let before: Vec<u64> = (1..10)
+        .map(|i| last_tick(&console(&env, &format!("c{i}"))))
+        .collect();
     wait_until(WAIT, "server stops accepting", || {
-        let out = env.fcvm(&["snapshot", "run", "--pid", &pid, "--detach", "--name", "late"]);
+        let out = env.fcvm(&[
+            "snapshot", "run", "--pid", &pid, "--detach", "--name", "late",
+        ]);
         (!out.status.success()).then_some(())
     });
     for (i, b) in (1..10).zip(before) {
@@ -341,7 +367,10 @@ fn ten_clones_from_one_server_kill_one_then_sigterm_the_server() {
     for i in 1..10 {
         stop(&env, &format!("c{i}"));
     }
-    assert!(srv.wait_gone(Duration::from_secs(10)), "server exits once idle");
+    assert!(
+        srv.wait_gone(Duration::from_secs(10)),
+        "server exits once idle"
+    );
     env.fcvm(&["ls"]);
     assert_all_gone(&env, &namespaces);
 }
@@ -361,14 +390,24 @@ fn killing_the_server_fails_its_clones_loudly() {
     // And one in the foreground, streaming its console.
     let mut fg = env
         .command()
-        .args(["snapshot", "run", "--pid", &server.to_string(), "--name", "fg"])
+        .args([
+            "snapshot",
+            "run",
+            "--pid",
+            &server.to_string(),
+            "--name",
+            "fg",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     verify_clone(&env, "bg", &model, window, 2);
     wait_until(WAIT, "fg clone listed", || {
-        env.ls().iter().any(|v| v["name"] == "fg" && v["status"] == "running").then_some(())
+        env.ls()
+            .iter()
+            .any(|v| v["name"] == "fg" && v["status"] == "running")
+            .then_some(())
     });
     verify_clone(&env, "fg", &model, window, 2);
     let vmms: Vec<ProcessRef> = ["bg", "fg"]
@@ -380,19 +419,28 @@ fn killing_the_server_fails_its_clones_loudly() {
     srv.signal(nix::sys::signal::Signal::SIGKILL);
     assert!(srv.wait_gone(Duration::from_secs(5)));
     let status = wait_until(WAIT, "foreground clone exits", || fg.try_wait().unwrap());
-    assert!(!status.success(), "a clone without memory must not exit cleanly");
+    assert!(
+        !status.success(),
+        "a clone without memory must not exit cleanly"
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(fg.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("page server"), "{err}");
     // Any fcvm command notices the detached one.
     let listed = env.ls();
     for n in ["bg", "fg"] {
-        let v = listed.iter().find(|v| v["name"] == n).expect("failed clone kept");
+        let v = listed
+            .iter()
+            .find(|v| v["name"] == n)
+            .expect("failed clone kept");
         assert_eq!(v["status"], "failed", "{n}: {v}");
         assert!(v["error"].as_str().unwrap().contains("page server"), "{v}");
     }
     for v in &vmms {
-        assert!(v.wait_gone(Duration::from_secs(5)), "clone VMM still running");
+        assert!(
+            v.wait_gone(Duration::from_secs(5)),
+            "clone VMM still running"
+        );
     }
     for n in ["bg", "fg"] {
         stop(&env, n);
@@ -425,7 +473,10 @@ fn killed_create_leaves_no_snapshot_and_the_source_running() {
             "{point}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(snapshot_tags(&env).is_empty(), "{point}: partial snapshot listed");
+        assert!(
+            snapshot_tags(&env).is_empty(),
+            "{point}: partial snapshot listed"
+        );
         let hidden: Vec<_> = std::fs::read_dir(env.base().join("snapshots"))
             .unwrap()
             .flatten()
@@ -434,7 +485,9 @@ fn killed_create_leaves_no_snapshot_and_the_source_running() {
         assert!(hidden.is_empty(), "{point}: staging left after ls");
         // The guard resumed the source.
         let t = last_tick(&log);
-        wait_until(WAIT, "source ticks again", || (last_tick(&log) >= t + 2).then_some(()));
+        wait_until(WAIT, "source ticks again", || {
+            (last_tick(&log) >= t + 2).then_some(())
+        });
     }
     // No published snapshot matches the VM's dirty log now: a Diff is refused...
     let out = env.fcvm(&["snapshot", "create", "src", "--tag", "t", "--diff"]);
@@ -477,7 +530,9 @@ fn full_disk_gives_a_clear_error_and_no_partial_snapshot() {
         );
         assert!(snapshot_tags(&env).is_empty());
         let t = last_tick(&log);
-        wait_until(WAIT, "source ticks after ENOSPC", || (last_tick(&log) >= t + 2).then_some(()));
+        wait_until(WAIT, "source ticks after ENOSPC", || {
+            (last_tick(&log) >= t + 2).then_some(())
+        });
         stop(&env, "src");
         env.assert_clean();
     }));

@@ -67,6 +67,14 @@ pub enum SetupStep {
     Rootfs,
     /// Build the guest kernel from Debian's linux-source (slow; for hosts with real KVM).
     Kernel,
+    /// Make the base dir reflink-capable (loop-file btrfs when it is not); explicit only.
+    Storage {
+        /// Size of the loop filesystem.
+        #[arg(long, default_value = crate::setup::storage::DEFAULT_SIZE)]
+        size: String,
+    },
+    /// Start KSM (ksmd) so clones share identical memory pages; explicit only.
+    Ksm,
 }
 
 /// `fcvm doctor`.

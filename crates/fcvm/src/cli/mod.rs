@@ -77,6 +77,34 @@ fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
             done.jailer.path.display()
         );
     }
+    if let Some(SetupStep::Storage { size }) = &step {
+        let bytes = setup::storage::parse_size(size)?;
+        match setup::storage::ensure(paths, bytes) {
+            Ok(setup::storage::StorageOutcome::AlreadyReflink) => eprintln!(
+                "storage: {} already supports reflinks; nothing to do",
+                paths.base().display()
+            ),
+            Ok(setup::storage::StorageOutcome::LoopBtrfs { image, mkfs_version }) => eprintln!(
+                "storage: {} could not reflink; created a {size} btrfs in {} ({mkfs_version}) and mounted it there (loop). Not persistent: add `{} {} btrfs loop 0 0` to /etc/fstab to keep it across reboots",
+                paths.base().display(),
+                image.display(),
+                image.display(),
+                paths.base().display()
+            ),
+            Err(e @ setup::storage::StorageError::NoBtrfsProgs { .. }) => {
+                eprintln!("warning: {e}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(SetupStep::Ksm) = &step {
+        let was = setup::storage::enable_ksm().context("writing /sys/kernel/mm/ksm/run")?;
+        eprintln!(
+            "ksm: {}; VMs and clones started with --ksm auto (default) or on now share identical pages (ksmd CPU cost grows with /sys/kernel/mm/ksm/pages_to_scan)",
+            if was { "already running" } else { "started" }
+        );
+    }
     if all || matches!(step, Some(SetupStep::Probe)) {
         let path = setup::probe::ensure(paths).context("writing the probe kernel")?;
         eprintln!("probe kernel {}", path.display());

@@ -159,7 +159,10 @@ pub async fn snapshot(paths: &Paths, cmd: SnapshotCommand) -> Result<ExitCode> {
 
 /// Dispatch `fcvm snapshots`.
 pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
-    match args.command.unwrap_or(SnapshotsCommand::Ls { json: args.json }) {
+    match args
+        .command
+        .unwrap_or(SnapshotsCommand::Ls { json: args.json })
+    {
         SnapshotsCommand::Ls { json } => {
             let list = snapshot::list(paths)?;
             let users = snapshot::users(paths)?;
@@ -191,7 +194,11 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                 "removed {} unfinished snapshot dir(s){}",
                 p.staging.len(),
                 if unused {
-                    format!(" and {} unused snapshot(s): {}", p.snapshots.len(), p.snapshots.join(", "))
+                    format!(
+                        " and {} unused snapshot(s): {}",
+                        p.snapshots.len(),
+                        p.snapshots.join(", ")
+                    )
                 } else {
                     String::new()
                 }
@@ -332,7 +339,10 @@ async fn serve_detached(paths: &Paths, a: &ServeArgs) -> Result<ExitCode> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("page server did not come up within 10 s; log {}", log.display());
+            bail!(
+                "page server did not come up within 10 s; log {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -349,7 +359,10 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
                 bail!("pid {pid} is not a page server (see `fcvm ls`)");
             };
             if r.status != VmStatus::Running {
-                bail!("page server {pid} is not accepting clones (status {:?})", r.status);
+                bail!(
+                    "page server {pid} is not accepting clones (status {:?})",
+                    r.status
+                );
             }
             if let Some(t) = &a.snapshot {
                 if *t != tag {
@@ -365,7 +378,9 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
             )
         }
         None => (
-            a.snapshot.clone().expect("clap requires --pid or --snapshot"),
+            a.snapshot
+                .clone()
+                .expect("clap requires --pid or --snapshot"),
             MemorySource::File,
         ),
     };

@@ -49,12 +49,20 @@ pub fn table(entries: &[LsEntry]) -> String {
     let now = now_ms();
     for e in entries {
         let r = &e.record;
-        let source = r
+        let mut source = r
             .image
             .clone()
             .or_else(|| r.snapshot.clone().map(|s| format!("snapshot:{s}")))
             .or_else(|| r.kernel.as_ref().map(|k| k.display().to_string()))
             .unwrap_or_default();
+        if let (Some(live), Some(pages)) = (r.served_live, r.served_pages) {
+            source.push_str(&format!(" (serving {live} clone(s), {pages} pages copied)"));
+        }
+        if r.status == crate::state::VmStatus::Failed {
+            if let Some(e) = &r.error {
+                source.push_str(&format!(" FAILED: {e}"));
+            }
+        }
         rows.push([
             r.name.to_string(),
             r.id.clone(),

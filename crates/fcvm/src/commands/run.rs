@@ -162,7 +162,9 @@ pub async fn run(
     if req.network_tap {
         let ns = format!("fcvm-{id}");
         // Recorded before it exists, so a crash right after creating it is still undone.
-        record.cleanup.insert(0, CleanupStep::DeleteNetns { name: ns.clone() });
+        record
+            .cleanup
+            .insert(0, CleanupStep::DeleteNetns { name: ns.clone() });
         record.netns = Some(ns);
         record.tap = Some(network::DEFAULT_TAP.to_owned());
     }

@@ -212,7 +212,10 @@ pub fn delete_netns(name: &str) -> Result<(), NetError> {
 pub fn mac_for(seed: &str) -> String {
     let digest = crate::fsutil::sha256_bytes(seed.as_bytes());
     let b = hex::decode(&digest[..10]).unwrap_or_else(|_| vec![0; 5]);
-    format!("06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
 }
 
 /// Whether `name` exists as an interface in namespace `netns` (tests, diagnostics).
@@ -255,7 +258,10 @@ mod tests {
         create_netns(&name, Some("tap0")).unwrap();
         assert!(netns_path(&name).exists());
         assert!(interface_in_netns(&name, "tap0").unwrap());
-        assert!(matches!(create_netns(&name, None), Err(NetError::Exists(_))));
+        assert!(matches!(
+            create_netns(&name, None),
+            Err(NetError::Exists(_))
+        ));
         delete_netns(&name).unwrap();
         assert!(!netns_path(&name).exists());
         delete_netns(&name).unwrap();

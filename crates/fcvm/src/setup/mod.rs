@@ -10,3 +10,4 @@ pub mod kernel;
 pub mod probe;
 pub mod progress;
 pub mod rootfs;
+pub mod storage;

@@ -19,9 +19,7 @@ use serde::Serialize;
 
 use crate::cleanup::CleanupStep;
 use crate::firecracker::binary::{self, BinaryError, Program};
-use crate::firecracker::models::{
-    MemBackend, MemBackendType, PartialDrive, SnapshotLoadParams,
-};
+use crate::firecracker::models::{MemBackend, MemBackendType, PartialDrive, SnapshotLoadParams};
 use crate::firecracker::TransportError;
 use crate::names::{Name, NameError};
 use crate::network::{self, NetError};
@@ -150,8 +148,7 @@ pub async fn start_clone(paths: &Paths, req: &CloneRequest) -> Result<StartedClo
     let firecracker = binary::find(Program::Firecracker, paths)?;
     let id = new_vm_id();
     let name = Name::parse(
-        &req
-            .name
+        &req.name
             .clone()
             .unwrap_or_else(|| format!("{}-{}", req.tag, &id[..6])),
     )?;
@@ -178,7 +175,9 @@ pub async fn start_clone(paths: &Paths, req: &CloneRequest) -> Result<StartedClo
     }];
     if let Some(ns) = &netns {
         // Recorded before it exists, so a crash right after creating it is still undone.
-        record.cleanup.insert(0, CleanupStep::DeleteNetns { name: ns.clone() });
+        record
+            .cleanup
+            .insert(0, CleanupStep::DeleteNetns { name: ns.clone() });
     }
     let state = Store::open(paths)?;
     state.create(&record)?;
@@ -322,7 +321,10 @@ async fn restore(
     timings.patch = step.elapsed();
 
     let step = Instant::now();
-    vmm.client.resume().await.map_err(api("resuming the clone"))?;
+    vmm.client
+        .resume()
+        .await
+        .map_err(api("resuming the clone"))?;
     timings.resume = step.elapsed();
     let record = if req.detach {
         state.update(&record.id, |r| {

@@ -33,8 +33,8 @@ use crate::storage::{self, CopyMethod};
 
 use super::guard::ResumeGuard;
 use super::meta::{
-    SnapshotDrive, SnapshotKind, SnapshotMeta, DISK_PREFIX, FORMAT_VERSION, MEMORY_FILE,
-    META_FILE, VMSTATE_FILE,
+    SnapshotDrive, SnapshotKind, SnapshotMeta, DISK_PREFIX, FORMAT_VERSION, MEMORY_FILE, META_FILE,
+    VMSTATE_FILE,
 };
 use super::store::{write_synced, SnapshotStore, StoreError};
 
@@ -99,7 +99,7 @@ pub enum CreateError {
         /// What was being done.
         step: &'static str,
         /// Cause.
-        source: TransportError,
+        source: Box<TransportError>,
         /// Log path.
         log: PathBuf,
     },
@@ -141,13 +141,18 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             req.vm
         )));
     }
-    let api = record.api_socket.clone().ok_or_else(|| {
-        CreateError::NotSnapshottable(format!("{} has no API socket", req.vm))
-    })?;
+    let api = record
+        .api_socket
+        .clone()
+        .ok_or_else(|| CreateError::NotSnapshottable(format!("{} has no API socket", req.vm)))?;
     let log = record.runtime_dir.join("firecracker.log");
     let api_err = |step: &'static str| {
         let log = log.clone();
-        move |source| CreateError::Api { step, source, log }
+        move |source| CreateError::Api {
+            step,
+            source: Box::new(source),
+            log,
+        }
     };
     let client = FirecrackerClient::new(&api);
 
@@ -250,7 +255,13 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
 
     let mut diff_dirty_bytes = None;
     if req.diff {
-        let dirty = merge_diff(&snapshots, parent.as_deref(), &diff_file, &memory, mem_bytes)?;
+        let dirty = merge_diff(
+            &snapshots,
+            parent.as_deref(),
+            &diff_file,
+            &memory,
+            mem_bytes,
+        )?;
         diff_dirty_bytes = Some(dirty);
         if let Some(w) = diff_warning(dirty, mem_bytes) {
             warnings.push(w);
@@ -285,7 +296,10 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             .as_ref()
             .map(|b| PathBuf::from(&b.kernel_image_path))
             .or(record.kernel.clone()),
-        boot_args: config.boot_source.as_ref().and_then(|b| b.boot_args.clone()),
+        boot_args: config
+            .boot_source
+            .as_ref()
+            .and_then(|b| b.boot_args.clone()),
         drives,
         tap: record.tap.clone(),
         memory_bytes: mem_meta.len(),

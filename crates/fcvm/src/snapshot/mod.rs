@@ -1,11 +1,11 @@
 //! Snapshots of running VMs, the UFFD page server, and clones.
 //!
-//! - [`create`]: `fcvm snapshot create` (Full or Diff, atomic publication, resume guard).
-//! - [`store`]: the `snapshots/` directory (staging, publish, list, remove).
-//! - [`meta`]: `snapshot.json`.
-//! - [`serve`]: `fcvm snapshot serve`, a `fcvm_uffd::PageServer` recorded in state.
-//! - [`clone`]: `fcvm snapshot run`, restoring a fresh Firecracker from a snapshot.
-//! - [`guard`]: resumes a paused source VM if its creator dies.
+//! - `create`: `fcvm snapshot create` (Full or Diff, atomic publication, resume guard).
+//! - `store`: the `snapshots/` directory (staging, publish, list, remove).
+//! - `meta`: `snapshot.json`.
+//! - `serve`: `fcvm snapshot serve`, a `fcvm_uffd::PageServer` recorded in state.
+//! - `clone`: `fcvm snapshot run`, restoring a fresh Firecracker from a snapshot.
+//! - `guard`: resumes a paused source VM if its creator dies.
 //!
 //! Layout of one snapshot, `snapshots/<tag>/`: `memory.bin` (always complete), `vmstate.bin`,
 //! `disk-<drive>.img` (reflinks), `snapshot.json`.

@@ -40,7 +40,9 @@ pub enum ServeError {
     #[error(transparent)]
     State(#[from] StateError),
     /// Socket path too long.
-    #[error("page server socket path {0} is over {MAX_SOCKET_PATH} bytes; use a shorter FCVM_BASE_DIR")]
+    #[error(
+        "page server socket path {0} is over {MAX_SOCKET_PATH} bytes; use a shorter FCVM_BASE_DIR"
+    )]
     SocketPath(PathBuf),
     /// The server failed.
     #[error("page server: {0}")]

@@ -36,10 +36,14 @@ pub enum StoreError {
         source: io::Error,
     },
     /// Bad tag.
-    #[error("invalid snapshot tag {0:?}: use letters, digits, '-', '_' or '.', not starting with '.'")]
+    #[error(
+        "invalid snapshot tag {0:?}: use letters, digits, '-', '_' or '.', not starting with '.'"
+    )]
     BadTag(String),
     /// Tag taken.
-    #[error("snapshot {0} already exists; pick another --tag or remove it with `fcvm snapshots rm {0}`")]
+    #[error(
+        "snapshot {0} already exists; pick another --tag or remove it with `fcvm snapshots rm {0}`"
+    )]
     Exists(String),
     /// No such snapshot.
     #[error("no snapshot named {0}; see `fcvm snapshots`")]
@@ -168,10 +172,9 @@ impl SnapshotStore {
         if self.path(tag).exists() {
             return Err(StoreError::Exists(tag.to_owned()));
         }
-        let dir = self.dir.join(format!(
-            ".{tag}{STAGING_MARK}{}",
-            crate::state::new_vm_id()
-        ));
+        let dir = self
+            .dir
+            .join(format!(".{tag}{STAGING_MARK}{}", crate::state::new_vm_id()));
         fs::create_dir(&dir).map_err(io_err("create", &dir))?;
         let staging = Staging {
             dir,
@@ -249,7 +252,7 @@ impl SnapshotStore {
                 Err(e) => tracing::warn!("skipping snapshot dir {name}: {e}"),
             }
         }
-        out.sort_by(|a, b| a.meta.created_at_ms.cmp(&b.meta.created_at_ms));
+        out.sort_by_key(|s| s.meta.created_at_ms);
         Ok(out)
     }
 
@@ -261,7 +264,9 @@ impl SnapshotStore {
         if !dir.exists() {
             return Err(StoreError::NotFound(tag.to_owned()));
         }
-        let doomed = self.dir.join(format!(".{tag}.removing-{}", crate::state::new_vm_id()));
+        let doomed = self
+            .dir
+            .join(format!(".{tag}.removing-{}", crate::state::new_vm_id()));
         fs::rename(&dir, &doomed).map_err(io_err("rename", &dir))?;
         fsync_dir(&self.dir)?;
         fsutil::remove_dir_all_idempotent(&doomed).map_err(io_err("remove", &doomed))
