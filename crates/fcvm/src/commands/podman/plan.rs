@@ -166,6 +166,8 @@ mod tests {
             kv(&[("PATH", "/a,/b"), ("X", "y=z")])
         );
         assert_eq!(env(&["A=1", "A=2"]).unwrap(), kv(&[("A", "2")]));
+        // A comma not followed by NAME= belongs to the value.
+        assert_eq!(env(&["A=1,=2"]).unwrap(), kv(&[("A", "1,=2")]));
         assert_eq!(
             env(&["MSG=hello world"]).unwrap(),
             kv(&[("MSG", "hello world")])
@@ -174,7 +176,7 @@ mod tests {
 
     #[test]
     fn env_rejects_bad_syntax() {
-        for bad in ["NOEQUALS", "=1", "A=1,=2"] {
+        for bad in ["NOEQUALS", "=1", ",A=1"] {
             assert!(
                 matches!(env(&[bad]), Err(PlanArgsError::EnvSyntax(_))),
                 "{bad}"
