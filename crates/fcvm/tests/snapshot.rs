@@ -547,3 +547,68 @@ fn full_disk_gives_a_clear_error_and_no_partial_snapshot() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn setup_storage_gives_reflinks_and_clones_get_their_own_disk() {
+    if firecracker_or_skip("setup_storage").is_none() {
+        return;
+    }
+    let has_mkfs = [
+        "/sbin/mkfs.btrfs",
+        "/usr/sbin/mkfs.btrfs",
+        "/usr/bin/mkfs.btrfs",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    if !nix::unistd::geteuid().is_root() || !has_mkfs {
+        eprintln!("SKIPPED setup_storage: needs root and btrfs-progs");
+        return;
+    }
+    let env = TestEnv::new();
+    let image = env.base().parent().unwrap().join(format!(
+        ".{}.btrfs.img",
+        env.base().file_name().unwrap().to_string_lossy()
+    ));
+    env.ok(&["setup", "storage", "--size", "1G"]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(fcvm::storage::supports_reflink(env.base()).unwrap());
+        let disk = env.base().join("disk.img");
+        std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+        let b = boot_source(&env, "src", &["--rootfs", disk.to_str().unwrap()]);
+        let model = ProbeModel::from_banner(&b);
+        let w = snapshot(&env, "src", "withdisk", false);
+        stop(&env, "src");
+        clone_detached(&env, "c", &["--snapshot", "withdisk"]);
+        verify_clone(&env, "c", &model, w, 2);
+        let c = vm(&env, "c");
+        let own = PathBuf::from(c["runtime_dir"].as_str().unwrap()).join("disk-rootfs.img");
+        assert_eq!(std::fs::read(&own).unwrap(), vec![0x5au8; 1 << 20]);
+        let cfg = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--unix-socket",
+                c["api_socket"].as_str().unwrap(),
+                "http://x/vm/config",
+            ])
+            .output();
+        if let Ok(out) = cfg {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !text.is_empty() {
+                assert!(text.contains("/run/fcvm/vm/disk-rootfs.img"), "{text}");
+            }
+        }
+        stop(&env, "c");
+        env.ok(&["snapshots", "rm", "withdisk"]);
+        env.assert_clean();
+    }));
+    for v in env.ls() {
+        if let Some(n) = v["name"].as_str() {
+            let _ = env.fcvm(&["stop", n, "--timeout", "1"]);
+        }
+    }
+    let _ = nix::mount::umount2(env.base(), nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(&image);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
