@@ -201,15 +201,20 @@ async fn cmd_stop(paths: &Paths, a: args::StopArgs) -> Result<ExitCode> {
     for f in &report.failures {
         eprintln!("warning: {f}");
     }
-    eprintln!(
-        "stopped {} ({})",
-        record.name,
-        if report.graceful {
+    if report.draining {
+        eprintln!(
+            "{} stopped accepting clones and exits when its live clones stop \
+             (stop them first; killing it makes them fail)",
+            record.name
+        );
+    } else {
+        let how = if report.graceful {
             "guest shut down"
         } else {
             "forced"
-        }
-    );
+        };
+        eprintln!("stopped {} ({how})", record.name);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 use crate::cleanup::{self, CleanupError};
 use crate::firecracker::models::ActionType;
 use crate::firecracker::FirecrackerClient;
-use crate::state::{Store, StoreError, VmRecord, VmStatus};
+use nix::sys::signal::Signal;
+
+use crate::state::{Store, StoreError, VmKind, VmRecord, VmStatus};
 
 /// How a stop went.
 #[derive(Debug)]
@@ -15,6 +17,9 @@ pub struct StopReport {
     pub graceful: bool,
     /// Cleanup steps that failed.
     pub failures: Vec<CleanupError>,
+    /// A page server still serving live clones after the grace period: it stopped
+    /// accepting new clones and exits by itself when the last one ends.
+    pub draining: bool,
 }
 
 /// Stop the VM of `record` and remove its record.
@@ -28,6 +33,9 @@ pub async fn stop_vm(
     record: &VmRecord,
     grace: Duration,
 ) -> Result<StopReport, StoreError> {
+    if record.kind == VmKind::PageServer {
+        return stop_page_server(store, record, grace).await;
+    }
     let record = store.update(&record.id, |r| r.status = VmStatus::Stopping)?;
     let mut graceful = false;
     if let (Some(vmm), Some(socket)) = (record.vmm, record.api_socket.as_ref()) {
@@ -52,7 +60,36 @@ pub async fn stop_vm(
     }
     let failures = cleanup::run_all(&record.cleanup);
     store.remove(&record.id)?;
-    Ok(StopReport { graceful, failures })
+    Ok(StopReport {
+        graceful,
+        failures,
+        draining: false,
+    })
+}
+
+/// A page server is never killed while clones depend on it (they would hang or fail on
+/// their next page fault): SIGTERM makes it stop accepting and drain; if clones are still
+/// live after `grace`, it is left to exit by itself when the last one stops.
+async fn stop_page_server(
+    store: &Store,
+    record: &VmRecord,
+    grace: Duration,
+) -> Result<StopReport, StoreError> {
+    let owner = record.owner;
+    if owner.signal(Signal::SIGTERM) && !wait_gone(owner, grace).await {
+        return Ok(StopReport {
+            graceful: true,
+            failures: Vec::new(),
+            draining: true,
+        });
+    }
+    let failures = cleanup::run_all(&record.cleanup);
+    store.remove(&record.id)?;
+    Ok(StopReport {
+        graceful: true,
+        failures,
+        draining: false,
+    })
 }
 
 async fn wait_gone(process: crate::process::ProcessRef, timeout: Duration) -> bool {
