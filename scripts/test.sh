@@ -8,7 +8,7 @@ source scripts/lib.sh
 need_root
 install_host_packages
 build_workspace
-setup_firecracker
+setup_fcvm
 
 echo "== cargo test (Firecracker: $FCVM_FIRECRACKER_BIN)"
 # One test thread per core at most: the real-Firecracker tests boot VMs and the
