@@ -1,1 +1,220 @@
-fn main() {}
+//! `fcvm podman run` and `fcvm exec` timings on the sandbox VMM. Prints figures; never fails
+//! on speed.
+//!
+//! Needs what the podman integration tests need; set FCVM_ROOTFS (a guest rootfs image),
+//! FCVM_AGENT_BIN (static fc-agent) and FCVM_SANDBOX_VMM_BIN, or it says what is missing and
+//! exits 0. `BENCH_RUNS` changes the number of runs (default 10).
+//!
+//! Each cold run is a fresh VM of the busybox test image (`--image-archive`): rootfs copy,
+//! VMM start, agent boot, `podman load`, `podman run`, poweroff, cleanup. The breakdown comes
+//! from fcvm's own step marks (FCVM_PODMAN_TIMINGS) and the agent's console timestamps.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE_REF: &str = "localhost/fcvm-bench-busybox:1";
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn main() {
+    let missing: Vec<&str> = ["FCVM_ROOTFS", "FCVM_AGENT_BIN", "FCVM_SANDBOX_VMM_BIN"]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_none())
+        .collect();
+    if !missing.is_empty() || !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED podman bench: needs root and {missing:?} set");
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let fcvm = PathBuf::from(env!("CARGO_BIN_EXE_fcvm"));
+    let base = tempfile::Builder::new()
+        .prefix("fcvm-b")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let archive = fcvm_sandbox_vmm::testimage::build_busybox_archive(
+        Path::new(fcvm_sandbox_vmm::testimage::DEFAULT_BUSYBOX),
+        &base.path().join("busybox.oci.tar"),
+        "fcvm-bench-busybox",
+        "1",
+    )
+    .expect("build the busybox test image");
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(&fcvm);
+        c.args(args)
+            .env("FCVM_BASE_DIR", base.path())
+            .env("FCVM_VMM", "sandbox");
+        c
+    };
+    let run_args = |name: &str, tail: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["podman", "run", "--name", name, "--image-archive"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.push(archive.path.display().to_string());
+        v.push(IMAGE_REF.into());
+        v.push("--".into());
+        v.extend(tail.iter().map(|s| s.to_string()));
+        v
+    };
+
+    // Cold runs.
+    let mut first_line = Vec::new();
+    let mut total = Vec::new();
+    // In the order the steps happen (first run's order).
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for i in 0..runs {
+        let args = run_args(&format!("bench{i}"), &["echo", "hello"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let start = Instant::now();
+        let mut child = cmd(&args)
+            .env("FCVM_PODMAN_TIMINGS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let t_first = start.elapsed();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let st = child.wait().unwrap();
+        let t_exit = start.elapsed();
+        assert!(st.success() && line == "hello\n", "run failed: {st}\n{err}");
+        first_line.push(ms(t_first));
+        total.push(ms(t_exit));
+        for (k, v) in breakdown(&err) {
+            match steps.iter_mut().find(|(name, _)| *name == k) {
+                Some((_, vs)) => vs.push(v),
+                None => steps.push((k, vec![v])),
+            }
+        }
+    }
+    println!("podman run (sandbox VMM, busybox archive, `echo hello`), median of {runs}:");
+    println!(
+        "  command -> first output line  {:8.1} ms",
+        median(&mut first_line)
+    );
+    println!(
+        "  command -> exit               {:8.1} ms",
+        median(&mut total)
+    );
+    println!("  breakdown (median of each step):");
+    for (k, mut v) in steps {
+        println!("    {k:<40} {:8.1} ms", median(&mut v));
+    }
+
+    // exec round trip on one running VM.
+    let args = run_args("benchexec", &["sleep", "600"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = cmd(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = cmd(&["exec", "--name", "benchexec", "--", "true"])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "VM never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rtt_container = Vec::new();
+    let mut rtt_vm = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let o = cmd(&["exec", "--name", "benchexec", "--", "true"])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        rtt_container.push(ms(t.elapsed()));
+        let t = Instant::now();
+        let o = cmd(&["exec", "--name", "benchexec", "--vm", "--", "true"])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        rtt_vm.push(ms(t.elapsed()));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = vm.wait();
+    println!("fcvm exec round trip (whole `fcvm exec -- true` process), median of {runs}:");
+    println!(
+        "  in the container (podman exec)  {:8.1} ms",
+        median(&mut rtt_container)
+    );
+    println!(
+        "  in the VM (--vm)                {:8.1} ms",
+        median(&mut rtt_vm)
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Step durations from `fcvm-timing` lines: host marks are ms since fcvm started; agent
+/// lines carry ms since the agent started.
+fn breakdown(stderr: &str) -> Vec<(String, f64)> {
+    let mut host: Vec<(String, f64)> = Vec::new();
+    let mut agent: Vec<(String, f64)> = Vec::new();
+    for l in stderr.lines() {
+        if let Some(rest) = l.strip_prefix("fcvm-timing host ") {
+            if let Some((k, v)) = rest.rsplit_once(' ') {
+                if let Ok(v) = v.parse() {
+                    host.push((k.to_owned(), v));
+                }
+            }
+        } else if let Some(rest) = l.strip_prefix("fcvm-timing agent fc-agent [") {
+            if let Some((ms, what)) = rest.split_once(" ms] ") {
+                if let Ok(v) = ms.trim().parse::<f64>() {
+                    let what = what.split(':').next().unwrap_or(what);
+                    let what = what.split(" (").next().unwrap_or(what);
+                    agent.push((what.to_owned(), v));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut prev = ("fcvm start".to_string(), 0.0);
+    for (k, v) in host {
+        out.push((format!("host {} -> {}", prev.0, k), v - prev.1));
+        prev = (k, v);
+    }
+    let mut prev = ("agent start".to_string(), 0.0);
+    for (k, v) in agent {
+        if k.starts_with("container exited") || k == "powering off" {
+            continue;
+        }
+        out.push((format!("agent {} -> {}", prev.0, k), v - prev.1));
+        prev = (k, v);
+    }
+    out
+}
