@@ -233,20 +233,7 @@ fn table(
             users.get(&m.tag).map_or(0, Vec::len).to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::commands::ls::align_columns(&rows)
 }
 
 async fn cmd_create(paths: &Paths, a: CreateArgs) -> Result<ExitCode> {

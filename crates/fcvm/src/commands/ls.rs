@@ -84,12 +84,21 @@ pub fn table(entries: &[LsEntry]) -> String {
             source,
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+    align_columns(&rows)
+}
+
+/// Left-align cells into columns two spaces apart (the first row is the header).
+pub fn align_columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let widths: Vec<usize> = (0..first.as_ref().len())
+        .map(|c| rows.iter().map(|r| r.as_ref()[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for row in rows {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
