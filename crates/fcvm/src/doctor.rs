@@ -232,7 +232,7 @@ fn check_ksm() -> Check {
                 "KSM present but run={} (clone memory is not merged)",
                 v.trim()
             ),
-            Some("echo 1 > /sys/kernel/mm/ksm/run"),
+            Some("fcvm setup ksm (starts ksmd; clones started with --ksm then share identical pages)"),
         ),
         Err(_) => item(
             "ksm",
