@@ -55,7 +55,13 @@ setup_fcvm() {
     export FCVM_FIRECRACKER_BIN="${FCVM_FIRECRACKER_BIN:-$(command -v firecracker || echo "$FCVM_BASE_DIR/bin/firecracker")}"
     echo "== fcvm setup rootfs agent"
     local rootfs
-    rootfs=$("$FCVM" setup rootfs 2>&1 | tee /dev/stderr | sed -n 's/^rootfs //p' | tail -n 1)
+    # Show the progress on stderr (through a pipe: `tee /dev/stderr` would reopen, and
+    # truncate, a log file that stderr is redirected to) and keep the path it reports.
+    rootfs=$("$FCVM" setup rootfs 2>&1 | tee >(cat >&2) | sed -n 's/^rootfs //p' | tail -n 1)
+    if [ -z "$rootfs" ]; then
+        echo "error: fcvm setup rootfs did not report an image" >&2
+        return 1
+    fi
     "$FCVM" setup agent
     # The tests boot containers on this image instead of building their own.
     export FCVM_TEST_ROOTFS="${FCVM_TEST_ROOTFS:-$rootfs}"
