@@ -78,7 +78,7 @@ mod tests {
         let mut follower = ConsoleFollower::open(&path).unwrap();
         assert_eq!(follower.read_new().unwrap(), b"one\r\ntw");
         assert!(follower.read_new().unwrap().is_empty());
-        write!(f, "o\n").unwrap();
+        writeln!(f, "o").unwrap();
         assert_eq!(follower.read_new().unwrap(), b"o\n");
         let line = wait_for_line(&path, Duration::from_millis(50), |l| l.starts_with("tw"));
         assert_eq!(line.unwrap().as_deref(), Some("two"));

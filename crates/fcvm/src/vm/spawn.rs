@@ -80,7 +80,7 @@ pub enum SpawnError {
         /// The socket.
         socket: PathBuf,
         /// Cause.
-        source: TransportError,
+        source: Box<TransportError>,
     },
 }
 
@@ -263,7 +263,7 @@ pub async fn spawn_vmm_with(
             WaitError::Api(source) => SpawnError::NotReady {
                 binary: opts.binary.clone(),
                 socket: vm.api_socket(),
-                source,
+                source: Box::new(source),
             },
         });
     }
