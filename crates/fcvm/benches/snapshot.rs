@@ -158,6 +158,7 @@ async fn fcvm_restore(paths: &Paths, tag: &str, memory: MemorySource) -> Duratio
             memory,
             detach: false,
             ksm: false,
+            track_dirty_pages: false,
         },
     )
     .await
@@ -222,6 +223,7 @@ async fn memory_figures(paths: &Paths, server_sock: &Path, tag: &str, ksm: bool)
                 },
                 detach: false,
                 ksm,
+                track_dirty_pages: false,
             },
         )
         .await
@@ -344,6 +346,7 @@ async fn main() {
                 memory: MemorySource::File,
                 detach: false,
                 ksm: false,
+                track_dirty_pages: false,
             },
         )
         .await
@@ -404,6 +407,7 @@ async fn main() {
                         },
                         detach: true,
                         ksm: false,
+                        track_dirty_pages: false,
                     },
                 )
                 .await

@@ -265,7 +265,7 @@ fn diff_snapshots_and_clone_lineage_restore_correctly() {
     );
 
     clone_detached(&env, "c0", &["--snapshot", "d0"]);
-    clone_detached(&env, "c2", &["--snapshot", "d2"]);
+    clone_detached(&env, "c2", &["--snapshot", "d2", "--track-dirty-pages"]);
     verify_clone(&env, "c0", &model, w0, 3);
     verify_clone(&env, "c2", &model, w2, 3);
 

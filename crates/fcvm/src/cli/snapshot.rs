@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// Let KSM merge identical pages across clones.
     #[arg(long, value_enum, default_value_t = KsmMode::Auto)]
     pub ksm: KsmMode,
+    /// Track dirty pages so this clone can itself be Diff-snapshotted (slows its first
+    /// writes to each page a little).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
 }
 
 /// `fcvm snapshots`.
@@ -389,6 +393,7 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
         memory,
         detach: a.detach,
         ksm: a.ksm.enabled(),
+        track_dirty_pages: a.track_dirty_pages,
     };
     let started = clone::start_clone(paths, &req).await?;
     let t = &started.timings;

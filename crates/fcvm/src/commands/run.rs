@@ -153,6 +153,7 @@ pub async fn run(
     record.vmm_kind = "firecracker".into();
     record.vcpus = vcpus;
     record.mem_mib = mem_mib;
+    record.track_dirty_pages = req.track_dirty_pages;
     record.kernel = Some(kernel.clone());
     record.api_socket = Some(vm_paths.api_socket());
     record.console_log = Some(vm_paths.console_log());

@@ -60,6 +60,9 @@ pub struct CloneRequest {
     pub detach: bool,
     /// Mark the VMM's memory mergeable by KSM.
     pub ksm: bool,
+    /// Track dirty pages so the clone itself can be Diff-snapshotted. Off by default:
+    /// tracking write-protects guest memory and slows the restored guest's first writes.
+    pub track_dirty_pages: bool,
 }
 
 /// Time spent in each step.
@@ -159,6 +162,7 @@ pub async fn start_clone(paths: &Paths, req: &CloneRequest) -> Result<StartedClo
     record.vmm_kind = "firecracker".into();
     record.vcpus = meta.vcpus;
     record.mem_mib = meta.mem_mib;
+    record.track_dirty_pages = req.track_dirty_pages;
     record.kernel = meta.kernel.clone();
     record.snapshot = Some(req.tag.clone());
     record.diff_parent = Some(req.tag.clone());
@@ -304,8 +308,9 @@ async fn restore(
         .load_snapshot(&SnapshotLoadParams {
             snapshot_path: snap_dir.join(VMSTATE_FILE).display().to_string(),
             mem_backend,
-            track_dirty_pages: Some(true),
-            resume_vm: Some(false),
+            track_dirty_pages: req.track_dirty_pages.then_some(true),
+            // Load paused only when drives must be repointed first; otherwise one call.
+            resume_vm: Some(patches.is_empty()),
         })
         .await
         .map_err(api("loading the snapshot"))?;
@@ -321,10 +326,12 @@ async fn restore(
     timings.patch = step.elapsed();
 
     let step = Instant::now();
-    vmm.client
-        .resume()
-        .await
-        .map_err(api("resuming the clone"))?;
+    if !patches.is_empty() {
+        vmm.client
+            .resume()
+            .await
+            .map_err(api("resuming the clone"))?;
+    }
     timings.resume = step.elapsed();
     let record = if req.detach {
         state.update(&record.id, |r| {

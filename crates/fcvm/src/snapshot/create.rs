@@ -176,10 +176,17 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
 
     let parent = if req.diff {
         let tracks = machine.as_ref().is_some_and(|m| m.track_dirty_pages);
-        if !tracks && record.kind != VmKind::Clone {
+        // Firecracker reports a restored VM's tracking (enabled at load) as off, so the
+        // record is what tells.
+        if !tracks && !record.track_dirty_pages {
+            let how = if record.kind == VmKind::Clone {
+                "fcvm snapshot run --track-dirty-pages"
+            } else {
+                "fcvm run --track-dirty-pages"
+            };
             return Err(CreateError::NoDiff {
                 vm: req.vm.clone(),
-                why: "it was started without --track-dirty-pages".into(),
+                why: format!("it does not track dirty pages (start it with `{how}`)"),
             });
         }
         match &record.diff_parent {

@@ -120,6 +120,9 @@ pub struct VmRecord {
     /// Why the VM failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Dirty pages are tracked, so Diff snapshots can be taken.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     /// How to undo what was created for this VM, in order.
     #[serde(default)]
     pub cleanup: Vec<CleanupStep>,
@@ -171,6 +174,7 @@ impl VmRecord {
             page_server: None,
             exit_code: None,
             error: None,
+            track_dirty_pages: false,
             cleanup: Vec::new(),
             tap: None,
             diff_parent: None,
