@@ -25,7 +25,7 @@ mod sys;
 
 pub use handshake::{GuestRegion, HandshakeError, Mappings, PageSizeSource, WireShape};
 pub use ksm::enable_ksm_merge_any;
-pub use server::{PageServer, ServerConfig, ServerError};
+pub use server::{PageServer, ServerConfig, ServerError, DEFAULT_FAULT_AROUND_PAGES};
 pub use stats::{CloneStats, DisconnectReason, RejectedHandshake, ServerEvent, ServerStats};
 
 /// The host's base page size in bytes.

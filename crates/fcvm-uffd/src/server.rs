@@ -51,7 +51,14 @@ pub struct ServerConfig {
     pub history_limit: usize,
     /// Capacity of each event subscriber's queue before it starts lagging.
     pub event_capacity: usize,
+    /// Fault-around window in pages: a fault also copies the rest of its aligned window of
+    /// this many pages (without waking anyone), so a guest walking its memory takes one
+    /// fault per window instead of one per page. 1 disables it.
+    pub fault_around_pages: u64,
 }
+
+/// Default fault-around window: 16 pages (64 KiB with 4 KiB pages).
+pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 16;
 
 impl ServerConfig {
     /// Defaults: 30 s handshake timeout, 4096 clones, 1024 history entries, 1024 queued events.
@@ -63,6 +70,7 @@ impl ServerConfig {
             max_clones: 4096,
             history_limit: 1024,
             event_capacity: 1024,
+            fault_around_pages: DEFAULT_FAULT_AROUND_PAGES,
         }
     }
 }
@@ -559,6 +567,7 @@ fn connection(
         &clone.counters,
         shared.host_page,
     );
+    server.fault_around_pages = shared.cfg.fault_around_pages.max(1);
     let reason = server.run(&stream, pidfd.as_ref());
     drop(server);
     // Only now, with the clone gone, may its uffd be closed.
@@ -640,6 +649,7 @@ struct CloneServer<'a> {
     zero_src: Option<MmapMut>,
     events: Vec<UffdEvent>,
     pending: VecDeque<u64>,
+    fault_around_pages: u64,
 }
 
 impl<'a> CloneServer<'a> {
@@ -660,6 +670,7 @@ impl<'a> CloneServer<'a> {
             zero_src: None,
             events: Vec::with_capacity(64),
             pending: VecDeque::new(),
+            fault_around_pages: 1,
         }
     }
 
@@ -803,6 +814,9 @@ impl<'a> CloneServer<'a> {
                 };
                 Counters::add(c, 1);
                 Counters::add(&self.counters.bytes_served, ps);
+                if !zero {
+                    self.fault_around(&region, page);
+                }
                 Resolved::Done
             }
             Err(Errno::EEXIST) => {
@@ -825,6 +839,51 @@ impl<'a> CloneServer<'a> {
                 Resolved::Done
             }
         }
+    }
+
+    /// Copy the rest of `page`'s aligned fault-around window ahead of any fault. Best
+    /// effort: it stops at removed ranges and on any error, and pages it skips are simply
+    /// served when they fault. Nobody waits on these pages, so nobody is woken.
+    fn fault_around(&mut self, region: &GuestRegion, page: u64) {
+        let ps = region.page_size;
+        if self.fault_around_pages <= 1 || ps != self.host_page {
+            return;
+        }
+        let window = ps * self.fault_around_pages;
+        let region_end = region.base_host_virt_addr + region.size;
+        let end = ((page / window + 1) * window).min(region_end);
+        let mut cur = page + ps;
+        while cur < end {
+            // Never fill a range the guest gave back (balloon): it must read as zeros.
+            let mut stop = cur;
+            while stop < end && !self.removed.contains(stop) {
+                stop += ps;
+            }
+            if stop == cur {
+                cur += ps;
+                continue;
+            }
+            let src = self.mem_base + region.offset + (cur - region.base_host_virt_addr);
+            match sys::copy_ahead(self.uffd.as_fd(), cur, src, stop - cur) {
+                Ok(n) => {
+                    self.count_ahead(n);
+                    cur += n.max(ps);
+                }
+                // Stopped at a page that is already present: skip it and go on.
+                Err((Errno::EAGAIN, n)) if n > 0 => {
+                    self.count_ahead(n);
+                    cur += n + ps;
+                }
+                Err((Errno::EEXIST, _)) => cur += ps,
+                // The mapping is changing, or going away: leave the rest to real faults.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn count_ahead(&self, bytes: u64) {
+        Counters::add(&self.counters.pages_copied, bytes / self.host_page);
+        Counters::add(&self.counters.bytes_served, bytes);
     }
 
     fn zero_fill(&mut self, region: &GuestRegion, page: u64) -> Result<u64, Errno> {

@@ -134,11 +134,29 @@ pub fn read_events(
 /// `UFFDIO_COPY` of `len` bytes from our address `src` into the faulting process at `dst`,
 /// waking the threads that wait on that range. Returns the number of bytes copied.
 pub fn copy(uffd: BorrowedFd<'_>, dst: u64, src: u64, len: u64) -> Result<u64, Errno> {
+    copy_with_mode(uffd, dst, src, len, 0).map_err(|(e, _)| e)
+}
+
+/// `UFFDIO_COPY` without waking anyone, for pages copied ahead of any fault. On failure
+/// also returns how many bytes were copied before it stopped: a range copy stops at the
+/// first page that is already present (the kernel then reports EAGAIN with a positive
+/// count, or EEXIST when the very first page is present).
+pub fn copy_ahead(uffd: BorrowedFd<'_>, dst: u64, src: u64, len: u64) -> Result<u64, (Errno, u64)> {
+    copy_with_mode(uffd, dst, src, len, uapi::UFFDIO_COPY_MODE_DONTWAKE as u64)
+}
+
+fn copy_with_mode(
+    uffd: BorrowedFd<'_>,
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+) -> Result<u64, (Errno, u64)> {
     let mut arg = uapi::uffdio_copy {
         dst,
         src,
         len,
-        mode: 0,
+        mode,
         copy: 0,
     };
     // SAFETY: UFFDIO_COPY reads and writes only `arg`, which lives for the whole call. The kernel
@@ -154,7 +172,9 @@ pub fn copy(uffd: BorrowedFd<'_>, dst: u64, src: u64, len: u64) -> Result<u64, E
     if r == 0 {
         Ok(arg.copy as u64)
     } else {
-        Err(Errno::last())
+        let err = Errno::last();
+        // `copy` holds the bytes copied, or a negated errno when nothing was.
+        Err((err, u64::try_from(arg.copy).unwrap_or(0)))
     }
 }
 

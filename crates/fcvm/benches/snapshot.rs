@@ -405,7 +405,8 @@ async fn main() {
                             socket: sock,
                             server: me,
                         },
-                        detach: true,
+                        // Not detached: if the bench dies, its clones die with it.
+                        detach: false,
                         ksm: false,
                         track_dirty_pages: false,
                     },

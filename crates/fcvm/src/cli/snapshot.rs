@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// Run in the background; prints the server's pid.
     #[arg(short, long)]
     pub detach: bool,
+    /// Fault-around window in pages: a page fault also copies the rest of its aligned
+    /// window, so a guest walking memory takes one fault per window (1 = off).
+    #[arg(long, default_value_t = fcvm_uffd::DEFAULT_FAULT_AROUND_PAGES,
+          value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub fault_around: u64,
     /// Internal: log file of a detached server, removed when it exits.
     #[arg(long, hide = true)]
     pub log_file: Option<PathBuf>,
@@ -281,7 +286,7 @@ async fn cmd_serve(paths: &Paths, a: ServeArgs) -> Result<ExitCode> {
         .map(|p| CleanupStep::RemoveFile { path: p.clone() })
         .collect();
     let mut err = std::io::stderr();
-    serve::serve(paths, &a.tag, a.name, extra, &mut err).await?;
+    serve::serve(paths, &a.tag, a.name, a.fault_around, extra, &mut err).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -295,6 +300,8 @@ async fn serve_detached(paths: &Paths, a: &ServeArgs) -> Result<ExitCode> {
         .arg(paths.base())
         .args(["snapshot", "serve", &a.tag, "--log-file"])
         .arg(&log)
+        .arg("--fault-around")
+        .arg(a.fault_around.to_string())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);

@@ -64,6 +64,7 @@ pub async fn serve(
     paths: &Paths,
     tag: &str,
     name: Option<String>,
+    fault_around_pages: u64,
     extra_cleanup: Vec<CleanupStep>,
     log: &mut (dyn Write + Send),
 ) -> Result<(), ServeError> {
@@ -93,7 +94,9 @@ pub async fn serve(
     record.cleanup.extend(extra_cleanup);
     let state = Store::open(paths)?;
     state.create(&record)?;
-    let result = run(&state, &record, &snapshots, tag, &socket, log).await;
+    let mut config = ServerConfig::new(&socket, snapshots.path(tag).join(MEMORY_FILE));
+    config.fault_around_pages = fault_around_pages;
+    let result = run(&state, &record, tag, config, log).await;
     let record = state.update(&id, |r| r.status = VmStatus::Stopping);
     if let Ok(r) = record {
         for f in crate::cleanup::run_all(&r.cleanup) {
@@ -107,14 +110,13 @@ pub async fn serve(
 async fn run(
     state: &Store,
     record: &VmRecord,
-    snapshots: &SnapshotStore,
     tag: &str,
-    socket: &std::path::Path,
+    config: ServerConfig,
     log: &mut (dyn Write + Send),
 ) -> Result<(), ServeError> {
     std::fs::create_dir_all(&record.runtime_dir)?;
-    let memory = snapshots.path(tag).join(MEMORY_FILE);
-    let server = PageServer::bind(ServerConfig::new(socket, &memory))?;
+    let socket = config.socket_path.clone();
+    let server = PageServer::bind(config)?;
     let mut events = server.subscribe();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
