@@ -849,9 +849,12 @@ impl<'a> CloneServer<'a> {
         if self.fault_around_pages <= 1 || ps != self.host_page {
             return;
         }
+        // Windows are aligned to the region (guest-physical) start, not to host addresses,
+        // which carry no meaning for the guest.
         let window = ps * self.fault_around_pages;
-        let region_end = region.base_host_virt_addr + region.size;
-        let end = ((page / window + 1) * window).min(region_end);
+        let base = region.base_host_virt_addr;
+        let window_end = base + ((page - base) / window + 1) * window;
+        let end = window_end.min(base + region.size);
         let mut cur = page + ps;
         while cur < end {
             // Never fill a range the guest gave back (balloon): it must read as zeros.

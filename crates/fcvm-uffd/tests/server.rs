@@ -660,3 +660,59 @@ fn server_handle_can_be_shared_across_threads() {
         .unwrap();
     assert_eq!(len, 4 * PAGE as u64);
 }
+
+#[test]
+fn fault_around_fills_the_rest_of_the_window_and_skips_present_pages() {
+    let mut fx = fixture_with(64, |c| c.fault_around_pages = 16);
+    let clone = clone_v1_12(&fx.socket, 64, 0);
+    expect_connected(&mut fx.events);
+    let mem = clone.mem;
+    // One fault on page 3 brings in 3..16: the rest of its aligned 16-page window.
+    let mem = within("touch page 3", move || {
+        assert_pages(&mem, 3, 1, 3);
+        mem
+    });
+    let live = live_stats_until(&fx.server, |l| l[0].pages_copied == 13);
+    assert_eq!(live[0].pages_copied, 13);
+    // Page 0's window copy stops at the present page 3 and skips the present 4..16.
+    let mem = within("touch page 0", move || {
+        assert_pages(&mem, 0, 1, 0);
+        mem
+    });
+    let live = live_stats_until(&fx.server, |l| l[0].pages_copied == 16);
+    assert_eq!(live[0].pages_copied, 16);
+    // Everything the window brought in is the file's data; the next window is untouched.
+    let mem = within("read the window back", move || {
+        assert_pages(&mem, 0, 16, 0);
+        mem
+    });
+    assert_eq!(
+        fx.server.stats().live[0].pages_copied,
+        16,
+        "no fault inside the window"
+    );
+    let mem = within("touch page 16", move || {
+        assert_pages(&mem, 16, 1, 16);
+        mem
+    });
+    let live = live_stats_until(&fx.server, |l| l[0].pages_copied == 32);
+    assert_eq!(live[0].pages_copied, 32);
+    drop(mem);
+}
+
+#[test]
+fn fault_around_of_one_page_copies_only_the_faulting_page() {
+    let mut fx = fixture_with(32, |c| c.fault_around_pages = 1);
+    let clone = clone_v1_12(&fx.socket, 32, 0);
+    expect_connected(&mut fx.events);
+    let mem = clone.mem;
+    let mem = within("touch page 5", move || {
+        assert_pages(&mem, 5, 1, 5);
+        mem
+    });
+    let live = live_stats_until(&fx.server, |l| l[0].pages_copied >= 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(live[0].pages_copied, 1);
+    assert_eq!(fx.server.stats().live[0].pages_copied, 1);
+    drop(mem);
+}
