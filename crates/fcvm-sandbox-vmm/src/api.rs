@@ -9,11 +9,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::model::{
-    Action, BootSource, Drive, Logger, MachineConfig, MmdsConfig, NetworkInterface, PartialDrive,
-    VmState, Vsock,
-};
 use crate::vmm::{Vmm, VmmError};
+use fcvm_fc_api::{
+    ActionType, BootSource, Drive, InstanceAction, Logger, MachineConfig, MmdsConfig,
+    NetworkInterface, PartialDrive, Vm, VmState, Vsock,
+};
 
 /// Version reported by `GET /` and `--version`.
 pub const FIRECRACKER_VERSION: &str = "1.12.1";
@@ -204,22 +204,17 @@ async fn route(vmm: &Arc<Vmm>, method: &Method, path: &str, body: &[u8]) -> Resu
         }
         (&Method::PUT, ["metrics"]) | (&Method::PUT, ["entropy"]) => ok(),
         (&Method::PUT, ["actions"]) => {
-            let a: Action = parse(body)?;
-            match a.action_type.as_str() {
-                "InstanceStart" => vmm.start().await.map_err(vmm_err)?,
-                "SendCtrlAltDel" => vmm.ctrl_alt_del().map_err(vmm_err)?,
-                "FlushMetrics" => {}
-                other => return Err(fault_of(StatusCode::BAD_REQUEST, format!("Unknown action type {other}"))),
+            let a: InstanceAction = parse(body)?;
+            match a.action_type {
+                ActionType::InstanceStart => vmm.start().await.map_err(vmm_err)?,
+                ActionType::SendCtrlAltDel => vmm.ctrl_alt_del().map_err(vmm_err)?,
+                ActionType::FlushMetrics => {}
             }
             ok()
         }
         (&Method::PATCH, ["vm"]) => {
-            let s: VmState = parse(body)?;
-            match s.state.as_str() {
-                "Paused" => vmm.set_paused(true).map_err(vmm_err)?,
-                "Resumed" => vmm.set_paused(false).map_err(vmm_err)?,
-                other => return Err(fault_of(StatusCode::BAD_REQUEST, format!("Invalid VM state {other}: expected Paused or Resumed"))),
-            }
+            let v: Vm = parse(body)?;
+            vmm.set_paused(v.state == VmState::Paused).map_err(vmm_err)?;
             ok()
         }
         (&Method::PUT, ["snapshot", "create" | "load"]) => Err(fault_of(

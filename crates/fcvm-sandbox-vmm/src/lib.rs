@@ -11,7 +11,6 @@ pub mod cgroup;
 pub mod hvsock;
 pub mod loopdev;
 pub mod mmds;
-pub mod model;
 pub mod netns;
 pub mod sandbox_init;
 pub mod spec;

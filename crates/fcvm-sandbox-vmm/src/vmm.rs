@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use crate::cgroup::SandboxCgroups;
 use crate::loopdev::LoopDevice;
 use crate::mmds::Mmds;
-use crate::model::{BootSource, Drive, MachineConfig, MmdsConfig, NetworkInterface, Vsock};
 use crate::spec::{DeviceNode, Spec, GO_FD, MMDS_IP, READY_FD, SPEC_ENV};
 use crate::{hvsock, netns};
+use fcvm_fc_api::{BootSource, Drive, MachineConfig, MmdsConfig, NetworkInterface, Vsock};
 
 /// Prefix of the per-VMM work directory in the temp dir; followed by the VMM's pid.
 pub const WORKDIR_PREFIX: &str = "fcvm-sandbox-";

@@ -122,9 +122,7 @@ async fn bare_boot(fc: &Path, kernel: &Path, base: &Path, i: usize) -> Duration 
         .put_machine_config(&MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
-            smt: None,
-            track_dirty_pages: None,
-            huge_pages: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -256,12 +256,14 @@ async fn boot(
                 path_on_host: p.display().to_string(),
                 is_root_device: true,
                 is_read_only: false,
+                ..Default::default()
             })
             .collect(),
         network: record.tap.as_ref().map(|tap| NetworkInterface {
             iface_id: "eth0".into(),
             host_dev_name: tap.clone(),
             guest_mac: Some(network::mac_for(&record.id)),
+            ..Default::default()
         }),
         vsock: None,
         mmds: None,

@@ -266,6 +266,7 @@ async fn restore(
                     .display()
                     .to_string(),
             ),
+            ..Default::default()
         });
     }
     timings.disks = step.elapsed();

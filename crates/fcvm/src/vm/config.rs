@@ -84,9 +84,8 @@ impl VmConfig {
             .put_machine_config(&MachineConfig {
                 vcpu_count: self.vcpus,
                 mem_size_mib: self.mem_mib,
-                smt: None,
-                track_dirty_pages: self.track_dirty_pages.then_some(true),
-                huge_pages: None,
+                track_dirty_pages: self.track_dirty_pages,
+                ..Default::default()
             })
             .await?;
         client

@@ -359,6 +359,7 @@ async fn boot_and_follow(
         path_on_host: view.rootfs_disk().display().to_string(),
         is_root_device: true,
         is_read_only: false,
+        ..Default::default()
     }];
     if let Some(archive) = &p.image.drive {
         drives.push(Drive {
@@ -366,6 +367,7 @@ async fn boot_and_follow(
             path_on_host: archive.display().to_string(),
             is_root_device: false,
             is_read_only: true,
+            ..Default::default()
         });
     }
     let config = VmConfig {
@@ -380,15 +382,18 @@ async fn boot_and_follow(
             iface_id: "eth0".into(),
             host_dev_name: tap_name(&record.id),
             guest_mac: None,
+            ..Default::default()
         }),
         vsock: Some(Vsock {
             guest_cid: fcvm_proto::vsock::GUEST_CID,
             uds_path: view.vsock_socket().display().to_string(),
+            ..Default::default()
         }),
         mmds: Some(MmdsConfig {
             version: "V2".into(),
             network_interfaces: vec!["eth0".into()],
             ipv4_address: None,
+            imds_compat: None,
         }),
     };
     let api = |source| PodmanError::Api {
