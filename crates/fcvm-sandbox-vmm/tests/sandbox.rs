@@ -226,7 +226,10 @@ async fn exec_interactive_tty_resize_and_signals() {
             command: vec![
                 "sh".into(),
                 "-c".into(),
-                "stty size; read x; stty size".into(),
+                // podman 4.3 attaches to an exec session's terminal after starting it, and
+                // output written before the attach can be lost (seen about 1 run in 8 under
+                // load): give the attach a moment before the first line.
+                "sleep 0.5; stty size; read x; stty size".into(),
             ],
             in_container: true,
             interactive: true,
@@ -237,12 +240,25 @@ async fn exec_interactive_tty_resize_and_signals() {
         .await;
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("24 80") {
-        match fcvm_proto::frame::tokio_io::read_frame(&mut s)
-            .await
-            .unwrap()
-        {
+        // Never hang the suite on lost output: fail with what was seen.
+        let frame = tokio::time::timeout(
+            Duration::from_secs(30),
+            fcvm_proto::frame::tokio_io::read_frame(&mut s),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no `24 80` from exec -t within 30 s; saw {:?}",
+                String::from_utf8_lossy(&seen)
+            )
+        })
+        .unwrap();
+        match frame {
             Some(Frame::Stdout(b)) => seen.extend(b),
-            other => panic!("unexpected {other:?}"),
+            other => panic!(
+                "unexpected {other:?} after {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
         }
     }
     write_frame(
