@@ -8,6 +8,32 @@ use std::path::Path;
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
+/// A filesystem operation that failed on a path: the one I/O error shape every module
+/// reports, so messages read the same everywhere ("create /var/lib/fcvm/vms: ...").
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}: {source}", path.display())]
+pub struct PathIoError {
+    /// What was being done (`create`, `read`, `rename` ...).
+    pub action: &'static str,
+    /// On which path.
+    pub path: std::path::PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// For `map_err`: names the action and path of a failed I/O call.
+pub fn io_at<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> PathIoError + 'a {
+    move |source| PathIoError {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// An exclusive advisory lock held until dropped.
 pub type FileLock = Flock<File>;
 

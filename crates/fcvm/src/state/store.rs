@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::cleanup::{self, CleanupError};
-use crate::fsutil::{self, FileLock};
+use crate::fsutil::{self, io_at, FileLock, PathIoError};
 use crate::names::Name;
 use crate::paths::Paths;
 
@@ -28,16 +28,9 @@ fn orphaned_by(record: &VmRecord) -> Option<ProcessRef> {
 /// Failure of a store operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Filesystem failure.
-    #[error("state store {action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
+    /// A filesystem operation failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// A record file is not valid JSON.
     #[error("state record {path} is corrupt ({source}); remove it if no VM uses it")]
     Corrupt {
@@ -57,15 +50,6 @@ pub enum StoreError {
     /// No such VM.
     #[error("no running VM matches {0}; see `fcvm ls`")]
     NotFound(String),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
-    let path = path.to_owned();
-    move |source| StoreError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Handle on the state directory.
@@ -91,13 +75,15 @@ impl Store {
 
     /// Open (creating if needed) the store in `dir`.
     pub fn open_dir(dir: PathBuf) -> Result<Store, StoreError> {
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
         Ok(Store { dir })
     }
 
     fn lock(&self) -> Result<FileLock, StoreError> {
         let path = self.dir.join(".lock");
-        fsutil::lock_exclusive(&path).map_err(io_err("lock", &path))
+        fsutil::lock_exclusive(&path)
+            .map_err(io_at("lock", &path))
+            .map_err(Into::into)
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
@@ -137,7 +123,9 @@ impl Store {
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let _lock = self.lock()?;
         let path = self.record_path(id);
-        fsutil::remove_file_idempotent(&path).map_err(io_err("remove", &path))
+        fsutil::remove_file_idempotent(&path)
+            .map_err(io_at("remove", &path))
+            .map_err(Into::into)
     }
 
     /// All records, stale ones included.
@@ -192,7 +180,7 @@ impl Store {
             }
             let failures = cleanup::run_all(&record.cleanup);
             let path = self.record_path(&record.id);
-            fsutil::remove_file_idempotent(&path).map_err(io_err("remove", &path))?;
+            fsutil::remove_file_idempotent(&path).map_err(io_at("remove", &path))?;
             reaped.push(Reaped { record, failures });
         }
         Ok(reaped)
@@ -200,14 +188,13 @@ impl Store {
 
     fn read_all(&self) -> Result<Vec<VmRecord>, StoreError> {
         let mut records = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err("read", &self.dir))? {
-            let path = entry.map_err(io_err("read", &self.dir))?.path();
+        for entry in fs::read_dir(&self.dir).map_err(io_at("read", &self.dir))? {
+            let path = entry.map_err(io_at("read", &self.dir))?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 match self.read(&path) {
                     Ok(r) => records.push(r),
                     // Removed by a concurrent reaper between readdir and open.
-                    Err(StoreError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::NotFound => {}
+                    Err(StoreError::Io(e)) if e.source.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -217,7 +204,7 @@ impl Store {
     }
 
     fn read(&self, path: &Path) -> Result<VmRecord, StoreError> {
-        let bytes = fs::read(path).map_err(io_err("read", path))?;
+        let bytes = fs::read(path).map_err(io_at("read", path))?;
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
             path: path.to_owned(),
             source,
@@ -229,6 +216,8 @@ impl Store {
         let bytes = serde_json::to_vec_pretty(record).expect("records always serialize");
         // Records describe live processes, which a host crash ends anyway: atomic for
         // readers is what matters, durability is not worth an fsync per update.
-        fsutil::atomic_replace(&path, &bytes).map_err(io_err("write", &path))
+        fsutil::atomic_replace(&path, &bytes)
+            .map_err(io_at("write", &path))
+            .map_err(Into::into)
     }
 }

@@ -77,12 +77,12 @@ pub fn validate_kernel_image(path: &Path) -> Result<KernelInfo, KernelError> {
         problem,
     };
     let size = fs::metadata(path)
-        .map_err(io_err("cannot read kernel", path))?
+        .map_err(io_at("cannot read kernel", path))?
         .len();
     if size > MAX_KERNEL_BYTES {
         return Err(invalid(ImageProblem::TooLarge(size)));
     }
-    let data = fs::read(path).map_err(io_err("cannot read kernel", path))?;
+    let data = fs::read(path).map_err(io_at("cannot read kernel", path))?;
     if let Some(kind) = compressed_kind(&data) {
         return Err(invalid(ImageProblem::Compressed(kind)));
     }

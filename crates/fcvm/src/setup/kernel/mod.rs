@@ -48,7 +48,7 @@ use super::artifact::{self, InputHash, Scratch};
 pub use super::artifact::{RunFailure, ToolError};
 use super::progress::Progress;
 pub use super::progress::ProgressMode;
-use crate::fsutil;
+use crate::fsutil::{self, io_at, PathIoError};
 use crate::paths::Paths;
 
 mod config;
@@ -200,25 +200,9 @@ pub enum KernelError {
         /// Why.
         problem: ImageProblem,
     },
-    /// A file system operation failed.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> KernelError + 'a {
-    move |source| KernelError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    /// A filesystem operation failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// The kernel source a build starts from.
@@ -236,9 +220,10 @@ impl KernelSource {
         let tarball = match &opts.source {
             Some(path) => {
                 if !path.is_file() {
-                    return Err(io_err("cannot read kernel source", path)(
+                    return Err(io_at("cannot read kernel source", path)(
                         io::ErrorKind::NotFound.into(),
-                    ));
+                    )
+                    .into());
                 }
                 path.clone()
             }
@@ -248,7 +233,7 @@ impl KernelSource {
             Some(pkg) => pkg,
             None => format!(
                 "sha256:{}",
-                fsutil::sha256_file(&tarball).map_err(io_err("cannot hash", &tarball))?
+                fsutil::sha256_file(&tarball).map_err(io_at("cannot hash", &tarball))?
             ),
         };
         Ok(Self { tarball, identity })
@@ -262,7 +247,7 @@ fn newest_source_tarball(dir: &Path) -> Result<PathBuf, KernelError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(KernelError::NoSource(dir.into()))
         }
-        Err(e) => return Err(io_err("cannot list", dir)(e)),
+        Err(e) => return Err(io_at("cannot list", dir)(e).into()),
     };
     entries
         .filter_map(Result::ok)
@@ -421,13 +406,13 @@ pub fn ensure_kernel(paths: &Paths, opts: &KernelOptions) -> Result<PathBuf, Ker
     let info = validate_kernel_image(&vmlinux)?;
 
     progress.step("publishing");
-    fs::create_dir_all(&kernels_dir).map_err(io_err("cannot create", &kernels_dir))?;
+    fs::create_dir_all(&kernels_dir).map_err(io_at("cannot create", &kernels_dir))?;
     let config_dst = config_path(&kernel);
     artifact::publish(&src.join(".config"), &config_dst)
-        .map_err(io_err("cannot publish", &config_dst))?;
+        .map_err(io_at("cannot publish", &config_dst))?;
     if let Err(e) = artifact::publish(&vmlinux, &kernel) {
         let _ = fs::remove_file(&config_dst);
-        return Err(io_err("cannot publish", &kernel)(e));
+        return Err(io_at("cannot publish", &kernel)(e).into());
     }
     progress.step("removing the build tree");
     drop(scratch);
@@ -558,20 +543,20 @@ fn lock_and_scratch(
     progress: &Progress,
 ) -> Result<(artifact::DirLock, Scratch), KernelError> {
     let kernels_dir = paths.kernels_dir();
-    fs::create_dir_all(&kernels_dir).map_err(io_err("cannot create", &kernels_dir))?;
+    fs::create_dir_all(&kernels_dir).map_err(io_at("cannot create", &kernels_dir))?;
     let tmp_dir = paths.tmp_dir();
-    fs::create_dir_all(&tmp_dir).map_err(io_err("cannot create", &tmp_dir))?;
+    fs::create_dir_all(&tmp_dir).map_err(io_at("cannot create", &tmp_dir))?;
     let lock = artifact::lock_dir(&kernels_dir, || {
         progress.note("waiting for another kernel build or check to finish")
     })
-    .map_err(io_err("cannot lock", &kernels_dir))?;
+    .map_err(io_at("cannot lock", &kernels_dir))?;
     artifact::remove_stale(&tmp_dir, SCRATCH_PREFIX)
-        .map_err(io_err("cannot clean stale builds in", &tmp_dir))?;
+        .map_err(io_at("cannot clean stale builds in", &tmp_dir))?;
     let scratch = Scratch::create(
         &tmp_dir,
         &format!("{SCRATCH_PREFIX}{}-", artifact::short(&recipe.hash())),
     )
-    .map_err(io_err("cannot create a build directory in", &tmp_dir))?;
+    .map_err(io_at("cannot create a build directory in", &tmp_dir))?;
     Ok((lock, scratch))
 }
 
@@ -589,7 +574,7 @@ fn extract(
         .into_owned();
     progress.step(format!("unpacking {name}"));
     let out = dir.join("src");
-    fs::create_dir(&out).map_err(io_err("cannot create", &out))?;
+    fs::create_dir(&out).map_err(io_at("cannot create", &out))?;
     let mut cmd = Command::new("tar");
     cmd.arg("-xf")
         .arg(&source.tarball)
@@ -601,7 +586,7 @@ fn extract(
         reason: e.to_string(),
     })?;
     let mut entries = fs::read_dir(&out)
-        .map_err(io_err("cannot list", &out))?
+        .map_err(io_at("cannot list", &out))?
         .filter_map(Result::ok);
     let layout_err = |reason: &str| KernelError::SourceLayout {
         tarball: source.tarball.clone(),
@@ -635,7 +620,7 @@ fn configure(
 ) -> Result<Configured, KernelError> {
     progress.step("configuring");
     let fragment = scratch.join("fcvm.fragment");
-    fs::write(&fragment, &recipe.fragment).map_err(io_err("cannot write", &fragment))?;
+    fs::write(&fragment, &recipe.fragment).map_err(io_at("cannot write", &fragment))?;
     let mut all_no = make(src);
     all_no
         .arg(format!("KCONFIG_ALLCONFIG={}", fragment.display()))
@@ -648,7 +633,7 @@ fn configure(
         .map_err(KernelError::Configure)?;
 
     let config_file = src.join(".config");
-    let config = fs::read_to_string(&config_file).map_err(io_err("cannot read", &config_file))?;
+    let config = fs::read_to_string(&config_file).map_err(io_at("cannot read", &config_file))?;
     check_config(&config, &recipe.requirements)?;
 
     let mut release = make(src);
