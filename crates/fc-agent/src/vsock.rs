@@ -112,6 +112,17 @@ pub struct Vsock {
     mode: VsockMode,
 }
 
+/// A new AF_VSOCK stream socket (close-on-exec) for `port`.
+fn vsock_socket(port: u32) -> Result<OwnedFd, VsockError> {
+    socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(sys("socket", port))
+}
+
 impl Vsock {
     /// Connector for `mode`.
     pub fn new(mode: VsockMode) -> Self {
@@ -122,13 +133,7 @@ impl Vsock {
     pub fn connect_once(&self, port: u32) -> Result<Conn, VsockError> {
         match self.mode {
             VsockMode::Vsock => {
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .map_err(sys("socket", port))?;
+                let fd = vsock_socket(port)?;
                 connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port))
                     .map_err(sys("connect", port))?;
                 Ok(Conn(fd))
@@ -191,13 +196,7 @@ impl Vsock {
     pub fn listen(&self, port: u32) -> Result<Listener, VsockError> {
         match self.mode {
             VsockMode::Vsock => {
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .map_err(sys("socket", port))?;
+                let fd = vsock_socket(port)?;
                 bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
                     .map_err(sys("bind", port))?;
                 listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))

@@ -26,6 +26,8 @@ use std::process::{Command, Stdio};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::{io_at, PathIoError};
+
 /// How many output lines of a failed tool are kept for the error message.
 const TAIL_LINES: usize = 80;
 
@@ -215,6 +217,21 @@ pub(crate) fn publish(src: &Path, dst: &Path) -> io::Result<()> {
     fs::rename(src, dst)?;
     if let Some(dir) = dst.parent() {
         File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Publish an artifact together with its companion file (a kernel's `.config`, a rootfs's
+/// package manifest): the companion first, then the artifact, removing the companion again
+/// if the artifact cannot be published, so a companion never describes a missing artifact.
+pub(crate) fn publish_with_companion(
+    companion: (&Path, &Path),
+    artifact: (&Path, &Path),
+) -> Result<(), PathIoError> {
+    publish(companion.0, companion.1).map_err(io_at("cannot publish", companion.1))?;
+    if let Err(e) = publish(artifact.0, artifact.1) {
+        let _ = fs::remove_file(companion.1);
+        return Err(io_at("cannot publish", artifact.1)(e));
     }
     Ok(())
 }

@@ -402,13 +402,7 @@ pub fn ensure_rootfs(paths: &Paths, opts: &RootfsOptions) -> Result<PathBuf, Roo
         .map_err(io_at("cannot sync", &staged))?;
 
     progress.step("publishing");
-    let manifest_dst = manifest_path(&image);
-    artifact::publish(&manifest, &manifest_dst).map_err(io_at("cannot publish", &manifest_dst))?;
-    if let Err(e) = artifact::publish(&staged, &image) {
-        // Without its image the manifest would describe nothing.
-        let _ = fs::remove_file(&manifest_dst);
-        return Err(io_at("cannot publish", &image)(e).into());
-    }
+    artifact::publish_with_companion((&manifest, &manifest_path(&image)), (&staged, &image))?;
     progress.step("removing the build tree");
     drop(scratch);
     progress.finish(&format!(

@@ -407,13 +407,10 @@ pub fn ensure_kernel(paths: &Paths, opts: &KernelOptions) -> Result<PathBuf, Ker
 
     progress.step("publishing");
     fs::create_dir_all(&kernels_dir).map_err(io_at("cannot create", &kernels_dir))?;
-    let config_dst = config_path(&kernel);
-    artifact::publish(&src.join(".config"), &config_dst)
-        .map_err(io_at("cannot publish", &config_dst))?;
-    if let Err(e) = artifact::publish(&vmlinux, &kernel) {
-        let _ = fs::remove_file(&config_dst);
-        return Err(io_at("cannot publish", &kernel)(e).into());
-    }
+    artifact::publish_with_companion(
+        (&src.join(".config"), &config_path(&kernel)),
+        (&vmlinux, &kernel),
+    )?;
     progress.step("removing the build tree");
     drop(scratch);
     progress.finish(&format!(
