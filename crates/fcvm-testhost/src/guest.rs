@@ -55,6 +55,21 @@ fn wait_for<T>(what: impl Fn() -> Option<T>, timeout: Duration) -> Option<T> {
     }
 }
 
+/// Progress on the console with L1's uptime, when the kernel command line has `fcvm.verbose=1`.
+fn say(msg: &str) {
+    static VERBOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let v = *VERBOSE.get_or_init(|| {
+        fs::read_to_string("/proc/cmdline")
+            .map(|c| c.split_whitespace().any(|a| a == "fcvm.verbose=1"))
+            .unwrap_or(false)
+    });
+    if v {
+        let up = fs::read_to_string("/proc/uptime").unwrap_or_default();
+        let up = up.split_whitespace().next().unwrap_or("?");
+        eprintln!("fcvm-testhost guest-run: [{up}] {msg}");
+    }
+}
+
 fn power_off() -> ! {
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
@@ -64,6 +79,22 @@ fn power_off() -> ! {
 
 /// Entry point of `guest-run`. Never returns: ends by powering off L1.
 pub fn main() -> ! {
+    if let Err(e) = crate::l1::mount_system() {
+        eprintln!("fcvm-testhost guest-run: {e}");
+        power_off();
+    }
+    crate::l1::tune();
+    say("system mounts done");
+    // The modules load while we wait for the port and the start frame.
+    let loader = crate::l1::modules_dir().map(|dir| {
+        std::thread::spawn(move || {
+            let list = crate::l1::read_list(&dir)?;
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let r = crate::l1::load_late(dir, list, workers);
+            say("late modules loaded");
+            r
+        })
+    });
     let Some(dev) = wait_for(|| find_port(PORT_NAME), Duration::from_secs(20)) else {
         eprintln!("fcvm-testhost guest-run: virtio-serial port {PORT_NAME} not found");
         power_off();
@@ -82,6 +113,7 @@ pub fn main() -> ! {
             power_off();
         }
     };
+    say("control port open");
     let port: Shared = Arc::new(Mutex::new(file));
     let start = match read_frame(&mut reader) {
         Ok(Some(Frame::Start(s))) => s,
@@ -90,7 +122,35 @@ pub fn main() -> ! {
             power_off();
         }
     };
-    let code = match run(&start, &port, reader) {
+    say("start frame received");
+    let ready = match loader.map(|h| h.join()) {
+        Some(Ok(Ok(warnings))) => {
+            if start.verbose {
+                for w in warnings {
+                    send(
+                        &port,
+                        &Frame::Message(format!("fcvm-testhost: warning: {w}\n")),
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(_)) => Err("the module loader panicked".to_string()),
+        None => Err("no module directory from /init (fd 3)".to_string()),
+    }
+    .and_then(|()| {
+        if Path::new("/dev/kvm").exists() {
+            Ok(())
+        } else {
+            Err("/dev/kvm is missing inside L1 after loading kvm_amd".to_string())
+        }
+    });
+    let result = match ready {
+        Ok(()) => run(&start, &port, reader),
+        Err(e) => Err((125, e)),
+    };
+    let code = match result {
         Ok(c) => c,
         Err((code, msg)) => {
             send(&port, &Frame::Message(format!("fcvm-testhost: {msg}\n")));
@@ -165,6 +225,7 @@ enum StdinMsg {
 
 fn run(start: &Start, port: &Shared, mut reader: File) -> Result<i32, (i32, String)> {
     mount_all(start).map_err(|m| (125, m))?;
+    say("shares and scratch mounted");
     let mut cwd = PathBuf::from(&start.cwd);
     if !cwd.is_dir() {
         send(
@@ -272,6 +333,7 @@ fn run(start: &Start, port: &Shared, mut reader: File) -> Result<i32, (i32, Stri
         outputs.push((Box::new(e), false));
     }
     send(port, &Frame::Started);
+    say("command started");
 
     // Output pumps. Each reports on `done` when its stream ends.
     let (done_tx, done_rx) = mpsc::channel::<()>();

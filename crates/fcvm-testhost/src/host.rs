@@ -335,7 +335,7 @@ pub fn run(opts: &Options) -> Result<i32> {
         run_id: rundir.id.clone(),
         cpus: opts.cpus,
         mem_mib: opts.mem_mib,
-        kernel: k.vmlinuz.clone(),
+        kernel: k.vmlinux.clone().unwrap_or_else(|| k.vmlinuz.clone()),
         initrd: initrd.path.clone(),
         append,
         shares: shares.clone(),

@@ -12,7 +12,8 @@
 //! - [`initramfs`]: busybox + modules + `/init`, cached;
 //! - [`qemu`]: the QEMU command line and a QEMU that dies with us;
 //! - [`proto`]: the framed host <-> guest protocol;
-//! - [`host`]: the host side of a run; [`guest`]: the guest side (`guest-run`);
+//! - [`host`]: the host side of a run; [`guest`]: the guest side (`guest-run`), with [`l1`]
+//!   setting up L1 (mounts, parallel module loading);
 //! - [`rundir`]: per-run temporary files and sweeping stale ones; [`cache`]: the cache.
 
 pub mod cache;
@@ -21,6 +22,7 @@ pub mod guest;
 pub mod host;
 pub mod initramfs;
 pub mod kernel;
+pub mod l1;
 pub mod modules;
 pub mod proto;
 pub mod qemu;

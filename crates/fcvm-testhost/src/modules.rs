@@ -96,6 +96,114 @@ pub const WANTED: &[Want] = &[
     opt("xt_comment"),
 ];
 
+/// Modules the shell `/init` loads itself (with their dependencies), because it needs them to
+/// reach the host's root filesystem and the control port. Everything else is loaded by the
+/// runner, in parallel and without a fork+exec per module (busybox `insmod` costs ~60 ms of
+/// emulated time each, before any work).
+pub const BOOT: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
+
+/// One line of the initramfs' `/modules.list`:
+/// `name required(0|1) stage(boot|late) deps(a,b|-) [params...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListLine {
+    /// Normalized name; the file is `/lib/fcvm/<name>.ko`.
+    pub name: String,
+    /// Failing to load it is fatal.
+    pub required: bool,
+    /// Loaded by `/init` (true) or by the runner.
+    pub boot: bool,
+    /// Loadable dependencies.
+    pub deps: Vec<String>,
+    /// Module parameters.
+    pub params: String,
+}
+
+impl ListLine {
+    /// Formats the line.
+    pub fn format(&self) -> String {
+        let deps = if self.deps.is_empty() {
+            "-".to_string()
+        } else {
+            self.deps.join(",")
+        };
+        format!(
+            "{} {} {} {} {}",
+            self.name,
+            u8::from(self.required),
+            if self.boot { "boot" } else { "late" },
+            deps,
+            self.params
+        )
+        .trim_end()
+        .to_string()
+    }
+
+    /// Parses a line; `None` for a malformed one.
+    pub fn parse(line: &str) -> Option<ListLine> {
+        let mut it = line.splitn(5, ' ');
+        let name = it.next().filter(|n| !n.is_empty())?.to_string();
+        let required = match it.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let boot = match it.next()? {
+            "boot" => true,
+            "late" => false,
+            _ => return None,
+        };
+        let deps = match it.next()? {
+            "-" => Vec::new(),
+            d => d.split(',').map(str::to_string).collect(),
+        };
+        let params = it.next().unwrap_or("").trim().to_string();
+        Some(ListLine {
+            name,
+            required,
+            boot,
+            deps,
+            params,
+        })
+    }
+}
+
+/// Turns a plan into list lines, marking the boot closure.
+pub fn list_lines(plan: &Plan, wanted: &[Want]) -> Vec<ListLine> {
+    let required: HashSet<String> = wanted
+        .iter()
+        .filter(|w| w.required)
+        .map(|w| normalize(w.name))
+        .collect();
+    let by_name: HashMap<&str, &Load> = plan.order.iter().map(|l| (l.name.as_str(), l)).collect();
+    let mut boot: HashSet<String> = HashSet::new();
+    let mut stack: Vec<String> = BOOT.iter().map(|b| normalize(b)).collect();
+    while let Some(n) = stack.pop() {
+        if let Some(l) = by_name.get(n.as_str()) {
+            if boot.insert(n.clone()) {
+                stack.extend(l.deps.iter().cloned());
+            }
+        }
+    }
+    plan.order
+        .iter()
+        .map(|l| ListLine {
+            name: l.name.clone(),
+            // Only modules asked for as required are fatal: a failed dependency makes the
+            // required module that needs it fail anyway.
+            required: required.contains(&l.name),
+            boot: boot.contains(&l.name),
+            deps: l.deps.clone(),
+            params: l.params.clone(),
+        })
+        .collect()
+}
+
 /// Module names compare with `-` and `_` equal, as the kernel does.
 pub fn normalize(name: &str) -> String {
     name.replace('-', "_")
@@ -192,6 +300,8 @@ pub struct Load {
     pub name: String,
     /// `insmod` parameters.
     pub params: String,
+    /// Its loadable dependencies (built-in ones left out).
+    pub deps: Vec<String>,
 }
 
 /// The resolved plan.
@@ -233,10 +343,19 @@ pub fn resolve(
             Ok(()) => {
                 for n in order {
                     let params = if n == name { w.params } else { "" };
+                    let deps = deps_cache
+                        .get(&n)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|d| !is_builtin(d))
+                        .collect();
                     done.insert(n.clone());
                     plan.order.push(Load {
                         name: n,
                         params: params.to_string(),
+                        deps,
                     });
                 }
             }
@@ -411,6 +530,45 @@ mod tests {
         );
         let g = graph(&[("a", &["b"]), ("b", &["a"])]);
         assert!(run(&g, &[req("a")]).is_err());
+    }
+
+    #[test]
+    fn list_lines_round_trip_and_boot_closure() {
+        let g = graph(&[
+            ("virtio_pci", &["virtio", "virtio_ring"]),
+            ("virtio", &[]),
+            ("virtio_ring", &[]),
+            ("kvm", &[]),
+            ("kvm_amd", &["kvm"]),
+        ]);
+        let wanted = [
+            req("virtio_pci"),
+            Want {
+                name: "kvm_amd",
+                required: true,
+                params: "npt=0 nested=1",
+            },
+        ];
+        let p = run(&g, &wanted).unwrap();
+        let lines = list_lines(&p, &wanted);
+        let boot: Vec<_> = lines
+            .iter()
+            .filter(|l| l.boot)
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(boot, ["virtio", "virtio_ring", "virtio_pci"]);
+        let amd = lines.iter().find(|l| l.name == "kvm_amd").unwrap();
+        assert_eq!(amd.format(), "kvm_amd 1 late kvm npt=0 nested=1");
+        assert_eq!(
+            lines.iter().find(|l| l.name == "kvm").unwrap().format(),
+            "kvm 0 late -"
+        );
+        for l in &lines {
+            assert_eq!(ListLine::parse(&l.format()).as_ref(), Some(l));
+        }
+        assert_eq!(ListLine::parse("x 2 late -"), None);
+        assert_eq!(ListLine::parse("x 1 early -"), None);
+        assert_eq!(ListLine::parse("x 1"), None);
     }
 
     #[test]

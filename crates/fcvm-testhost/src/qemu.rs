@@ -117,35 +117,29 @@ pub fn args(c: &Config) -> Vec<String> {
         ));
     }
     if let Some(fd) = c.scratch_fd {
-        a.extend(
-            [
-                "-add-fd".to_string(),
-                format!("fd={fd},set=1"),
-                "-add-fd".to_string(),
-                format!("fd={},set=1", fd + 1),
-                "-drive".to_string(),
-                // Throwaway disk: cache=unsafe skips host flushes.
-                "file=/dev/fdset/1,if=none,id=scratch,format=raw,cache=unsafe,discard=unmap"
-                    .to_string(),
-                "-device".to_string(),
-                "virtio-blk-pci,drive=scratch".to_string(),
-            ]
-            .into_iter(),
-        );
+        a.extend([
+            "-add-fd".to_string(),
+            format!("fd={fd},set=1"),
+            "-add-fd".to_string(),
+            format!("fd={},set=1", fd + 1),
+            "-drive".to_string(),
+            // Throwaway disk: cache=unsafe skips host flushes.
+            "file=/dev/fdset/1,if=none,id=scratch,format=raw,cache=unsafe,discard=unmap"
+                .to_string(),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=scratch".to_string(),
+        ]);
     }
-    a.extend(
-        [
-            "-device".to_string(),
-            "virtio-serial-pci".to_string(),
-            "-chardev".to_string(),
-            format!("socket,id=ctl,path={}", path_opt(&c.ctl_socket)),
-            "-device".to_string(),
-            "virtserialport,chardev=ctl,name=fcvm.ctl".to_string(),
-            "-device".to_string(),
-            "virtio-rng-pci".to_string(),
-        ]
-        .into_iter(),
-    );
+    a.extend([
+        "-device".to_string(),
+        "virtio-serial-pci".to_string(),
+        "-chardev".to_string(),
+        format!("socket,id=ctl,path={}", path_opt(&c.ctl_socket)),
+        "-device".to_string(),
+        "virtserialport,chardev=ctl,name=fcvm.ctl".to_string(),
+        "-device".to_string(),
+        "virtio-rng-pci".to_string(),
+    ]);
     a
 }
 
