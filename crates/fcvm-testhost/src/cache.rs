@@ -109,3 +109,66 @@ pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> Result<std::p
     }
     Ok(out)
 }
+
+/// Removes cache entries named `<prefix>*` other than `keep` that were not modified for
+/// `max_age` (entries of other pins or older builds, which another checkout may still use for a
+/// while), and temporary `.tmp-*` leftovers of killed runs older than an hour.
+pub fn prune(cache: &Path, prefix: &str, keep: &str, max_age: std::time::Duration) {
+    let Ok(rd) = fs::read_dir(cache) else { return };
+    let now = std::time::SystemTime::now();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        let stale_entry = name.starts_with(prefix) && !name.starts_with(keep) && age > max_age;
+        let stale_tmp = name.starts_with(".tmp-") && age > std::time::Duration::from_secs(3600);
+        if stale_entry || stale_tmp {
+            remove_any(&e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn publish_race_keeps_the_winner_and_prune_spares_fresh_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let fin = d.path().join("initramfs-aaaa.cpio");
+        let t1 = temp_sibling(&fin);
+        fs::write(&t1, "first").unwrap();
+        publish(&t1, &fin).unwrap();
+        let t2 = temp_sibling(&fin);
+        fs::write(&t2, "second").unwrap();
+        publish(&t2, &fin).unwrap();
+        assert_eq!(fs::read_to_string(&fin).unwrap(), "first");
+        assert!(!t1.exists() && !t2.exists());
+        // Directories too (the kernel entry).
+        let dfin = d.path().join("kernel-x");
+        for content in ["a", "b"] {
+            let t = temp_sibling(&dfin);
+            fs::create_dir(&t).unwrap();
+            fs::write(t.join("f"), content).unwrap();
+            publish(&t, &dfin).unwrap();
+            assert!(!t.exists());
+        }
+        assert_eq!(fs::read_to_string(dfin.join("f")).unwrap(), "a");
+        fs::write(d.path().join("initramfs-old.cpio"), "").unwrap();
+        prune(
+            d.path(),
+            "initramfs-",
+            "initramfs-aaaa",
+            Duration::from_secs(3600),
+        );
+        assert!(d.path().join("initramfs-old.cpio").exists(), "fresh: kept");
+        prune(d.path(), "initramfs-", "initramfs-aaaa", Duration::ZERO);
+        assert!(!d.path().join("initramfs-old.cpio").exists());
+        assert!(fin.exists() && dfin.exists());
+    }
+}

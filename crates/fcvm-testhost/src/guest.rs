@@ -79,6 +79,16 @@ fn power_off() -> ! {
 
 /// Entry point of `guest-run`. Never returns: ends by powering off L1.
 pub fn main() -> ! {
+    // This mounts over /proc, /dev, /tmp... and powers the machine off: never on a real host.
+    // (/proc is not mounted yet, so: PID 1 holding the module directory /init passes as fd 3.)
+    let modules = crate::l1::modules_dir();
+    let in_l1 = std::process::id() == 1 && modules.is_some();
+    if !in_l1 {
+        eprintln!(
+            "fcvm-testhost guest-run is internal: it runs as PID 1 inside the emulated host only"
+        );
+        std::process::exit(125);
+    }
     if let Err(e) = crate::l1::mount_system() {
         eprintln!("fcvm-testhost guest-run: {e}");
         power_off();
@@ -86,7 +96,7 @@ pub fn main() -> ! {
     crate::l1::tune();
     say("system mounts done");
     // The modules load while we wait for the port and the start frame.
-    let loader = crate::l1::modules_dir().map(|dir| {
+    let loader = modules.map(|dir| {
         std::thread::spawn(move || {
             let list = crate::l1::read_list(&dir)?;
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());

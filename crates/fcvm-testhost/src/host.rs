@@ -530,6 +530,7 @@ pub fn run(opts: &Options) -> Result<i32> {
 
     // Wait for L1 to power off, then make sure QEMU is gone.
     let t = Instant::now();
+    let t_cmd_end = t;
     let mut qemu_status = None;
     while t.elapsed() < POWEROFF_TIMEOUT {
         if let Ok(Some(st)) = qemu_guard.0.try_wait() {
@@ -540,6 +541,11 @@ pub fn run(opts: &Options) -> Result<i32> {
     }
     if qemu_status.is_none() && exit.is_some() {
         vlog(v, "L1 did not power off in time: killing QEMU");
+    } else {
+        vlog(
+            v,
+            format!("exit status to QEMU exit: {} ms", ms(t_cmd_end.elapsed())),
+        );
     }
     drop(qemu_guard);
     vlog(v, format!("total: {} ms", ms(t_start.elapsed())));

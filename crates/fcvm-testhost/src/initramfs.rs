@@ -183,6 +183,12 @@ pub fn ensure(cache: &Path, kernel: &Kernel, wanted: &[Want]) -> Result<Built> {
     let tmp = temp_sibling(&path);
     fs::write(&tmp, &image).map_err(Error::io("writing", &tmp))?;
     publish(&tmp, &path)?;
+    crate::cache::prune(
+        cache,
+        "initramfs-",
+        &format!("initramfs-{}", &key[..16]),
+        std::time::Duration::from_secs(24 * 3600),
+    );
     Ok(Built {
         path,
         cached: false,

@@ -92,6 +92,13 @@ pub fn ensure(cache: &Path) -> Result<(Kernel, Source)> {
     }
     publish(&tmp.join("entry"), &entry)?;
     remove_any(&tmp);
+    // Other pins' trees (~430 MiB each), once unused for a week.
+    crate::cache::prune(
+        cache,
+        "kernel-",
+        &format!("kernel-{}", &SHA256[..16]),
+        std::time::Duration::from_secs(7 * 24 * 3600),
+    );
     complete(&entry)
         .map(|k| (with_vmlinux(&entry, k), Source::Fetched))
         .ok_or_else(|| fetch_err("the published cache entry is incomplete"))
