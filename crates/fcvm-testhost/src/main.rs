@@ -93,7 +93,8 @@ fn main() -> ExitCode {
                 std::process::exit(code.clamp(0, 255));
             }
             Err(e) => {
-                eprintln!("fcvm-testhost: error: {e:#}");
+                // `{e}`: the library's messages already include their causes.
+                eprintln!("fcvm-testhost: error: {e}");
                 // 125: fcvm-testhost's own failure, as `docker run` / `podman run` do.
                 ExitCode::from(125)
             }
