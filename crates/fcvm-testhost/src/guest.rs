@@ -376,7 +376,9 @@ fn run(start: &Start, port: &Shared, mut reader: File) -> Result<i32, (i32, Stri
     drop(done_tx);
 
     // Stdin writer.
-    let (in_tx, in_rx) = mpsc::channel::<StdinMsg>();
+    // Bounded (256 frames, up to 8 MiB): a command that never reads its stdin must not make
+    // L1 buffer all of the caller's input. When it is full, control frames wait behind it.
+    let (in_tx, in_rx) = mpsc::sync_channel::<StdinMsg>(256);
     let tty = start.tty;
     std::thread::spawn(move || {
         let mut w = child_stdin;

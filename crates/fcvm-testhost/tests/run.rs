@@ -353,3 +353,69 @@ fn signals_sigterm_forwarded_and_sigkill_leaves_nothing() {
     }
     assert!(leftovers_of(pid).is_empty(), "{:?}", leftovers_of(pid));
 }
+
+#[test]
+fn tty_mode_follows_window_size() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(_g) = prepare() else { return };
+    let ws = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws(30, 100)), None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = testhost(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "stty size; echo ready; read x; stty size; echo \"got $x\"; exit 4",
+        ],
+    );
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; this runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let master = std::fs::File::from(pty.master);
+    let mut r = BufReader::new(master.try_clone().unwrap());
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "EOF; so far {lines:?}");
+        lines.push(line.trim().to_string());
+    }
+    // Resizing the terminal sends SIGWINCH to its foreground group: fcvm-testhost.
+    // SAFETY: TIOCSWINSZ reads the valid winsize for the duration of the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws(50, 160)) };
+    std::thread::sleep(Duration::from_millis(1500));
+    (&master).write_all(b"typed\r").unwrap();
+    loop {
+        line.clear();
+        // EIO once the child has closed the slave side.
+        match r.read_line(&mut line) {
+            Ok(n) if n > 0 => lines.push(line.trim().to_string()),
+            _ => break,
+        }
+        if line.contains("got ") {
+            break;
+        }
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(4), "{lines:?}");
+    assert!(lines.contains(&"30 100".to_string()), "{lines:?}");
+    assert!(lines.contains(&"50 160".to_string()), "{lines:?}");
+    assert!(lines.contains(&"got typed".to_string()), "{lines:?}");
+}
