@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Child;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -228,6 +228,131 @@ fn accept_with_timeout(
     }
 }
 
+type Sender = Arc<dyn Fn(&Frame) -> bool + Send + Sync>;
+
+/// Our stdin -> Stdin frames, then StdinEof. The thread may stay blocked in read(2) after the
+/// run; the process exits without joining it.
+fn spawn_stdin_pump(send: Sender) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => {
+                    send(&Frame::StdinEof);
+                    break;
+                }
+                Ok(n) => {
+                    if !send(&Frame::Stdin(buf[..n].to_vec())) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    send(&Frame::StdinEof);
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Takes the blocked signals synchronously: SIGWINCH -> Resize; SIGINT/TERM/HUP -> forwarded
+/// to the command (before the command has started: abort at once). If the command has not ended SIGNAL_GRACE after the first one, or on a
+/// second one, the control connection is shut down (`abort`): the relay loop ends, QEMU is
+/// killed by its owner and we exit 128+signal. Returns the last signal received (0: none).
+fn spawn_signal_relay(
+    sigs: SigSet,
+    send: Sender,
+    abort: UnixStream,
+    started: Arc<AtomicBool>,
+) -> Arc<AtomicI32> {
+    let got_signal = Arc::new(AtomicI32::new(0));
+    let got = got_signal.clone();
+    let abort = Arc::new(abort);
+    std::thread::spawn(move || loop {
+        let Ok(sig) = sigs.wait() else { continue };
+        if sig == Signal::SIGWINCH {
+            if let Some((r, c)) = winsize() {
+                send(&Frame::Resize(r, c));
+            }
+            continue;
+        }
+        let first = got.swap(sig as i32, Ordering::SeqCst) == 0;
+        if !started.load(Ordering::SeqCst) {
+            // Still booting: no command to tell, and booting on only to kill it is a waste.
+            let _ = abort.shutdown(std::net::Shutdown::Both);
+            continue;
+        }
+        send(&Frame::Signal(sig as i32));
+        if first {
+            let abort = abort.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(SIGNAL_GRACE);
+                let _ = abort.shutdown(std::net::Shutdown::Both);
+            });
+        } else {
+            let _ = abort.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    got_signal
+}
+
+/// Guest frames -> our stdout/stderr until the exit status. Returns (exit status, protocol
+/// error); both `None` when the connection just ended (QEMU died or we aborted).
+fn relay(
+    mut reader: UnixStream,
+    v: bool,
+    t_start: Instant,
+    t_qemu: Instant,
+    send: &Sender,
+    started: &AtomicBool,
+) -> (Option<i32>, Option<String>) {
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let result = loop {
+        match read_frame(&mut reader) {
+            Ok(Some(Frame::Started)) => {
+                started.store(true, Ordering::SeqCst);
+                vlog(
+                    v,
+                    format!(
+                        "L1 boot to CMD start: {} ms (QEMU start {} ms after fcvm-testhost start)",
+                        ms(t_qemu.elapsed()),
+                        ms(t_qemu.duration_since(t_start))
+                    ),
+                );
+            }
+            Ok(Some(Frame::Stdout(d))) => {
+                // A closed stdout (e.g. `| head`) is not our failure: keep draining.
+                let _ = stdout.write_all(&d).and_then(|()| stdout.flush());
+            }
+            Ok(Some(Frame::Stderr(d))) => {
+                let _ = stderr.write_all(&d);
+            }
+            Ok(Some(Frame::Message(m))) => {
+                let _ = stdout.flush();
+                let _ = stderr.write_all(m.as_bytes());
+            }
+            Ok(Some(Frame::Exit(code))) => {
+                send(&Frame::Bye);
+                break (Some(code), None);
+            }
+            Ok(Some(other)) => {
+                break (
+                    None,
+                    Some(format!("unexpected frame from the guest: {other:?}")),
+                )
+            }
+            // The connection dropping (QEMU died) is reported by the caller with the console.
+            Ok(None) | Err(crate::proto::ProtoError::Io(_)) => break (None, None),
+            Err(e) => break (None, Some(e.to_string())),
+        }
+    };
+    let _ = stdout.flush();
+    result
+}
+
 /// Runs the command in a fresh emulated KVM host; returns its exit status.
 pub fn run(opts: &Options) -> Result<i32> {
     let v = opts.verbose;
@@ -369,7 +494,6 @@ pub fn run(opts: &Options) -> Result<i32> {
         .map_err(Error::io("duplicating", &console_path))?;
     // Spawned from this thread, which lives for the whole run (PR_SET_PDEATHSIG is per thread).
     let child = qemu::spawn(&qemu_bin, &cfg, console_for_qemu, scratch)?;
-    let qemu_pid = child.id() as i32;
     let mut qemu_guard = QemuGuard(child);
     let _ = fs::remove_file(&console_path);
     let stream = accept_with_timeout(&listener, &mut qemu_guard.0, &mut console)?;
@@ -389,13 +513,10 @@ pub fn run(opts: &Options) -> Result<i32> {
             .try_clone()
             .map_err(Error::io("duplicating", "control socket"))?,
     ));
-    let send = {
-        let w = writer.clone();
-        move |f: &Frame| -> bool {
-            let mut g = w.lock().unwrap_or_else(|p| p.into_inner());
-            f.write_to(&mut *g).is_ok()
-        }
-    };
+    let send: Sender = Arc::new(move |f: &Frame| -> bool {
+        let mut g = writer.lock().unwrap_or_else(|p| p.into_inner());
+        f.write_to(&mut *g).is_ok()
+    });
     let start = Start {
         argv: opts.argv.clone(),
         env,
@@ -420,132 +541,37 @@ pub fn run(opts: &Options) -> Result<i32> {
 
     let raw_term = if tty { RawTerminal::enter() } else { None };
 
-    // stdin -> Stdin frames.
-    {
-        let send = send.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; CHUNK];
-            let mut stdin = std::io::stdin().lock();
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => {
-                        send(&Frame::StdinEof);
-                        break;
-                    }
-                    Ok(n) => {
-                        if !send(&Frame::Stdin(buf[..n].to_vec())) {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        send(&Frame::StdinEof);
-                        break;
-                    }
-                }
-            }
-        });
-    }
+    spawn_stdin_pump(send.clone());
+    let abort = stream
+        .try_clone()
+        .map_err(Error::io("duplicating", "control socket"))?;
+    let started = Arc::new(AtomicBool::new(false));
+    let got_signal = spawn_signal_relay(sigs, send.clone(), abort, started.clone());
 
-    // Signals: SIGWINCH -> Resize; SIGINT/TERM/HUP -> forwarded to the command. If the command
-    // has not ended SIGNAL_GRACE after the first one, or on a second one, QEMU is killed and we
-    // exit 128+sig.
-    let got_signal = Arc::new(AtomicI32::new(0));
-    {
-        let send = send.clone();
-        let got_signal = got_signal.clone();
-        std::thread::spawn(move || loop {
-            let Ok(sig) = sigs.wait() else { continue };
-            if sig == Signal::SIGWINCH {
-                if let Some((r, c)) = winsize() {
-                    send(&Frame::Resize(r, c));
-                }
-                continue;
-            }
-            let first = got_signal.swap(sig as i32, Ordering::SeqCst) == 0;
-            send(&Frame::Signal(sig as i32));
-            if first {
-                std::thread::spawn(move || {
-                    std::thread::sleep(SIGNAL_GRACE);
-                    // SAFETY: kill(2) of our own child QEMU; at worst a stale pid, and QEMU
-                    // cannot have been reaped while this process still runs the main loop.
-                    unsafe { libc::kill(qemu_pid, libc::SIGKILL) };
-                });
-            } else {
-                // SAFETY: as above.
-                unsafe { libc::kill(qemu_pid, libc::SIGKILL) };
-            }
-        });
-    }
-
-    // Main loop: guest frames -> our stdout/stderr.
-    let mut reader = stream;
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr();
-    let mut exit = None;
-    let mut proto_err = None;
-    loop {
-        match read_frame(&mut reader) {
-            Ok(Some(Frame::Started)) => {
-                vlog(
-                    v,
-                    format!(
-                        "L1 boot to CMD start: {} ms (QEMU start {} ms after fcvm-testhost start)",
-                        ms(t_qemu.elapsed()),
-                        ms(t_qemu.duration_since(t_start))
-                    ),
-                );
-            }
-            Ok(Some(Frame::Stdout(d))) => {
-                // A closed stdout (e.g. `| head`) is not our failure: keep draining.
-                let _ = stdout.write_all(&d).and_then(|()| stdout.flush());
-            }
-            Ok(Some(Frame::Stderr(d))) => {
-                let _ = stderr.write_all(&d);
-            }
-            Ok(Some(Frame::Message(m))) => {
-                let _ = stdout.flush();
-                let _ = stderr.write_all(m.as_bytes());
-            }
-            Ok(Some(Frame::Exit(code))) => {
-                exit = Some(code);
-                send(&Frame::Bye);
-                break;
-            }
-            Ok(Some(other)) => {
-                proto_err = Some(format!("unexpected frame from the guest: {other:?}"));
-                break;
-            }
-            Ok(None) => break,
-            // The connection dropping (QEMU died) is reported below with the console.
-            Err(crate::proto::ProtoError::Io(_)) => break,
-            Err(e) => {
-                proto_err = Some(e.to_string());
-                break;
-            }
-        }
-    }
-    let _ = stdout.flush();
+    let (exit, proto_err) = relay(stream, v, t_start, t_qemu, &send, &started);
     drop(raw_term);
 
-    // Wait for L1 to power off, then make sure QEMU is gone.
+    // After the exit status L1 powers off by itself; otherwise (QEMU died, protocol error,
+    // abort on a signal) there is nothing to wait for.
     let t = Instant::now();
-    let t_cmd_end = t;
     let mut qemu_status = None;
-    while t.elapsed() < POWEROFF_TIMEOUT {
-        if let Ok(Some(st)) = qemu_guard.0.try_wait() {
-            qemu_status = Some(st);
-            break;
+    if exit.is_some() {
+        while t.elapsed() < POWEROFF_TIMEOUT {
+            if let Ok(Some(st)) = qemu_guard.0.try_wait() {
+                qemu_status = Some(st);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if qemu_status.is_none() && exit.is_some() {
-        vlog(v, "L1 did not power off in time: killing QEMU");
+        match qemu_status {
+            Some(_) => vlog(
+                v,
+                format!("exit status to QEMU exit: {} ms", ms(t.elapsed())),
+            ),
+            None => vlog(v, "L1 did not power off in time: killing QEMU"),
+        }
     } else {
-        vlog(
-            v,
-            format!("exit status to QEMU exit: {} ms", ms(t_cmd_end.elapsed())),
-        );
+        qemu_status = qemu_guard.0.try_wait().ok().flatten();
     }
     drop(qemu_guard);
     vlog(v, format!("total: {} ms", ms(t_start.elapsed())));
