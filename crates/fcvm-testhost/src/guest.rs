@@ -133,6 +133,19 @@ pub fn main() -> ! {
         }
     };
     say("start frame received");
+    if start.version != crate::proto::PROTOCOL_VERSION {
+        send(
+            &port,
+            &Frame::Message(format!(
+                "fcvm-testhost: the binary inside L1 speaks protocol {} but the host speaks {}: \
+                 was fcvm-testhost rebuilt while L1 booted? Run again.\n",
+                crate::proto::PROTOCOL_VERSION,
+                start.version
+            )),
+        );
+        send(&port, &Frame::Exit(125));
+        power_off_after_bye();
+    }
     let ready = match loader.map(|h| h.join()) {
         Some(Ok(Ok(warnings))) => {
             if start.verbose {

@@ -518,6 +518,7 @@ pub fn run(opts: &Options) -> Result<i32> {
         f.write_to(&mut *g).is_ok()
     });
     let start = Start {
+        version: crate::proto::PROTOCOL_VERSION,
         argv: opts.argv.clone(),
         env,
         cwd,

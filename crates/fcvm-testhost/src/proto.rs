@@ -25,9 +25,15 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Chunk size for stdio data frames.
 pub const CHUNK: usize = 32 * 1024;
 
+/// Bumped on any change of frames or of [`Start`]. The guest runner is the binary found at the
+/// host binary's path when L1 boots: if it was rebuilt in between, the two may differ.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// What the guest runner needs to start the command. Sent once, first, by the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Start {
+    /// [`PROTOCOL_VERSION`] of the host.
+    pub version: u32,
     /// argv, argv[0] looked up in the `PATH` of `env`.
     pub argv: Vec<String>,
     /// The complete environment of the command.
@@ -263,6 +269,7 @@ mod tests {
     fn all_frames() -> Vec<Frame> {
         vec![
             Frame::Start(Start {
+                version: PROTOCOL_VERSION,
                 argv: vec!["sh".into(), "-c".into(), "echo 'x y'".into()],
                 env: vec![("PATH".into(), "/bin".into())],
                 cwd: "/work".into(),
