@@ -161,7 +161,13 @@ fn read_console(f: &mut File) -> String {
 
 fn print_console(f: &mut File, why: &str) {
     eprintln!("fcvm-testhost: ---- L1 console ({why}) ----");
-    eprint!("{}", read_console(f));
+    // QEMU warns once per vCPU about EPYC features TCG lacks: noise, not news.
+    for l in read_console(f)
+        .lines()
+        .filter(|l| !l.contains("TCG doesn't support requested feature"))
+    {
+        eprintln!("{l}");
+    }
     eprintln!("fcvm-testhost: ---- end of L1 console ----");
 }
 
@@ -586,6 +592,9 @@ pub fn run(opts: &Options) -> Result<i32> {
             Ok(code)
         }
         None if sig != 0 => {
+            if v {
+                print_console(&mut console, "interrupted");
+            }
             eprintln!("fcvm-testhost: interrupted by signal {sig}; L1 stopped");
             Ok(128 + sig)
         }

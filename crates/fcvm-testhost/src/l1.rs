@@ -54,16 +54,25 @@ pub fn mount_system() -> Result<(), String> {
     Ok(())
 }
 
-/// Brings up `lo`, sets the hostname and raises the open-files limit (fcvm opens many fds: a
-/// Firecracker per VM, vsock sockets, logs; the host's limit is not ours).
+/// Brings up `lo`, sets the hostname, raises the open-files limit (fcvm opens many fds: a
+/// Firecracker per VM, vsock sockets, logs; the host's limit is not ours) and lifts the
+/// locked-memory limit.
 pub fn tune() {
     let _ = nix::unistd::sethostname("fcvm-testhost");
     let lim = libc::rlimit {
         rlim_cur: 1 << 20,
         rlim_max: 1 << 20,
     };
-    // SAFETY: setrlimit reads a valid `rlimit` struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    // Locked memory: L1's default is 8 MiB; nothing here needs a limit.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads valid `rlimit` structs.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited);
+    }
     lo_up();
 }
 

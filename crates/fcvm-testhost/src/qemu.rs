@@ -68,6 +68,10 @@ pub fn kernel_cmdline(runner: &Path, verbose: bool) -> Result<String> {
     if verbose {
         s.push_str(" fcvm.verbose=1");
     }
+    // Tuning knob for the runner's module loader (see guest.rs), for measurements.
+    if let Ok(w) = std::env::var("FCVM_TESTHOST_MODLOAD_WORKERS") {
+        s.push_str(&format!(" fcvm.modload_workers={w}"));
+    }
     Ok(s)
 }
 
