@@ -46,10 +46,10 @@ pub enum Error {
     /// A kernel module is not where the package should have it.
     #[error("kernel module {0} is required but not in the kernel package")]
     MissingModule(String),
-    /// A module file could not be parsed.
-    #[error("kernel module {}: {why}", path.display())]
-    BadModule {
-        /// The .ko file.
+    /// A file we read (kernel module, busybox) is not what it should be.
+    #[error("{}: {why}", path.display())]
+    BadFile {
+        /// The file.
         path: PathBuf,
         /// What is wrong.
         why: String,

@@ -382,7 +382,10 @@ pub fn run(opts: &Options) -> Result<i32> {
     }
     let runner =
         std::env::current_exe().map_err(Error::io("finding", "the fcvm-testhost binary"))?;
-    let append = qemu::kernel_cmdline(&runner, v)?;
+    let workers = std::env::var("FCVM_TESTHOST_MODLOAD_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok());
+    let append = qemu::kernel_cmdline(&runner, v, workers)?;
 
     let cache = cache_dir();
     let t = Instant::now();

@@ -83,7 +83,7 @@ pub fn busybox() -> Result<PathBuf> {
         program: BUSYBOX.to_string(),
         package: "busybox-static".to_string(),
     })?;
-    let f = object::File::parse(&*data).map_err(|e| Error::BadModule {
+    let f = object::File::parse(&*data).map_err(|e| Error::BadFile {
         path: p.clone(),
         why: format!("not an ELF file: {e}"),
     })?;

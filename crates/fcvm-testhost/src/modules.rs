@@ -259,7 +259,7 @@ impl Index {
 /// The `depends=` list from a module's `.modinfo` section.
 pub fn depends_of(ko: &Path) -> Result<Vec<String>> {
     use object::{Object, ObjectSection};
-    let bad = |why: String| Error::BadModule {
+    let bad = |why: String| Error::BadFile {
         path: ko.to_path_buf(),
         why,
     };
@@ -392,7 +392,7 @@ fn visit(
     }
     if visiting.iter().any(|v| v == name) {
         // A dependency cycle cannot be loaded by anyone; modules.dep never has one.
-        return Err(Error::BadModule {
+        return Err(Error::BadFile {
             path: PathBuf::from(name),
             why: format!("dependency cycle: {} -> {name}", visiting.join(" -> ")),
         });

@@ -55,8 +55,13 @@ fn path_opt(p: &Path) -> String {
     escape_opt(&p.to_string_lossy())
 }
 
-/// The kernel command line. `runner` is the host path of this binary (visible in L1 via 9p).
-pub fn kernel_cmdline(runner: &Path, verbose: bool) -> Result<String> {
+/// The kernel command line. `runner` is the host path of this binary (visible in L1 via 9p);
+/// `modload_workers` tunes the runner's module loader (see guest.rs), for measurements.
+pub fn kernel_cmdline(
+    runner: &Path,
+    verbose: bool,
+    modload_workers: Option<u32>,
+) -> Result<String> {
     let r = runner.to_string_lossy();
     // The kernel splits its command line on spaces and the init script reads it unquoted.
     if r.chars().any(|c| c.is_whitespace() || c == '"') {
@@ -68,8 +73,7 @@ pub fn kernel_cmdline(runner: &Path, verbose: bool) -> Result<String> {
     if verbose {
         s.push_str(" fcvm.verbose=1");
     }
-    // Tuning knob for the runner's module loader (see guest.rs), for measurements.
-    if let Ok(w) = std::env::var("FCVM_TESTHOST_MODLOAD_WORKERS") {
+    if let Some(w) = modload_workers {
         s.push_str(&format!(" fcvm.modload_workers={w}"));
     }
     Ok(s)
@@ -299,14 +303,14 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        let s = kernel_cmdline(Path::new("/t/fcvm-testhost"), false).unwrap();
+        let s = kernel_cmdline(Path::new("/t/fcvm-testhost"), false, None).unwrap();
         assert_eq!(
             s,
             "console=ttyS0 panic=-1 quiet fcvm.runner=/t/fcvm-testhost"
         );
-        assert!(kernel_cmdline(Path::new("/t/x"), true)
+        assert!(kernel_cmdline(Path::new("/t/x"), true, Some(2))
             .unwrap()
-            .ends_with(" fcvm.verbose=1"));
-        assert!(kernel_cmdline(Path::new("/my dir/x"), false).is_err());
+            .ends_with(" fcvm.verbose=1 fcvm.modload_workers=2"));
+        assert!(kernel_cmdline(Path::new("/my dir/x"), false, None).is_err());
     }
 }
