@@ -18,7 +18,8 @@ use crate::modules::{self, Index, Want};
 /// Where the static busybox comes from (package `busybox-static`).
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// Bump when the layout of the image changes in a way the inputs below do not capture.
+/// Bump when the layout of the image (or the `modules.list` format) changes in a way the inputs
+/// hashed in [`ensure`] do not capture.
 const FORMAT: &str = "fcvm-testhost-initramfs-1";
 
 /// `/init`. Runs as PID 1 in the initramfs and does only what needs a shell: load the modules
@@ -107,6 +108,7 @@ pub fn ensure(cache: &Path, kernel: &Kernel, wanted: &[Want]) -> Result<Built> {
     for w in wanted {
         h.update(format!("{}:{}:{};", w.name, w.required, w.params));
     }
+    h.update(modules::BOOT.join(","));
     let key = hex::encode(h.finalize());
     let path = cache.join(format!("initramfs-{}.cpio", &key[..16]));
     // Warnings are remembered next to the image so a cache hit can still report them.
