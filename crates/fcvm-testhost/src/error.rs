@@ -62,6 +62,10 @@ pub enum Error {
         /// Available.
         avail_mib: u64,
     },
+    /// `--seed` cannot work on this host (no root, no loop devices, no btrfs in the host
+    /// kernel) or copying a seed failed.
+    #[error("--seed: {0}")]
+    Seed(String),
     /// A command-line value is unusable.
     #[error("{0}")]
     Usage(String),

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::proto::{read_frame, Frame, ShareMount, Start, CHUNK};
 use crate::qemu::{self, Share};
 use crate::rundir::RunDir;
-use crate::{initramfs, kernel, modules};
+use crate::{initramfs, kernel, modules, seed};
 
 /// The fd number the scratch image has in QEMU (`-add-fd fd=N`).
 const SCRATCH_FD: i32 = 3;
@@ -44,6 +44,8 @@ pub struct Options {
     pub env: Vec<(String, Option<String>)>,
     /// Scratch disk size in GiB (0: none).
     pub scratch_gib: u64,
+    /// `--seed`: host files copied onto the scratch disk before the boot.
+    pub seeds: Vec<crate::seed::Seed>,
     /// Timings and the console log on stderr.
     pub verbose: bool,
     /// The command.
@@ -198,6 +200,52 @@ fn scratch_image(dir: &std::path::Path, gib: u64) -> Result<(OwnedFd, OwnedFd)> 
     let ro = res.and_then(|()| File::open(&p).map_err(Error::io("opening", &p)));
     let _ = fs::remove_file(&p);
     ro.map(|ro| (OwnedFd::from(f), OwnedFd::from(ro)))
+}
+
+/// `--seed`: copies the files onto the scratch image natively (see [`seed`]).
+fn seed_scratch(
+    image: &OwnedFd,
+    dir: &std::path::Path,
+    seeds: &[seed::Source],
+    v: bool,
+) -> Result<()> {
+    let t = Instant::now();
+    let mnt = dir.join("seed");
+    fs::create_dir(&mnt).map_err(Error::io("creating", &mnt))?;
+    let res = seed::seed_image(image, &mnt, seeds, &|lo: &std::path::Path| {
+        vlog(
+            v,
+            format!(
+                "seed: {} (autoclear) mounted in a private mount namespace",
+                lo.display()
+            ),
+        )
+    });
+    let _ = fs::remove_dir(&mnt);
+    let mut total = 0;
+    for c in res? {
+        total += c.written;
+        vlog(
+            v,
+            format!(
+                "seed /scratch/{}: {} MiB, {} MiB written, {} ms",
+                c.name,
+                c.size >> 20,
+                c.written >> 20,
+                ms(c.elapsed)
+            ),
+        );
+    }
+    vlog(
+        v,
+        format!(
+            "seeding ({} file(s), {} MiB written): {} ms",
+            seeds.len(),
+            total >> 20,
+            ms(t.elapsed())
+        ),
+    );
+    Ok(())
 }
 
 fn accept_with_timeout(
@@ -371,6 +419,7 @@ pub fn run(opts: &Options) -> Result<i32> {
     if opts.cpus == 0 || opts.mem_mib < 256 {
         return Err(Error::Usage("--cpus must be >= 1 and --mem >= 256".into()));
     }
+    let seeds = seed::prepare(&opts.seeds, opts.scratch_gib)?;
     let qemu_bin = find_program("qemu-system-x86_64", "qemu-system-x86")?;
     if let Some(avail) = mem_available_mib() {
         if avail < opts.mem_mib + QEMU_OVERHEAD_MIB {
@@ -445,7 +494,7 @@ pub fn run(opts: &Options) -> Result<i32> {
         0 => None,
         g => Some(scratch_image(&rundir.path, g)?),
     };
-    if scratch.is_some() {
+    if let Some((image, _)) = &scratch {
         vlog(
             v,
             format!(
@@ -454,6 +503,9 @@ pub fn run(opts: &Options) -> Result<i32> {
                 ms(t.elapsed())
             ),
         );
+        if !seeds.is_empty() {
+            seed_scratch(image, &rundir.path, &seeds, v)?;
+        }
     }
     let console_path = rundir.path.join("console.log");
     let mut console = OpenOptions::new()

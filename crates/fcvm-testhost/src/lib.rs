@@ -14,7 +14,8 @@
 //! - [`proto`]: the framed host <-> guest protocol;
 //! - [`host`]: the host side of a run; [`guest`]: the guest side (`guest-run`), with [`l1`]
 //!   setting up L1 (mounts, parallel module loading);
-//! - [`rundir`]: per-run temporary files and sweeping stale ones; [`cache`]: the cache.
+//! - [`rundir`]: per-run temporary files and sweeping stale ones; [`cache`]: the cache;
+//! - [`seed`]: `--seed`, host files copied onto the scratch disk natively before the boot.
 
 pub mod cache;
 pub mod error;
@@ -27,5 +28,6 @@ pub mod modules;
 pub mod proto;
 pub mod qemu;
 pub mod rundir;
+pub mod seed;
 
 pub use error::{Error, Result};

@@ -40,6 +40,10 @@ struct RunArgs {
     /// Size of the btrfs scratch disk mounted at /scratch, GiB (sparse; 0: none).
     #[arg(long, default_value_t = 20)]
     scratch_size: u64,
+    /// Copy a host file (sparsely, natively, before the boot) to /scratch/NAME (default: its
+    /// file name; a plain relative path). Needs root and loop devices.
+    #[arg(long = "seed", value_name = "HOST_FILE[:NAME]")]
+    seeds: Vec<String>,
     /// Timings and the L1 console on stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -77,6 +81,11 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
             .map(|s| parse_env(s))
             .collect::<anyhow::Result<_>>()?,
         scratch_gib: a.scratch_size,
+        seeds: a
+            .seeds
+            .iter()
+            .map(|s| fcvm_testhost::seed::parse(s))
+            .collect::<Result<_, _>>()?,
         verbose: a.verbose,
         argv: a.cmd,
     };

@@ -419,3 +419,292 @@ fn tty_mode_follows_window_size() {
     assert!(lines.contains(&"50 160".to_string()), "{lines:?}");
     assert!(lines.contains(&"got typed".to_string()), "{lines:?}");
 }
+
+/// Why `--seed` cannot work here (it mounts the scratch image on a host loop device), if so.
+fn missing_seed_prerequisite() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("--seed needs root".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Some("no /dev/loop-control (modprobe loop)".into());
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("btrfs"))
+    {
+        return Some("the host kernel has no btrfs (modprobe btrfs)".into());
+    }
+    None
+}
+
+/// [`prepare`] plus the `--seed` prerequisites.
+fn prepare_seed() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(why) = missing_seed_prerequisite() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set and --seed cannot run: {why}");
+        }
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    prepare()
+}
+
+/// `losetup -a` lines whose backing file is in the run directory of fcvm-testhost `pid`.
+fn loop_devices_of(pid: u32) -> Vec<String> {
+    let out = Command::new("losetup").arg("-a").output().unwrap();
+    let base = fcvm_testhost::rundir::base_dir();
+    let marker = format!("{}/{pid}-", base.display());
+    text(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&marker))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lines of our own /proc/self/mounts that mention `what`.
+fn mounts_with(what: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_string)
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[test]
+fn seed_refusals_before_boot() {
+    // None of these boots anything, so they need no QEMU.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let f = dir.path().join("f.img");
+    std::fs::write(&f, "x").unwrap();
+    let fs = f.to_str().unwrap();
+    let missing = dir.path().join("missing.img");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![format!("{fs}:../x")], "must not contain `..`"),
+        (vec![format!("{fs}:/etc/x")], "not absolute"),
+        (
+            vec![missing.to_str().unwrap().to_string()],
+            "No such file or directory",
+        ),
+        (
+            vec![dir.path().to_str().unwrap().to_string()],
+            "not a regular file",
+        ),
+        (
+            vec![fifo.to_str().unwrap().to_string()],
+            "not a regular file",
+        ),
+        (vec![fs.to_string(), format!("{fs}:f.img")], "collide"),
+    ];
+    for (seeds, want) in cases {
+        let mut args = vec![];
+        for s in &seeds {
+            args.extend(["--seed", s.as_str()]);
+        }
+        let t = Instant::now();
+        let out = testhost(&args, &["true"]).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{seeds:?}: {err}");
+        assert!(err.contains(want), "{seeds:?}: want {want:?} in {err}");
+        assert!(!err.contains("L1 console"), "{seeds:?} booted: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{seeds:?} took {:?}",
+            t.elapsed()
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["run", "--scratch-size", "0", "--seed", fs, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("--scratch-size"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Not root: refused with the reason (as nobody when we are root).
+    let mut c = Command::new(BIN);
+    c.args(["run", "--seed", "/etc/hostname", "--", "true"]);
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        c.uid(65534).gid(65534).env("HOME", "/nonexistent");
+    }
+    let out = c.output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("--seed: needs root"), "{err}");
+}
+
+#[test]
+fn seed_sparse_file_onto_scratch() {
+    let Some(_g) = prepare_seed() else { return };
+    // Under the target dir, not /tmp: L1 mounts its own tmpfs on /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let big = dir.path().join("big.img");
+    let hello = dir.path().join("hello.txt");
+    std::fs::write(&hello, "hello seed\n").unwrap();
+    const SIZE: u64 = 1 << 30;
+    // 4 KiB blocks (block numbers) with distinct contents, the rest a hole.
+    let blocks: [u64; 4] = [0, 300 << 8, (700 << 8) + 16, (SIZE >> 12) - 1];
+    let content = |b: u64| -> Vec<u8> {
+        (0..4096u64)
+            .map(|i| ((b.wrapping_mul(31) + i * 7) % 251) as u8 + 1)
+            .collect()
+    };
+    {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(SIZE).unwrap();
+        for &b in &blocks {
+            f.write_all_at(&content(b), b << 12).unwrap();
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+    }
+    let hole_block = 500u64 << 8;
+    let mut script = String::from(
+        "f=/scratch/fcvm/rootfs/big.img\n\
+         echo \"size: $(stat -c %s $f)\"\n\
+         echo \"mode: $(stat -c %a $f)\"\n\
+         echo \"du-kib: $(du -k $f | cut -f1)\"\n\
+         echo \"hello: $(cat /scratch/hello.txt)\"\n\
+         echo \"reflink: $(cp --reflink=always $f /scratch/big2 && stat -c %s /scratch/big2)\"\n",
+    );
+    for b in blocks.iter().chain([&hole_block]) {
+        script.push_str(&format!(
+            "echo \"block {b}: $(dd if=$f bs=4096 skip={b} count=1 status=none | sha256sum | cut -d' ' -f1)\"\n"
+        ));
+    }
+    let child = testhost(
+        &[
+            "-v",
+            "--seed",
+            &format!("{}:fcvm/rootfs/big.img", big.display()),
+            "--seed",
+            hello.to_str().unwrap(),
+        ],
+        &["sh", "-c", &script],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let mut expect = vec![
+        format!("size: {SIZE}"),
+        "mode: 640".to_string(),
+        "hello: hello seed".to_string(),
+        format!("reflink: {SIZE}"),
+        format!("block {hole_block}: {}", sha256_hex(&[0u8; 4096])),
+    ];
+    for &b in &blocks {
+        expect.push(format!("block {b}: {}", sha256_hex(&content(b))));
+    }
+    for e in &expect {
+        assert!(
+            stdout.lines().any(|l| l == e),
+            "missing {e:?} in:\n{stdout}\nstderr: {stderr}"
+        );
+    }
+    let du: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("du-kib: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no du in {stdout}"));
+    assert!(
+        du < 1024,
+        "the seeded file is not sparse: {du} KiB allocated"
+    );
+    assert!(stderr.contains("seeding (2 file(s)"), "{stderr}");
+    assert!(
+        loop_devices_of(pid).is_empty(),
+        "{:?}",
+        loop_devices_of(pid)
+    );
+    assert!(
+        mounts_with("/seed ").is_empty(),
+        "{:?}",
+        mounts_with("/seed ")
+    );
+}
+
+#[test]
+fn seed_sigkill_leaves_no_mount_or_loop_device() {
+    let Some(_g) = prepare_seed() else { return };
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let f = dir.path().join("f.img");
+    std::fs::write(&f, "x").unwrap();
+    // Kill fcvm-testhost while the scratch image is mounted (the test hook holds it there).
+    let mut child = testhost(&["-v", "--seed", f.to_str().unwrap()], &["true"])
+        .env(fcvm_testhost::seed::PAUSE_ENV, "120000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut child = Kill(child);
+    let t = Instant::now();
+    let mut line = String::new();
+    let dev = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "EOF before the seed mount"
+        );
+        if let Some(rest) = line.strip_prefix("fcvm-testhost: seed: ") {
+            if let Some((dev, _)) = rest.split_once(" (autoclear) mounted") {
+                break dev.to_string();
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no seed mount in 60 s"
+        );
+    };
+    // While mounted: the loop device is there (so the checks below can see one), the mount
+    // is not visible in our namespace.
+    assert_eq!(
+        loop_devices_of(pid).len(),
+        1,
+        "{dev}: {:?}",
+        loop_devices_of(pid)
+    );
+    assert!(mounts_with(&dev).is_empty(), "{:?}", mounts_with(&dev));
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let t = Instant::now();
+    while !loop_devices_of(pid).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "loop device left after SIGKILL: {:?}",
+            loop_devices_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(mounts_with(&dev).is_empty(), "{:?}", mounts_with(&dev));
+    assert!(qemu_of(pid).is_empty());
+}
