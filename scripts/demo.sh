@@ -59,7 +59,7 @@ IMAGE_TAR="$FCVM_BASE_DIR/images/demo-busybox.tar"
 mkdir -p "$(dirname "$IMAGE_TAR")"
 REF=$(target/debug/examples/busybox-image "$IMAGE_TAR" demo-busybox 1)
 on_real_kvm "$FCVM" podman run --name demo-container --image-archive "$IMAGE_TAR" \
-    --kernel "$FCVM_TEST_KERNEL" --rootfs "$FCVM_TEST_ROOTFS" "$REF" -- \
+    --kernel "$FCVM_TEST_KERNEL" "$REF" -- \
     sh -c 'echo "hello from a container"; echo "kernel: $(uname -r), hostname: $(hostname), cpus: $(nproc)"; ls /; echo "to stderr" >&2; exit 3' \
     && rc=0 || rc=$?
 echo "(container exit code forwarded: $rc)"

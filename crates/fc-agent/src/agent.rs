@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fcvm_proto::boot::{Cmdline, CMDLINE_ENV};
 use fcvm_proto::frame::read_frame;
-use fcvm_proto::plan::{Plan, CONTAINER_NAME};
+use fcvm_proto::plan::Plan;
 use fcvm_proto::status::Status;
 use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
 use nix::sys::signal::{SigSet, Signal};

@@ -26,6 +26,12 @@ use std::time::{Duration, Instant};
 use crate::common::{wait_until, TestEnv};
 
 const IMAGE_REF: &str = "localhost/fcvm-test-busybox:1";
+/// Longest any one fcvm command of these tests may take (inside the emulated KVM host a
+/// container run takes 30-60 s on a busy 2-core machine).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(400);
+/// Longest a container may take to start (a cold boot inside the emulated KVM host takes
+/// 40-60 s alone, twice that beside another emulated host on 2 cores).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Assets {
     rootfs: PathBuf,
@@ -125,7 +131,10 @@ fn build_assets() -> Result<Assets, String> {
     let kernel = env_path("FCVM_TEST_KERNEL")
         .ok_or("no guest kernel: set FCVM_TEST_KERNEL to the vmlinux `fcvm setup kernel` built")?;
     if !kernel.is_file() {
-        return Err(format!("FCVM_TEST_KERNEL {} does not exist", kernel.display()));
+        return Err(format!(
+            "FCVM_TEST_KERNEL {} does not exist",
+            kernel.display()
+        ));
     }
     let busybox = Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX);
     if !busybox.exists() {
@@ -168,7 +177,10 @@ fn build_assets() -> Result<Assets, String> {
                 .status()
                 .map_err(|e| format!("cannot run cp: {e}"))?;
             if !st.success() {
-                return Err(format!("copying {} to the scratch disk failed", rootfs.display()));
+                return Err(format!(
+                    "copying {} to the scratch disk failed",
+                    rootfs.display()
+                ));
             }
             eprintln!("rootfs copied to the scratch disk in {:?}", t.elapsed());
         }
@@ -320,7 +332,24 @@ impl Env {
         let mut input = child.stdin.take().unwrap();
         input.write_all(stdin).unwrap();
         drop(input);
-        child.wait_with_output().unwrap()
+        // A hung run fails the test instead of hanging the suite (CI's limit is the whole run).
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let timed_out = done_rx.recv_timeout(COMMAND_TIMEOUT).is_err();
+            if timed_out {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            timed_out
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = done_tx.send(());
+        assert!(
+            !watchdog.join().unwrap(),
+            "fcvm {args:?} did not finish within {COMMAND_TIMEOUT:?} (killed); stderr:\n{}",
+            text(&out.stderr)
+        );
+        out
     }
 
     fn run(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
@@ -345,7 +374,7 @@ impl Env {
 
     /// Wait until `fcvm ls` shows `name` healthy (the agent said `ready`).
     fn wait_healthy(&self, name: &str) -> serde_json::Value {
-        wait_until(Duration::from_secs(90), "the container to be ready", || {
+        wait_until(READY_TIMEOUT, "the container to be ready", || {
             self.env
                 .ls()
                 .into_iter()
@@ -649,7 +678,7 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     let vmm_pid = rec["vmm"]["pid"].as_u64().expect("VMM pid recorded");
     vm.kill().unwrap();
     vm.wait().unwrap();
-    wait_until(Duration::from_secs(10), "the VMM to die with fcvm", || {
+    wait_until(Duration::from_secs(60), "the VMM to die with fcvm", || {
         (!Path::new(&format!("/proc/{vmm_pid}")).exists()).then_some(())
     });
     let _ = env.env.ls();
@@ -739,7 +768,8 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
     );
 
     // Missing setup names the command to run.
-    let mut cmd = env.command(&["podman", "run", "--name", "x", "img"]);
+    let kernel = env.assets.kernel.display().to_string();
+    let mut cmd = env.command(&["podman", "run", "--name", "x", "--kernel", &kernel, "img"]);
     cmd.env_remove("FCVM_ROOTFS");
     let o = cmd.output().unwrap();
     assert!(
@@ -748,7 +778,10 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
         text(&o.stderr)
     );
     // No --kernel and none built in this base dir: the error names the setup step.
-    let o = env.command(&["podman", "run", "--name", "x", "img"]).output().unwrap();
+    let o = env
+        .command(&["podman", "run", "--name", "x", "img"])
+        .output()
+        .unwrap();
     assert!(
         text(&o.stderr).contains("fcvm setup kernel"),
         "{}",
@@ -818,7 +851,7 @@ fn tty_full_screen_arrows_and_resize() {
     tmux(&["set-option", "-t", &session, "status", "off"]);
     let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
     let wait_screen = |what: &str, f: &dyn Fn(&str) -> bool| {
-        wait_until(Duration::from_secs(90), what, || {
+        wait_until(READY_TIMEOUT, what, || {
             let s = screen();
             f(&s).then_some(s)
         })
@@ -878,7 +911,7 @@ fn tty_full_screen_arrows_and_resize() {
         wait_screen("the new size", &|s| s.contains(&size));
 
         tmux(&["send-keys", "-t", &session, "exit 4", "Enter"]);
-        wait_until(Duration::from_secs(60), "fcvm to exit", || {
+        wait_until(Duration::from_secs(180), "fcvm to exit", || {
             std::fs::read_to_string(&exit_file)
                 .ok()
                 .filter(|s| !s.is_empty())
@@ -930,7 +963,10 @@ fn real_guest_sizing_cgroup_v2_mmds_v2_and_panic() {
     assert!(cg.starts_with("0::/"), "container cgroup: {cg}");
     // The guest runs fcvm's own kernel, not the host's.
     let guest_release = vm_sh("uname -r");
-    assert!(guest_release.contains("fcvm"), "guest kernel {guest_release}");
+    assert!(
+        guest_release.contains("fcvm"),
+        "guest kernel {guest_release}"
+    );
 
     let mmds = vm_sh(
         r#"req() { exec 3<>/dev/tcp/169.254.169.254/80; printf "$1" >&3; cat <&3; exec 3<&-; }
@@ -944,20 +980,39 @@ req "GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nX-metadata-token: $t\r\nA
         lines.len() == 3 && lines[0] != "token-len=0",
         "MMDS V2 answers: {mmds}"
     );
-    assert!(lines[1].starts_with("HTTP/1.1 401"), "no token: {}", lines[1]);
+    assert!(
+        lines[1].starts_with("HTTP/1.1 401"),
+        "no token: {}",
+        lines[1]
+    );
     assert!(lines[2].starts_with("HTTP/1.1 200"), "token: {}", lines[2]);
 
     // A guest kernel panic (panic=1 reboots, Firecracker exits): the run fails with the
     // console's last lines in the message, and nothing is left.
     let o = env.exec(
-        &["--name", "rg", "--vm", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"],
+        &[
+            "--name",
+            "rg",
+            "--vm",
+            "--",
+            "sh",
+            "-c",
+            "echo c > /proc/sysrq-trigger",
+        ],
         b"",
     );
-    assert_ne!(o.status.code(), Some(0), "exec into a panicking guest cannot succeed");
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "exec into a panicking guest cannot succeed"
+    );
     let mut err = String::new();
     vm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     let st = vm.wait().unwrap();
     assert_ne!(st.code(), Some(0), "{err}");
-    assert!(err.contains("Kernel panic") || err.contains("sysrq"), "{err}");
+    assert!(
+        err.contains("Kernel panic") || err.contains("sysrq"),
+        "{err}"
+    );
     env.assert_nothing_left();
 }
