@@ -10,6 +10,7 @@ pub mod names;
 pub mod network;
 pub mod paths;
 pub mod process;
+pub mod report;
 pub mod setup;
 pub mod snapshot;
 pub mod state;

@@ -144,7 +144,7 @@ fn netns_list() -> Vec<String> {
 fn env_netns(env: &TestEnv) -> Vec<String> {
     env.ls()
         .iter()
-        .filter_map(|v| v["netns"].as_str().map(str::to_owned))
+        .filter_map(|v| v["network"]["netns"].as_str().map(str::to_owned))
         .collect()
 }
 
@@ -211,10 +211,13 @@ fn full_snapshot_restores_from_file_and_from_page_server() {
         assert_eq!(v["kind"], "clone");
         assert_eq!(v["snapshot"], "full");
         // Its own namespace, with the original's TAP name.
-        let ns = v["netns"].as_str().unwrap();
+        let ns = v["network"]["netns"].as_str().unwrap();
         assert!(fcvm::network::interface_in_netns(ns, "tap0").unwrap());
     }
-    assert_ne!(vm(&env, "cf")["netns"], vm(&env, "cu")["netns"]);
+    assert_ne!(
+        vm(&env, "cf")["network"]["netns"],
+        vm(&env, "cu")["network"]["netns"]
+    );
     // The page server served cu, and is listed with its counters.
     wait_until(WAIT, "server stats in fcvm ls", || {
         let srv = env.ls().into_iter().find(|v| v["kind"] == "page_server")?;
