@@ -1,5 +1,7 @@
 //! fcvm host library: everything the `fcvm` command does, as typed modules.
 
+#![deny(missing_docs)]
+
 pub mod cleanup;
 pub mod cli;
 pub mod commands;

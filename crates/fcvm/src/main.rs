@@ -61,7 +61,7 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -
     match runtime.block_on(work) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fcvm: error: {e:#}");
+            eprintln!("fcvm: error: {}", fcvm::report::chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

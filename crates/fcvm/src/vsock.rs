@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     /// The VMM's vsock socket does not accept connections.
-    #[error("cannot connect to the VM's vsock socket {path}: {source}; is the VM still running?")]
+    #[error("cannot connect to the VM's vsock socket {path} (is the VM still running?)")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum VsockError {
         timeout: Duration,
     },
     /// Binding a host listener failed.
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,

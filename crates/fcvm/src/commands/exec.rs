@@ -52,6 +52,9 @@ pub struct ExecOptions {
 /// Why `fcvm exec` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// `-i -t` without a terminal on standard input.
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
     /// No such VM.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -73,7 +76,7 @@ pub enum ExecError {
     #[error("{0}")]
     Guest(String),
     /// The stream broke.
-    #[error("the exec connection broke: {0}")]
+    #[error("the exec connection broke")]
     Stream(#[from] FrameError),
     /// The agent closed the connection without an exit code.
     #[error("the VM closed the exec connection without an exit status (did the VM stop?)")]
@@ -91,10 +94,20 @@ impl ExecError {
     /// 126 when it cannot be run, 125 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ExecError::Guest(text) if text.contains("No such file") => 127,
-            ExecError::Guest(_) => 126,
-            _ => 125,
+            ExecError::Guest(text) => guest_error_code(text),
+            _ => crate::commands::podman::EXIT_FCVM_FAILED,
         }
+    }
+}
+
+/// The exit code for the guest's refusal to run a command: 127 when it does not exist,
+/// 126 when it exists but cannot be run (podman's convention).
+pub fn guest_error_code(text: &str) -> u8 {
+    let t = text.to_ascii_lowercase();
+    if t.contains("no such file") || t.contains("not found") {
+        127
+    } else {
+        126
     }
 }
 
@@ -113,6 +126,7 @@ pub fn find_vm(paths: &Paths, target: &Target) -> Result<VmRecord, ExecError> {
 
 /// Run the command and return its exit code.
 pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
+    tty::check_request(opts.interactive, opts.tty, tty::stdin_is_terminal())?;
     if opts.command.is_empty() {
         return Err(ExecError::NoCommand);
     }
@@ -210,4 +224,25 @@ async fn next_chunk(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<
 async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_sort_fcvm_failures_from_the_guest_refusing() {
+        assert_eq!(
+            guest_error_code("exec /no/such: No such file or directory"),
+            127
+        );
+        assert_eq!(guest_error_code("executable file not found in $PATH"), 127);
+        assert_eq!(guest_error_code("permission denied"), 126);
+        assert_eq!(ExecError::NoExit.exit_code(), 125);
+        assert_eq!(ExecError::Tty(tty::TtyError).exit_code(), 125);
+        assert_eq!(
+            ExecError::Guest("Permission denied".into()).exit_code(),
+            126
+        );
+    }
 }

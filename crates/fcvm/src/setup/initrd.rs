@@ -28,13 +28,13 @@ pub enum InitrdError {
     #[error("Cannot find the fc-agent binary: set {AGENT_ENV} or put `fc-agent` next to the fcvm executable (build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p fc-agent --target x86_64-unknown-linux-gnu`)")]
     AgentNotFound,
     /// The agent binary cannot be read.
-    #[error("Cannot read the agent binary {0}: {1}")]
+    #[error("cannot read the agent binary {0}")]
     ReadAgent(PathBuf, #[source] io::Error),
     /// The agent binary is not a static ELF executable.
     #[error("{0} is not a static x86_64 ELF executable (it has a dynamic loader or is not ELF); the agent runs before any root filesystem exists, so build it with `RUSTFLAGS='-C target-feature=+crt-static'`")]
     NotStatic(PathBuf),
     /// Writing the initrd failed.
-    #[error("Cannot write the initrd {0}: {1}")]
+    #[error("cannot write the initrd {0}")]
     Write(PathBuf, #[source] io::Error),
 }
 

@@ -193,7 +193,10 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             Some(p) => {
                 let meta = snapshots.get(p).map_err(|e| CreateError::NoDiff {
                     vm: req.vm.clone(),
-                    why: format!("its parent snapshot {p} is gone ({e}); take a Full snapshot"),
+                    why: format!(
+                        "its parent snapshot {p} is gone ({}); take a Full snapshot",
+                        crate::report::chain(&e)
+                    ),
                 })?;
                 if meta.memory_bytes != mem_bytes {
                     return Err(CreateError::NoDiff {

@@ -31,7 +31,7 @@ use super::store::{SnapshotStore, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Bad name.
-    #[error("invalid --name: {0}")]
+    #[error("invalid --name")]
     Name(#[from] NameError),
     /// Snapshot store.
     #[error(transparent)]

@@ -166,7 +166,10 @@ async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>) {
             }
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!("container output stream broke: {e}");
+                tracing::warn!(
+                    "container output stream broke: {}",
+                    crate::report::chain(&e)
+                );
                 return;
             }
         }
