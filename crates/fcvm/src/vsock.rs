@@ -1,6 +1,6 @@
 //! Host side of Firecracker's hybrid vsock.
 //!
-//! Firecracker (and the sandbox stand-in) exposes the guest's vsock device as Unix sockets:
+//! Firecracker exposes the guest's vsock device as Unix sockets:
 //! the host reaches a guest port by connecting to the VM's `uds_path` and sending
 //! `CONNECT <port>\n`, and guest connections to host port `P` arrive on a Unix listener the
 //! host must have bound at `<uds_path>_P` before the guest dials. The line formats live in

@@ -2,6 +2,7 @@
 //! - `cli`: argument errors and state hygiene (no VM needed)
 //! - `defects`: the issue-8 defects that need no Linux guest (real Firecracker + probe)
 //! - `firecracker_vm`: the real Firecracker with the probe guest
+//! - `podman_cli`: issue-8 defects needing a booted Linux guest (skip where none boots)
 //! - `snapshot`: snapshots, the UFFD page server and clones (real Firecracker)
 
 mod common;
@@ -9,4 +10,5 @@ mod common;
 mod cli;
 mod defects;
 mod firecracker_vm;
+mod podman_cli;
 mod snapshot;

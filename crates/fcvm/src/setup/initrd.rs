@@ -4,7 +4,7 @@
 //! build never forces a rootfs rebuild. The file is content-addressed by the agent's bytes
 //! (`initrd/fc-agent-<sha256 prefix>.cpio`) and published by write-then-rename, so concurrent
 //! callers and crashes never leave a half-written initrd under the final name. Both
-//! Firecracker (`boot-source.initrd_path`) and the stand-in VMM take the same file.
+//! Firecracker takes it as `boot-source.initrd_path`.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -60,7 +60,7 @@ pub fn find_agent_binary() -> Result<PathBuf, InitrdError> {
     let candidates = [
         dir.join(AGENT_FILE_NAME),
         dir.join("..").join(&static_build),
-        // Where the sandbox VMM's tests build it.
+        // Where the integration tests build the static agent.
         dir.join("../agent-static").join(&static_build),
     ];
     // A plain `cargo build` also leaves a dynamic fc-agent next to fcvm; skip it.

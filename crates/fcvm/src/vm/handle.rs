@@ -163,6 +163,17 @@ impl VmHandle {
         Ok(&self.record)
     }
 
+    /// Whether another fcvm command is stopping (or has already torn down) this VM:
+    /// `fcvm stop` marks the record `stopping` before it forces the VM down, and removes
+    /// it once done.
+    pub fn stopped_elsewhere(&self) -> bool {
+        match self.host.store.get(&self.record.id) {
+            Ok(Some(r)) => r.status == VmStatus::Stopping,
+            Ok(None) => self.state != VmState::Ended,
+            Err(_) => false,
+        }
+    }
+
     /// Boot (or, after a restore, resume) the configured VM.
     pub async fn start(&mut self) -> Result<(), LaunchError> {
         if self.state != VmState::Configured {

@@ -23,6 +23,7 @@ pub mod tty;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use fcvm_proto::cmdline::CmdlineBuilder;
 use fcvm_proto::status::Status;
 
 use crate::cleanup::Disposition;
@@ -30,7 +31,7 @@ use crate::firecracker::models::MmdsVersion;
 use crate::names::{Name, NameError};
 use crate::network::NetworkAttachment;
 use crate::paths::Paths;
-use crate::state::{GuestKind, Health, Store, StoreError, VmKind, VmStatus};
+use crate::state::{GuestKind, Health, Store, StoreError, VmKind};
 use crate::vm::api::ApiCall;
 use crate::vm::config::{validate_sizing, SizingError};
 use crate::vm::spawn::tail;
@@ -107,6 +108,9 @@ pub enum PodmanError {
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
+    /// The kernel command line cannot be built.
+    #[error(transparent)]
+    Cmdline(#[from] fcvm_proto::cmdline::BuildError),
     /// The image cannot be prepared.
     #[error(transparent)]
     Image(#[from] image::ImageError),
@@ -179,6 +183,7 @@ struct Prepared {
     initrd: PathBuf,
     image: image::ResolvedImage,
     plan: fcvm_proto::plan::Plan,
+    cmdline: String,
 }
 
 /// Step timings for [`TIMINGS_ENV`]; each step is also a debug log line.
@@ -268,6 +273,10 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         },
     );
     plan.validate()?;
+    // The root device is the first drive `spec_for` attaches.
+    let cmdline = CmdlineBuilder::parse(BOOT_ARGS)
+        .root(fcvm_proto::cmdline::ROOT_DEVICE)
+        .build()?;
     Ok(Prepared {
         name,
         vcpus,
@@ -278,6 +287,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         initrd,
         image,
         plan,
+        cmdline,
     })
 }
 
@@ -296,7 +306,7 @@ fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
         Source::Boot {
             kernel: p.kernel.clone(),
             initrd: Some(p.initrd.clone()),
-            cmdline: BOOT_ARGS.into(),
+            cmdline: p.cmdline.clone(),
         },
         Launcher::Direct {
             binary: p.firecracker.clone(),
@@ -367,8 +377,7 @@ async fn attach_and_follow(
     }
     timeline.mark("vmm-exited");
 
-    // `fcvm stop` marks the record stopping before it forces the VM down.
-    let stopped = vm.reload().is_ok_and(|r| r.status == VmStatus::Stopping);
+    let stopped = vm.stopped_elsewhere();
     let _ = vm.update(|r| {
         r.exit_code = end.exit_code;
         r.error = end.guest_error.clone();
