@@ -6,6 +6,8 @@
 //! I/O engine, memory backend, actions) are enums, never strings. Optional
 //! fields are skipped when unset so that Firecracker applies its own defaults.
 
+#![deny(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// `PUT /machine-config`.

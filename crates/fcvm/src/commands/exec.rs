@@ -1,9 +1,12 @@
 //! `fcvm exec`: run a command in a container VM's container (default) or in the VM itself
 //! (`--vm`), through the agent's exec server on vsock port 4998.
 //!
-//! The exit code is the command's. With `-t` the local terminal is switched to raw mode and
-//! size changes are forwarded; Ctrl-C then travels as a byte to the guest's terminal. Without
-//! `-t`, SIGINT/SIGTERM sent to fcvm are forwarded to the command as signals.
+//! The exit code is the command's (fcvm's own failures 125, a command the guest cannot run
+//! 126, one it cannot find 127). With `-i -t` the local terminal is switched to raw mode
+//! (refused when standard input is not a terminal); Ctrl-C then travels as a byte to the
+//! guest's terminal. With `-t` alone size changes are forwarded and the terminal stays
+//! cooked. Without raw mode, SIGINT/SIGTERM sent to fcvm are forwarded to the command as
+//! signals.
 
 use std::time::Duration;
 
@@ -155,7 +158,8 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         .map_err(|e| ExecError::Guest(e.to_string()))?;
     write_frame(&mut conn, &Frame::Exec(request)).await?;
 
-    let _raw = if opts.tty {
+    // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
+    let _raw = if opts.tty && opts.interactive {
         tty::RawMode::enable().map_err(ExecError::Terminal)?
     } else {
         None
