@@ -219,7 +219,7 @@ impl VmHandle {
         self.exit
     }
 
-    /// Wait up to `timeout` for the VMM to exit.
+    /// Wait up to `timeout` for the VMM to exit (None: it still runs, or there is none).
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -233,9 +233,15 @@ impl VmHandle {
         }
     }
 
-    /// Wait for the VMM to exit.
+    /// Wait for the VMM to exit (None: there is no VMM).
     pub async fn wait(&mut self) -> Option<ExitStatus> {
-        self.wait_exit(Duration::MAX / 4).await
+        loop {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            self.vmm.as_ref()?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// SIGKILL the VMM (if still running) and reap it.

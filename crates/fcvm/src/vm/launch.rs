@@ -254,7 +254,12 @@ pub(crate) async fn call(
     step: &'static str,
     call: ApiCall<'_>,
 ) -> Result<(), LaunchError> {
-    let api = handle.api().expect("called after the VMM was attached");
+    let Some(api) = handle.api() else {
+        return Err(LaunchError::State {
+            name: handle.record().name.to_string(),
+            state: handle.state(),
+        });
+    };
     api.call(call).await.map_err(|cause| LaunchError::Api {
         step,
         cause,
@@ -262,9 +267,8 @@ pub(crate) async fn call(
     })
 }
 
-/// The path the VMM sees for drive `d` (copies live in its view of the runtime dir).
-fn vmm_path(spec: &VmSpec, rel: Option<&PathBuf>, file: &Path) -> String {
-    let _ = spec;
+/// The path the VMM sees for a drive (copies live in its view of the runtime dir).
+fn vmm_path(rel: Option<&PathBuf>, file: &Path) -> String {
     match rel {
         Some(rel) => VmPaths::vmm_view().dir().join(rel).display().to_string(),
         None => file.display().to_string(),
@@ -301,7 +305,7 @@ async fn configure_boot(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchEr
     for d in &spec.drives {
         let drive = Drive::new(
             d.id.clone(),
-            vmm_path(spec, d.copy_to.as_ref(), &d.file),
+            vmm_path(d.copy_to.as_ref(), &d.file),
             d.root,
             d.read_only,
         );
@@ -366,7 +370,7 @@ async fn restore(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchError> {
     for d in &spec.drives {
         let patch = PartialDrive {
             drive_id: d.id.clone(),
-            path_on_host: Some(vmm_path(spec, d.copy_to.as_ref(), &d.file)),
+            path_on_host: Some(vmm_path(d.copy_to.as_ref(), &d.file)),
             ..Default::default()
         };
         call(
