@@ -134,9 +134,12 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         return Err(ExecError::NoCommand);
     }
     let env = plan::parse_env(&opts.env)?;
+    let t0 = std::time::Instant::now();
     let record = find_vm(paths, &opts.target)?;
+    tracing::debug!(vm = %record.name, "exec: found the VM in {:?}", t0.elapsed());
     let uds = VmPaths::new(&record.runtime_dir).vsock_socket();
     let mut conn = vsock::connect(&uds, EXEC_PORT, CONNECT_TIMEOUT).await?;
+    tracing::debug!("exec: connected to the agent at {:?}", t0.elapsed());
     let request = ExecRequest {
         command: opts.command.clone(),
         in_container: !opts.in_vm,
@@ -157,6 +160,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         .validate()
         .map_err(|e| ExecError::Guest(e.to_string()))?;
     write_frame(&mut conn, &Frame::Exec(request)).await?;
+    tracing::debug!("exec: request sent at {:?}", t0.elapsed());
 
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
     let _raw = if opts.tty && opts.interactive {
@@ -214,6 +218,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         let _ = write_frame(&mut wr, &outgoing).await;
     };
     reader.abort();
+    tracing::debug!(result = ?result.as_ref().map_err(|_| ()), "exec: done at {:?}", t0.elapsed());
     let _ = wr.shutdown().await;
     result
 }

@@ -259,6 +259,13 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let kernel = machine::guest_kernel(paths, req.kernel.as_deref())?;
     let rootfs = machine::guest_rootfs(paths, req.rootfs.as_deref())?;
     let initrd = machine::agent_initrd(paths)?;
+    tracing::debug!(
+        firecracker = %firecracker.display(),
+        kernel = %kernel.display(),
+        rootfs = %rootfs.display(),
+        initrd = %initrd.display(),
+        "podman run: boot inputs found"
+    );
     // Last: exporting a host image may take a while, so do it once the rest is known good.
     let image = image::resolve(paths, &image_req)?;
     let plan = plan::build(
