@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up fcvm on a fresh Debian host, then run its main job and show the output:
 # the probe guest under the real Firecracker, a snapshot served to two UFFD clones, and a
-# container run with `fcvm podman run`.
+# container run with `fcvm podman run` in the real Firecracker on fcvm's guest kernel (natively
+# where this host's KVM boots Linux guests, otherwise inside the emulated KVM host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -53,11 +54,12 @@ done
 cleanup
 
 echo
-echo "== fcvm podman run: a busybox container (built on the spot from Debian's busybox-static)"
+echo "== fcvm podman run: a busybox container (built on the spot from Debian's busybox-static) in the real Firecracker, on fcvm's guest kernel"
 IMAGE_TAR="$FCVM_BASE_DIR/images/demo-busybox.tar"
 mkdir -p "$(dirname "$IMAGE_TAR")"
 REF=$(target/debug/examples/busybox-image "$IMAGE_TAR" demo-busybox 1)
-"$FCVM" podman run --name demo-container --image-archive "$IMAGE_TAR" "$REF" -- \
-    sh -c 'echo "hello from a container"; echo "kernel: $(uname -r), hostname: $(hostname)"; ls /; echo "to stderr" >&2; exit 3' \
+on_real_kvm "$FCVM" podman run --name demo-container --image-archive "$IMAGE_TAR" \
+    --kernel "$FCVM_TEST_KERNEL" --rootfs "$FCVM_TEST_ROOTFS" "$REF" -- \
+    sh -c 'echo "hello from a container"; echo "kernel: $(uname -r), hostname: $(hostname), cpus: $(nproc)"; ls /; echo "to stderr" >&2; exit 3' \
     && rc=0 || rc=$?
 echo "(container exit code forwarded: $rc)"

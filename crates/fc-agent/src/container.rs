@@ -17,6 +17,9 @@ events_logger = \"none\"
 log_driver = \"none\"
 ";
 
+/// The datagram socket podman's conmon notifies when the container has started.
+pub const NOTIFY_SOCKET_PATH: &str = "/run/fcvm/notify.sock";
+
 /// Where [`CONTAINERS_CONF`] is written.
 pub const CONTAINERS_CONF_PATH: &str = "/run/fcvm/containers.conf";
 
@@ -106,6 +109,8 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
         CONTAINER_NAME,
         "--network=host",
         "--pull=never",
+        // conmon sends READY=1 to $NOTIFY_SOCKET once the container runs (see agent.rs).
+        "--sdnotify=conmon",
     ]
     .map(String::from)
     .to_vec();

@@ -52,8 +52,7 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<String,
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.take(MAX_RESPONSE).read_to_end(&mut raw)?;
+    let raw = read_response(&mut s)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or(MmdsError::Malformed)?;
     let status: u16 = head
@@ -78,6 +77,43 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<String,
         });
     }
     Ok(body)
+}
+
+/// Reads one response: the head, then `Content-Length` bytes of body (or up to EOF when there
+/// is no length). Firecracker's MMDS keeps the connection open after answering, even when asked
+/// to close it, so reading to EOF would wait for the read timeout on every request.
+fn read_response(s: &mut impl Read) -> Result<Vec<u8>, MmdsError> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body_start = end + 4;
+            if let Some(len) = content_length(&raw[..end]) {
+                if raw.len() >= body_start + len {
+                    raw.truncate(body_start + len);
+                    return Ok(raw);
+                }
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() as u64 > MAX_RESPONSE {
+            return Err(MmdsError::Malformed);
+        }
+    }
+}
+
+/// The `Content-Length` of a response head, when it has one.
+fn content_length(head: &[u8]) -> Option<usize> {
+    String::from_utf8_lossy(head).lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
 }
 
 fn dechunk(mut body: &str) -> Option<String> {
@@ -136,6 +172,31 @@ pub fn fetch(timeout: Duration) -> Result<Plan, MmdsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_ends_at_its_content_length_even_if_the_connection_stays_open() {
+        // A reader that would block (here: fail) after the response, like MMDS's open socket.
+        struct OpenSocket(std::io::Cursor<Vec<u8>>);
+        impl Read for OpenSocket {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                match self.0.read(b)? {
+                    0 => Err(std::io::ErrorKind::WouldBlock.into()),
+                    n => Ok(n),
+                }
+            }
+        }
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        let got = read_response(&mut OpenSocket(std::io::Cursor::new(wire.clone()))).unwrap();
+        assert_eq!(got, wire);
+        // Without a length, EOF ends it.
+        let wire = b"HTTP/1.1 200 OK\r\n\r\nabc".to_vec();
+        let got = read_response(&mut std::io::Cursor::new(wire.clone())).unwrap();
+        assert_eq!(got, wire);
+        assert_eq!(
+            content_length(b"HTTP/1.1 200 OK\r\ncontent-length:  12"),
+            Some(12)
+        );
+    }
 
     #[test]
     fn dechunks() {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use fcvm_proto::boot::IpConfig;
-use fcvm_proto::plan::MMDS_ADDR;
+use fcvm_proto::plan::{MMDS_ADDR, MMDS_CLIENT_CIDR};
 
 use crate::reaper;
 
@@ -41,8 +41,9 @@ fn ip(args: &[&str]) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Brings up loopback, and the NIC when present. Without `ip=`, the NIC gets no address but
-/// still carries the MMDS route (Firecracker answers MMDS on that interface).
+/// Brings up loopback, and the NIC when present. Without `ip=`, the NIC gets a link-local
+/// address ([`MMDS_CLIENT_CIDR`]) so that MMDS, which Firecracker answers on that interface,
+/// can be reached at all.
 pub fn configure(ipcfg: Option<&IpConfig>) -> Result<(), NetError> {
     ip(&["link", "set", "lo", "up"])?;
     let dev = ipcfg.map(|c| c.device.as_str()).unwrap_or("eth0");
@@ -74,6 +75,8 @@ pub fn configure(ipcfg: Option<&IpConfig>) -> Result<(), NetError> {
             let text: String = c.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
             let _ = std::fs::write("/etc/resolv.conf", text);
         }
+    } else {
+        ip(&["addr", "add", MMDS_CLIENT_CIDR, "dev", dev])?;
     }
     ip(&["route", "replace", &format!("{MMDS_ADDR}/32"), "dev", dev])?;
     Ok(())

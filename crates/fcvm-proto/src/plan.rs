@@ -16,6 +16,10 @@ use crate::frame::WindowSize;
 
 /// Link-local address MMDS answers on.
 pub const MMDS_ADDR: &str = "169.254.169.254";
+/// Link-local address (with prefix) the agent gives the NIC when the host configured none.
+/// Firecracker's MMDS answers ARP without it, but its TCP stack only talks to a guest that
+/// has a source address on the interface: with none, connections to MMDS hang.
+pub const MMDS_CLIENT_CIDR: &str = "169.254.1.2/16";
 /// Top-level MMDS key.
 pub const MMDS_ROOT_KEY: &str = "latest";
 /// MMDS key of the plan under [`MMDS_ROOT_KEY`].

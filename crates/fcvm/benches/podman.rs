@@ -1,9 +1,12 @@
-//! `fcvm podman run` and `fcvm exec` timings on the sandbox VMM. Prints figures; never fails
-//! on speed.
+//! `fcvm podman run` and `fcvm exec` timings on the real path (the real Firecracker booting
+//! fcvm's guest kernel). Prints figures; never fails on speed.
 //!
 //! Needs what the podman integration tests need; set FCVM_ROOTFS (a guest rootfs image),
-//! FCVM_AGENT_BIN (static fc-agent) and FCVM_SANDBOX_VMM_BIN, or it says what is missing and
-//! exits 0. `BENCH_RUNS` changes the number of runs (default 10).
+//! FCVM_AGENT_BIN (static fc-agent), FCVM_TEST_KERNEL (the guest kernel) and
+//! FCVM_FIRECRACKER_BIN, or it says what is missing and exits 0. On hosts whose KVM cannot boot
+//! Linux guests, run it inside the emulated KVM host (`scripts/bench-podman.sh` does); there the
+//! base dir goes on its scratch disk (FCVM_TESTHOST_SCRATCH). `BENCH_RUNS` changes the number of
+//! runs (default 10).
 //!
 //! Each cold run is a fresh VM of the busybox test image (`--image-archive`): rootfs copy,
 //! VMM start, agent boot, `podman load`, `podman run`, poweroff, cleanup. The breakdown comes
@@ -25,7 +28,12 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let missing: Vec<&str> = ["FCVM_ROOTFS", "FCVM_AGENT_BIN", "FCVM_SANDBOX_VMM_BIN"]
+    let missing: Vec<&str> = [
+        "FCVM_ROOTFS",
+        "FCVM_AGENT_BIN",
+        "FCVM_TEST_KERNEL",
+        "FCVM_FIRECRACKER_BIN",
+    ]
         .into_iter()
         .filter(|v| std::env::var_os(v).is_none())
         .collect();
@@ -38,12 +46,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let fcvm = PathBuf::from(env!("CARGO_BIN_EXE_fcvm"));
+    let parent = std::env::var_os("FCVM_TESTHOST_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     let base = tempfile::Builder::new()
         .prefix("fcvm-b")
-        .tempdir_in("/tmp")
+        .tempdir_in(parent)
         .unwrap();
-    let archive = fcvm_sandbox_vmm::testimage::build_busybox_archive(
-        Path::new(fcvm_sandbox_vmm::testimage::DEFAULT_BUSYBOX),
+    let kernel = std::env::var("FCVM_TEST_KERNEL").unwrap();
+    let archive = fcvm_testkit::testimage::build_busybox_archive(
+        Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX),
         &base.path().join("busybox.oci.tar"),
         "fcvm-bench-busybox",
         "1",
@@ -51,9 +63,7 @@ fn main() {
     .expect("build the busybox test image");
     let cmd = |args: &[&str]| {
         let mut c = Command::new(&fcvm);
-        c.args(args)
-            .env("FCVM_BASE_DIR", base.path())
-            .env("FCVM_VMM", "sandbox");
+        c.args(args).env("FCVM_BASE_DIR", base.path());
         c
     };
     let run_args = |name: &str, tail: &[&str]| -> Vec<String> {
@@ -62,6 +72,8 @@ fn main() {
             .map(|s| s.to_string())
             .collect();
         v.push(archive.path.display().to_string());
+        v.push("--kernel".into());
+        v.push(kernel.clone());
         v.push(IMAGE_REF.into());
         v.push("--".into());
         v.extend(tail.iter().map(|s| s.to_string()));
@@ -106,7 +118,7 @@ fn main() {
             }
         }
     }
-    println!("podman run (sandbox VMM, busybox archive, `echo hello`), median of {runs}:");
+    println!("podman run (real Firecracker, fcvm guest kernel, busybox archive, `echo hello`), median of {runs}:");
     println!(
         "  command -> first output line  {:8.1} ms",
         median(&mut first_line)

@@ -1,14 +1,20 @@
-//! `fcvm podman run` and `fcvm exec` end to end through the sandbox VMM: the real `fcvm`
-//! binary, the real agent (static build), a real Debian rootfs with podman, and a busybox
-//! image built from Debian's busybox-static.
+//! `fcvm podman run` and `fcvm exec` end to end on the real path: the real `fcvm` binary, the
+//! real Firecracker, the guest kernel from `fcvm setup kernel`, the real agent (static build) as
+//! PID 1, a real Debian rootfs with podman, and a busybox image built from Debian's
+//! busybox-static.
 //!
-//! Needs root, /dev/loop-control and /bin/busybox (busybox-static). The rootfs comes from
-//! FCVM_TEST_ROOTFS, or is built once with `fcvm setup rootfs` into cargo's test tmpdir.
-//! Missing facilities skip loudly, and fail under CI.
+//! Needs root, /dev/kvm on a host where Linux guests boot (hardware-assisted KVM: bare metal,
+//! or the emulated KVM host of `fcvm-testhost`, which is how `scripts/test.sh` runs this module
+//! on our nested-PVM machines), Firecracker (FCVM_FIRECRACKER_BIN), the guest kernel
+//! (FCVM_TEST_KERNEL), the rootfs (FCVM_TEST_ROOTFS, or built once) and the agent
+//! (FCVM_AGENT_BIN, or built once). Missing facilities skip loudly, and fail under CI.
 //!
-//! The tests run one at a time (a lock) so that the global checks after each (loop devices,
-//! the VMM view path) see only their own VMs; every fcvm they start runs in a cgroup of its
-//! own, and after each test that cgroup must hold no process and no child cgroup.
+//! Inside `fcvm-testhost` (FCVM_TESTHOST_SCRATCH set), base dirs and a one-time copy of the
+//! rootfs live on the emulated host's btrfs scratch disk, so every VM's disk is a reflink.
+//!
+//! The tests run one at a time (a lock) so that the global checks after each see only their
+//! own VMs; every fcvm they start runs in a cgroup of its own, and after each test that cgroup
+//! must hold no process and no child cgroup.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -24,7 +30,8 @@ const IMAGE_REF: &str = "localhost/fcvm-test-busybox:1";
 struct Assets {
     rootfs: PathBuf,
     agent: PathBuf,
-    sandbox: PathBuf,
+    kernel: PathBuf,
+    firecracker: PathBuf,
     archive: PathBuf,
 }
 
@@ -74,20 +81,59 @@ fn cargo_build(args: &[&str], rustflags: Option<&str>) -> Result<(), String> {
         .ok_or_else(|| format!("cargo build {args:?} failed"))
 }
 
+/// Whether `fcvm doctor` finds that Linux guests can boot on this host.
+fn guests_boot() -> Result<(), String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_fcvm"))
+        .args(["doctor", "--json"])
+        .output()
+        .map_err(|e| format!("cannot run fcvm doctor: {e}"))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("fcvm doctor --json is not JSON: {e}"))?;
+    let checks = report["checks"].as_array().cloned().unwrap_or_default();
+    let boot = checks
+        .iter()
+        .find(|c| c["name"] == "guest-boot")
+        .ok_or("fcvm doctor has no guest-boot check")?;
+    if boot["level"] == "ok" {
+        Ok(())
+    } else {
+        Err(format!(
+            "Linux guests cannot boot on this host ({}); run this module inside the emulated KVM host: `fcvm-testhost run -- <test binary> podman::` (scripts/test.sh does)",
+            boot["detail"].as_str().unwrap_or("?")
+        ))
+    }
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Where the tests keep their files: the emulated host's scratch disk when there is one.
+pub fn scratch_root() -> PathBuf {
+    env_path("FCVM_TESTHOST_SCRATCH").unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+}
+
 fn build_assets() -> Result<Assets, String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("podman tests need root".into());
     }
-    if !Path::new("/dev/loop-control").exists() {
-        return Err("no /dev/loop-control (modprobe loop)".into());
+    guests_boot()?;
+    let firecracker = crate::common::firecracker_or_skip("podman")
+        .ok_or("no Firecracker (set FCVM_FIRECRACKER_BIN)")?;
+    let kernel = env_path("FCVM_TEST_KERNEL")
+        .ok_or("no guest kernel: set FCVM_TEST_KERNEL to the vmlinux `fcvm setup kernel` built")?;
+    if !kernel.is_file() {
+        return Err(format!("FCVM_TEST_KERNEL {} does not exist", kernel.display()));
     }
-    let busybox = Path::new(fcvm_sandbox_vmm::testimage::DEFAULT_BUSYBOX);
+    let busybox = Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX);
     if !busybox.exists() {
         return Err("/bin/busybox missing (apt-get install busybox-static)".into());
     }
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let agent = match std::env::var_os("FCVM_AGENT_BIN") {
-        Some(p) => PathBuf::from(p),
+    let scratch = scratch_root();
+    let agent = match env_path("FCVM_AGENT_BIN") {
+        Some(p) => p,
         None => {
             cargo_build(
                 &[
@@ -102,23 +148,37 @@ fn build_assets() -> Result<Assets, String> {
             target_dir().join("agent-static/x86_64-unknown-linux-gnu/release/fc-agent")
         }
     };
-    let sandbox = match std::env::var_os("FCVM_SANDBOX_VMM_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            cargo_build(&["--release", "-p", "fcvm-sandbox-vmm"], None)?;
-            target_dir().join("agent-static/release/fcvm-sandbox-vmm")
-        }
-    };
-    let rootfs = match std::env::var_os("FCVM_TEST_ROOTFS") {
-        Some(p) => PathBuf::from(p),
-        None => build_rootfs(&tmp.join("podman-rootfs"))?,
+    let rootfs = match env_path("FCVM_TEST_ROOTFS") {
+        Some(p) => p,
+        None => build_rootfs(&scratch.join("podman-rootfs"))?,
     };
     if !rootfs.is_file() {
         return Err(format!("rootfs {} does not exist", rootfs.display()));
     }
-    let images = tmp.join("podman-images");
+    // On the scratch disk, one copy of the rootfs makes every VM's copy a reflink (the
+    // original is on the host's filesystem, seen through 9p: no reflinks, no SEEK_DATA).
+    let rootfs = if env_path("FCVM_TESTHOST_SCRATCH").is_some() {
+        let local = scratch.join("rootfs.ext4");
+        if !local.is_file() {
+            let t = Instant::now();
+            let st = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&rootfs)
+                .arg(&local)
+                .status()
+                .map_err(|e| format!("cannot run cp: {e}"))?;
+            if !st.success() {
+                return Err(format!("copying {} to the scratch disk failed", rootfs.display()));
+            }
+            eprintln!("rootfs copied to the scratch disk in {:?}", t.elapsed());
+        }
+        local
+    } else {
+        rootfs
+    };
+    let images = scratch.join("podman-images");
     std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
-    let archive = fcvm_sandbox_vmm::testimage::build_busybox_archive(
+    let archive = fcvm_testkit::testimage::build_busybox_archive(
         busybox,
         &images.join("busybox.oci.tar"),
         "fcvm-test-busybox",
@@ -128,7 +188,8 @@ fn build_assets() -> Result<Assets, String> {
     Ok(Assets {
         rootfs,
         agent,
-        sandbox,
+        kernel,
+        firecracker,
         archive: archive.path,
     })
 }
@@ -159,8 +220,8 @@ fn build_rootfs(base: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| "fcvm setup rootfs produced no image".into())
 }
 
-/// One test's world: a base dir, a temp dir for the VMM, and a cgroup holding every
-/// process the test's fcvm commands start.
+/// One test's world: a base dir and a cgroup holding every process the test's fcvm commands
+/// start.
 struct Env {
     env: TestEnv,
     assets: &'static Assets,
@@ -187,8 +248,7 @@ impl Env {
     fn new(test: &str) -> Option<Env> {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let assets = assets(test)?;
-        let env = TestEnv::new();
-        std::fs::create_dir_all(env.base().join("t")).unwrap();
+        let env = TestEnv::new_in(&scratch_root());
         Some(Env {
             env,
             assets,
@@ -202,9 +262,7 @@ impl Env {
         cmd.args(args)
             .env("FCVM_ROOTFS", &self.assets.rootfs)
             .env("FCVM_AGENT_BIN", &self.assets.agent)
-            .env("FCVM_SANDBOX_VMM_BIN", &self.assets.sandbox)
-            .env("FCVM_VMM", "sandbox")
-            .env("TMPDIR", self.env.base().join("t"))
+            .env("FCVM_FIRECRACKER_BIN", &self.assets.firecracker)
             .env_remove("FCVM_PODMAN_TIMINGS");
         if let Some(cg) = &self.cgroup {
             let procs =
@@ -231,11 +289,16 @@ impl Env {
         cmd
     }
 
-    /// `fcvm podman run --name NAME --image-archive ARCHIVE [extra...] IMAGE -- cmd...`.
+    /// `fcvm podman run --name NAME --image-archive ARCHIVE [--kernel K] [extra...] IMAGE --
+    /// cmd...` (the test kernel unless `extra` names one).
     fn run_args(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = vec!["podman".into(), "run".into(), "--name".into(), name.into()];
         v.push("--image-archive".into());
         v.push(self.assets.archive.display().to_string());
+        if !extra.contains(&"--kernel") {
+            v.push("--kernel".into());
+            v.push(self.assets.kernel.display().to_string());
+        }
         v.extend(extra.iter().map(|s| s.to_string()));
         v.push(IMAGE_REF.into());
         if !cmd.is_empty() {
@@ -290,8 +353,7 @@ impl Env {
         })
     }
 
-    /// Everything gone: records, runtime dirs, processes, cgroups, loop devices, mounts,
-    /// the sandbox's work dir.
+    /// Everything gone: records, runtime dirs, processes, cgroups, loop devices, mounts, TAPs.
     fn assert_nothing_left(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -339,9 +401,12 @@ impl Env {
         for l in mounts.lines().filter(|l| l.contains(&base)) {
             left.push(format!("mount {l}"));
         }
-        if let Ok(rd) = std::fs::read_dir(self.env.base().join("t")) {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
             for e in rd.flatten() {
-                left.push(format!("sandbox work dir {}", e.path().display()));
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("fcvm") {
+                    left.push(format!("network device {name}"));
+                }
             }
         }
         if !self.env.state_files().is_empty() || !self.env.vm_dirs().is_empty() {
@@ -403,13 +468,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// stderr without fcvm's one-line sandbox notice.
+/// The container's stderr (fcvm adds nothing to it on a successful run).
 fn container_stderr(o: &Output) -> String {
     text(&o.stderr)
-        .lines()
-        .filter(|l| !l.starts_with("fcvm: this host cannot boot guest kernels"))
-        .map(|l| format!("{l}\n"))
-        .collect()
 }
 
 #[test]
@@ -467,7 +528,7 @@ fn exec_in_container_and_vm_name_clash_and_137() {
     let rec = env.wait_healthy("ex");
     assert_eq!(rec["kind"], "container");
     assert_eq!(rec["image"], IMAGE_REF);
-    assert_eq!(rec["vmm_kind"], "sandbox");
+    assert_eq!(rec["vmm_kind"], "firecracker");
 
     let o = env.exec(
         &[
@@ -593,7 +654,6 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     });
     let _ = env.env.ls();
     assert!(env.env.state_files().is_empty() && env.env.vm_dirs().is_empty());
-    // The sandbox's empty cgroups and work dir are collected by the next VMM start.
     let o = env.run("after", &[], &["true"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     env.assert_nothing_left();
@@ -667,19 +727,6 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
             "run".into(),
             "--name".into(),
             "x".into(),
-            "--vmm".into(),
-            "qemu".into(),
-            "img".into(),
-        ],
-        b"",
-    );
-    assert_eq!(o.status.code(), Some(2), "clap rejects an unknown VMM");
-    let o = env.output(
-        &[
-            "podman".into(),
-            "run".into(),
-            "--name".into(),
-            "x".into(),
             "--image-archive".into(),
             "/nope.tar".into(),
         ],
@@ -700,18 +747,13 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
         "{}",
         text(&o.stderr)
     );
-    let mut cmd = env.command(&["podman", "run", "--name", "x", "img"]);
-    cmd.env("FCVM_SANDBOX_VMM_BIN", "")
-        .env("PATH", "/usr/bin:/bin");
-    let o = cmd.output().unwrap();
-    let err = text(&o.stderr);
-    // Beside the fcvm binary is allowed to satisfy it; otherwise the error says how to build it.
-    if o.status.code() == Some(1) && err.contains("sandbox VMM") {
-        assert!(
-            err.contains("cargo build --release -p fcvm-sandbox-vmm"),
-            "{err}"
-        );
-    }
+    // No --kernel and none built in this base dir: the error names the setup step.
+    let o = env.command(&["podman", "run", "--name", "x", "img"]).output().unwrap();
+    assert!(
+        text(&o.stderr).contains("fcvm setup kernel"),
+        "{}",
+        text(&o.stderr)
+    );
     env.assert_nothing_left();
 }
 
@@ -851,5 +893,71 @@ fn tty_full_screen_arrows_and_resize() {
             std::panic::resume_unwind(e)
         }
     }
+    env.assert_nothing_left();
+}
+
+/// What only a real guest has: its own kernel sized by `--cpu`/`--mem`, cgroup v2, MMDS V2
+/// answered by Firecracker over the TAP (a token is required), real AF_VSOCK (exec is host to
+/// guest, the output streams guest to host), and a kernel panic ending the run cleanly.
+#[test]
+fn real_guest_sizing_cgroup_v2_mmds_v2_and_panic() {
+    let Some(env) = Env::new("real_guest") else {
+        return;
+    };
+    let mut vm = env.spawn(&env.run_args(
+        "rg",
+        &["--cpu", "2", "--mem", "768"],
+        &["sh", "-c", "echo started; sleep 300"],
+    ));
+    env.wait_healthy("rg");
+    let vm_sh = |script: &str| {
+        let o = env.exec(&["--name", "rg", "--vm", "--", "bash", "-c", script], b"");
+        assert_eq!(o.status.code(), Some(0), "{script}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    assert_eq!(vm_sh("nproc").trim(), "2");
+    let mem_kib: u64 = vm_sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo")
+        .trim()
+        .parse()
+        .unwrap();
+    // The kernel keeps some of the 768 MiB for itself.
+    assert!(
+        (600 * 1024..=768 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB for --mem 768"
+    );
+    assert_eq!(vm_sh("stat -fc %T /sys/fs/cgroup").trim(), "cgroup2fs");
+    let cg = vm_sh("cat /proc/$(podman inspect -f '{{.State.Pid}}' fcvm-container)/cgroup");
+    assert!(cg.starts_with("0::/"), "container cgroup: {cg}");
+    // The guest runs fcvm's own kernel, not the host's.
+    let guest_release = vm_sh("uname -r");
+    assert!(guest_release.contains("fcvm"), "guest kernel {guest_release}");
+
+    let mmds = vm_sh(
+        r#"req() { exec 3<>/dev/tcp/169.254.169.254/80; printf "$1" >&3; cat <&3; exec 3<&-; }
+t=$(req 'PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' | tail -n1)
+echo "token-len=${#t}"
+req 'GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' | head -n1
+req "GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nX-metadata-token: $t\r\nAccept: application/json\r\nConnection: close\r\n\r\n" | head -n1"#,
+    );
+    let lines: Vec<&str> = mmds.lines().map(str::trim).collect();
+    assert!(
+        lines.len() == 3 && lines[0] != "token-len=0",
+        "MMDS V2 answers: {mmds}"
+    );
+    assert!(lines[1].starts_with("HTTP/1.1 401"), "no token: {}", lines[1]);
+    assert!(lines[2].starts_with("HTTP/1.1 200"), "token: {}", lines[2]);
+
+    // A guest kernel panic (panic=1 reboots, Firecracker exits): the run fails with the
+    // console's last lines in the message, and nothing is left.
+    let o = env.exec(
+        &["--name", "rg", "--vm", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"],
+        b"",
+    );
+    assert_ne!(o.status.code(), Some(0), "exec into a panicking guest cannot succeed");
+    let mut err = String::new();
+    vm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let st = vm.wait().unwrap();
+    assert_ne!(st.code(), Some(0), "{err}");
+    assert!(err.contains("Kernel panic") || err.contains("sysrq"), "{err}");
     env.assert_nothing_left();
 }

@@ -7,7 +7,8 @@
 //! - `FCVM_TEST_KERNEL`: a guest kernel (`fcvm setup kernel`);
 //! - `FCVM_TEST_ROOTFS`: a guest rootfs (`fcvm setup rootfs`);
 //! - `FCVM_TEST_IMAGE_ARCHIVE`: an OCI archive of a busybox image, and
-//!   `FCVM_TEST_IMAGE_REF` its reference (default `localhost/fcvm-test-busybox:1`);
+//!   `FCVM_TEST_IMAGE_REF` its reference; by default one is built from /bin/busybox with
+//!   `fcvm_testkit::testimage`, as the `podman` module does;
 //! - `FCVM_AGENT_BIN` when the static agent is not where `fcvm setup agent` finds it.
 
 use std::io::Read;
@@ -47,23 +48,40 @@ fn guest_or_skip(test: &str) -> Option<Guest> {
             .map(PathBuf::from)
             .filter(|p| p.is_file())
     };
-    match (
-        var("FCVM_TEST_KERNEL"),
-        var("FCVM_TEST_ROOTFS"),
-        var("FCVM_TEST_IMAGE_ARCHIVE"),
-    ) {
-        (Some(kernel), Some(rootfs), Some(archive)) => Some(Guest {
-            kernel,
-            rootfs,
-            archive,
-            image: std::env::var("FCVM_TEST_IMAGE_REF")
+    let (Some(kernel), Some(rootfs)) = (var("FCVM_TEST_KERNEL"), var("FCVM_TEST_ROOTFS")) else {
+        skip(
+            "set FCVM_TEST_KERNEL and FCVM_TEST_ROOTFS (`fcvm setup kernel`, `fcvm setup rootfs`)"
+                .into(),
+        );
+        return None;
+    };
+    let (archive, image) = match var("FCVM_TEST_IMAGE_ARCHIVE") {
+        Some(a) => (
+            a,
+            std::env::var("FCVM_TEST_IMAGE_REF")
                 .unwrap_or_else(|_| "localhost/fcvm-test-busybox:1".into()),
-        }),
-        _ => {
-            skip("set FCVM_TEST_KERNEL, FCVM_TEST_ROOTFS and FCVM_TEST_IMAGE_ARCHIVE".into());
-            None
+        ),
+        None => {
+            let busybox = std::path::Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX);
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("podman-cli-busybox.oci.tar");
+            if let Err(e) = fcvm_testkit::testimage::build_busybox_archive(
+                busybox,
+                &out,
+                "fcvm-test-busybox",
+                "1",
+            ) {
+                skip(format!("cannot build the busybox image: {e}"));
+                return None;
+            }
+            (out, "localhost/fcvm-test-busybox:1".to_owned())
         }
-    }
+    };
+    Some(Guest {
+        kernel,
+        rootfs,
+        archive,
+        image,
+    })
 }
 
 impl Guest {

@@ -44,10 +44,15 @@ fn which(name: &str) -> Option<PathBuf> {
 
 impl TestEnv {
     pub fn new() -> TestEnv {
-        // Short paths: Unix socket paths are limited to 107 bytes.
+        TestEnv::new_in(Path::new("/tmp"))
+    }
+
+    /// A base dir under `parent` (keep it short: Unix socket paths are limited to 107 bytes).
+    pub fn new_in(parent: &Path) -> TestEnv {
+        std::fs::create_dir_all(parent).unwrap();
         let dir = tempfile::Builder::new()
             .prefix("fcvm-t")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .unwrap();
         TestEnv { dir }
     }

@@ -1,7 +1,7 @@
 //! Build a tiny OCI image archive from the host's static busybox, for demos and tests on
 //! hosts without a container registry.
 //!
-//! `cargo run -p fcvm-sandbox-vmm --example busybox-image -- OUT.tar [NAME] [TAG]`
+//! `cargo run -p fcvm-testkit --example busybox-image -- OUT.tar [NAME] [TAG]`
 //! prints the reference podman will give it (`localhost/NAME:TAG`).
 
 use std::path::Path;
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    match fcvm_sandbox_vmm::testimage::build_busybox_archive(busybox, Path::new(out), name, tag) {
+    match fcvm_testkit::testimage::build_busybox_archive(busybox, Path::new(out), name, tag) {
         Ok(image) => {
             println!("{}", image.reference);
             ExitCode::SUCCESS

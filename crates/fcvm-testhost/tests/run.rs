@@ -1,0 +1,421 @@
+//! End-to-end tests: each boots a real emulated KVM host (QEMU TCG), ~8-15 s per boot, so the
+//! checks are combined into few runs. Without QEMU or the pinned kernel package they print
+//! `SKIPPED: <reason>` and pass, unless `CI` is set: then they fail.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One emulated host at a time: each wants both cores, and parallel boots only make every
+/// test slower and the timings meaningless.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const BIN: &str = env!("CARGO_BIN_EXE_fcvm-testhost");
+/// Small L1s for the tests: they run nothing big.
+const MEM: &str = "2048";
+
+fn on_path(p: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+        .unwrap_or(false)
+}
+
+/// Why the tests cannot run here, if they cannot.
+fn missing_prerequisite() -> Option<String> {
+    if !on_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 not found (apt-get install qemu-system-x86)".into());
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return Some("/bin/busybox not found (apt-get install busybox-static)".into());
+    }
+    if !on_path("mkfs.btrfs") && !Path::new("/usr/sbin/mkfs.btrfs").exists() {
+        return Some("mkfs.btrfs not found (apt-get install btrfs-progs)".into());
+    }
+    let cache = fcvm_testhost::cache::cache_dir();
+    if fcvm_testhost::kernel::cached(&cache).is_none() {
+        let ok = Command::new("apt-cache")
+            .args([
+                "show",
+                &format!(
+                    "{}={}",
+                    fcvm_testhost::kernel::PACKAGE,
+                    fcvm_testhost::kernel::VERSION
+                ),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Some(format!(
+                "kernel package {}={} neither cached nor in the apt archive",
+                fcvm_testhost::kernel::PACKAGE,
+                fcvm_testhost::kernel::VERSION
+            ));
+        }
+    }
+    None
+}
+
+/// Returns the lock if the test should run; prints SKIPPED (or panics under CI) otherwise.
+fn prepare() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(why) = missing_prerequisite() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set and the emulated host cannot run: {why}");
+        }
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn testhost(extra: &[&str], cmd: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--mem", MEM, "--scratch-size", "2"])
+        .args(extra)
+        .arg("--")
+        .args(cmd)
+        .stdin(Stdio::null());
+    c
+}
+
+fn run_with_input(mut c: Command, input: &[u8]) -> Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let t = std::thread::spawn(move || {
+        stdin.write_all(&input).unwrap();
+        // Dropping stdin: EOF, which must reach the command.
+    });
+    let out = child.wait_with_output().unwrap();
+    t.join().unwrap();
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn stdio_stdin_and_exit_status() {
+    let Some(_g) = prepare() else { return };
+    let big: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let out = run_with_input(
+        testhost(
+            &[],
+            &[
+                "sh",
+                "-c",
+                "cat > /tmp/in; wc -l < /tmp/in >&2; head -n 1 /tmp/in; echo out; echo err >&2; exit 3",
+            ],
+        ),
+        &big,
+    );
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "0\nout\n");
+    assert_eq!(text(&out.stderr), "200000\nerr\n");
+
+    // Plain `cat`: stdin to stdout byte for byte, EOF ends it, exit 0.
+    let out = run_with_input(testhost(&[], &["cat"]), b"hello\nworld");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\nworld");
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn missing_and_unexecutable_commands() {
+    let Some(_g) = prepare() else { return };
+    let out = testhost(&[], &["/nonexistent/cmd-xyz"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("/nonexistent/cmd-xyz: command not found"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let f = dir.path().join("not-executable");
+    std::fs::write(&f, "#!/bin/sh\necho hi\n").unwrap();
+    let out = testhost(&[], &[f.to_str().unwrap()]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn host_view_shares_kvm_and_scratch() {
+    let Some(_g) = prepare() else { return };
+    // Under the target dir, not /tmp: L1 mounts its own tmpfs on /tmp.
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let rw = base.path().join("rw");
+    let ro = base.path().join("ro");
+    let plain = base.path().join("plain");
+    for d in [&rw, &ro, &plain] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(ro.join("seen"), "from-host").unwrap();
+    let script = format!(
+        r#"
+set -u
+echo "rw-write: $(echo from-guest > {rw}/out && echo ok)"
+echo "ro-read: $(cat {ro}/seen)"
+echo "ro-write: $(touch {ro}/x 2>/dev/null && echo ok || echo refused)"
+echo "root-write: $(touch {plain}/x 2>/dev/null && echo ok || echo refused)"
+echo "kvm: $(test -c /dev/kvm && echo yes)"
+echo "npt: $(cat /sys/module/kvm_amd/parameters/npt)"
+echo "scratch-env: $FCVM_TESTHOST_SCRATCH"
+echo "scratch-fs: $(stat -f -c %T /scratch)"
+dd if=/dev/urandom of=/scratch/a bs=1M count=4 2>/dev/null
+echo "reflink: $(cp --reflink=always /scratch/a /scratch/b && cmp /scratch/a /scratch/b && echo ok)"
+echo "loop: $(losetup -f)"
+echo "home: $HOME"
+echo "foo: $FOO bar: $BAR"
+echo "secret: ${{SECRET_X-unset}}"
+echo "pwd: $(pwd)"
+echo "uid: $(id -u)"
+"#,
+        rw = rw.display(),
+        ro = ro.display(),
+        plain = plain.display()
+    );
+    let out = testhost(
+        &[
+            "--share",
+            &format!("{}:rw", rw.display()),
+            "--share",
+            ro.to_str().unwrap(),
+            "--env",
+            "FOO=f o",
+            "--env",
+            "BAR",
+        ],
+        &["sh", "-c", &script],
+    )
+    .env("BAR", "from-caller")
+    .env("SECRET_X", "must-not-pass")
+    .current_dir(base.path())
+    .output()
+    .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    let expect = [
+        "rw-write: ok",
+        "ro-read: from-host",
+        "ro-write: refused",
+        // The host root is an overlay: writes succeed inside but never reach the host.
+        "root-write: ok",
+        "kvm: yes",
+        "npt: N",
+        "scratch-env: /scratch",
+        "scratch-fs: btrfs",
+        "reflink: ok",
+        "loop: /dev/loop",
+        "home: /root",
+        "foo: f o bar: from-caller",
+        "secret: unset",
+        &format!("pwd: {}", base.path().display()),
+        "uid: 0",
+    ];
+    for e in expect {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(e)),
+            "missing {e:?} in:\n{stdout}\nstderr: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out")).unwrap(),
+        "from-guest\n"
+    );
+    assert!(!ro.join("x").exists());
+    assert!(
+        !plain.join("x").exists(),
+        "a write to the host root reached the host"
+    );
+}
+
+fn wait_for_line(r: &mut impl BufRead, want: &str, timeout: Duration) {
+    let t = Instant::now();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).unwrap();
+        assert!(n > 0, "EOF before {want:?}");
+        if line.trim() == want {
+            return;
+        }
+        assert!(t.elapsed() < timeout, "no {want:?} within {timeout:?}");
+    }
+}
+
+fn qemu_of(pid: u32) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args([
+            "-a",
+            "-f",
+            &format!("qemu-system.*-name fcvm-testhost-{pid}-"),
+        ])
+        .output()
+        .unwrap();
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+fn leftovers_of(pid: u32) -> Vec<String> {
+    let base = fcvm_testhost::rundir::base_dir();
+    std::fs::read_dir(base)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn signals_sigterm_forwarded_and_sigkill_leaves_nothing() {
+    let Some(_g) = prepare() else { return };
+    // SIGTERM reaches the command, which handles it; its status is ours.
+    let mut child = testhost(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    wait_for_line(&mut out, "ready", Duration::from_secs(120));
+    let pid = child.id();
+    assert_eq!(
+        qemu_of(pid).len(),
+        1,
+        "the run's QEMU is findable by its -name"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for_line(&mut out, "got-term", Duration::from_secs(30));
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(7));
+
+    // SIGKILL: QEMU goes too, and no run files remain.
+    let mut child = testhost(&[], &["sh", "-c", "echo ready; exec sleep 1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    wait_for_line(&mut out, "ready", Duration::from_secs(120));
+    let pid = child.id();
+    assert_eq!(qemu_of(pid).len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !qemu_of(pid).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "QEMU survived SIGKILL of fcvm-testhost: {:?}",
+            qemu_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(leftovers_of(pid).is_empty(), "{:?}", leftovers_of(pid));
+}
+
+#[test]
+fn tty_mode_follows_window_size() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(_g) = prepare() else { return };
+    let ws = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws(30, 100)), None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = testhost(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "stty size; echo ready; read x; stty size; echo \"got $x\"; exit 4",
+        ],
+    );
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; this runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let master = std::fs::File::from(pty.master);
+    let mut r = BufReader::new(master.try_clone().unwrap());
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "EOF; so far {lines:?}");
+        lines.push(line.trim().to_string());
+    }
+    // Resizing the terminal sends SIGWINCH to its foreground group: fcvm-testhost.
+    // SAFETY: TIOCSWINSZ reads the valid winsize for the duration of the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws(50, 160)) };
+    std::thread::sleep(Duration::from_millis(1500));
+    (&master).write_all(b"typed\r").unwrap();
+    loop {
+        line.clear();
+        // EIO once the child has closed the slave side.
+        match r.read_line(&mut line) {
+            Ok(n) if n > 0 => lines.push(line.trim().to_string()),
+            _ => break,
+        }
+        if line.contains("got ") {
+            break;
+        }
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(4), "{lines:?}");
+    assert!(lines.contains(&"30 100".to_string()), "{lines:?}");
+    assert!(lines.contains(&"50 160".to_string()), "{lines:?}");
+    assert!(lines.contains(&"got typed".to_string()), "{lines:?}");
+}
