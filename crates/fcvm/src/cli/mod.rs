@@ -275,3 +275,65 @@ pub fn usage_exit_code(e: &clap::Error, argv: &[std::ffi::OsString]) -> u8 {
         2
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::Name;
+    use crate::state::{VmKind, VmRecord, VmStatus};
+    use crate::vm::StopReport;
+    use clap::Parser;
+
+    fn record(kind: VmKind, status: VmStatus) -> VmRecord {
+        let mut r = VmRecord::new("id".into(), Name::parse("x").unwrap(), kind, "/r".into());
+        r.status = status;
+        r
+    }
+
+    fn report(graceful: bool, draining: bool) -> StopReport {
+        StopReport {
+            graceful,
+            exit: None,
+            teardown: Default::default(),
+            draining,
+        }
+    }
+
+    #[test]
+    fn stop_messages_say_what_was_stopped() {
+        let server = record(VmKind::PageServer, VmStatus::Running);
+        assert_eq!(
+            stop_message(&server, &report(true, false)),
+            "stopped page server x"
+        );
+        assert!(stop_message(&server, &report(true, true)).contains("stopped accepting clones"));
+        let vm = record(VmKind::Raw, VmStatus::Running);
+        assert_eq!(
+            stop_message(&vm, &report(true, false)),
+            "stopped x (guest shut down)"
+        );
+        assert_eq!(
+            stop_message(&vm, &report(false, false)),
+            "stopped x (forced)"
+        );
+        let failed = record(VmKind::Clone, VmStatus::Failed);
+        assert_eq!(
+            stop_message(&failed, &report(false, false)),
+            "removed failed VM x"
+        );
+    }
+
+    #[test]
+    fn usage_errors_of_forwarding_commands_exit_125() {
+        let code = |args: &[&str]| {
+            let argv: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            let err = Cli::try_parse_from(&argv).unwrap_err();
+            usage_exit_code(&err, &argv)
+        };
+        assert_eq!(code(&["fcvm", "podman", "run", "--nope", "img"]), 125);
+        assert_eq!(code(&["fcvm", "-v", "exec", "--nope"]), 125);
+        assert_eq!(code(&["fcvm", "ls", "--nope"]), 2);
+        assert_eq!(code(&["fcvm", "podman", "run", "--help"]), 0);
+        assert_eq!(code(&["fcvm", "--version"]), 0);
+    }
+}

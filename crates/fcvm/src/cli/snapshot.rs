@@ -459,3 +459,31 @@ async fn follow_clone(started: clone::StartedClone, mut signals: Signals) -> Res
     vm.finish(Disposition::Forget).warn();
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::Name;
+
+    #[test]
+    fn a_draining_server_refuses_clones_naming_itself() {
+        let mut r = VmRecord::new(
+            "id".into(),
+            Name::parse("serve-s-1").unwrap(),
+            VmKind::PageServer,
+            "/r".into(),
+        );
+        r.snapshot = Some("s".into());
+        r.status = VmStatus::Running;
+        assert!(refuses_clones(&r).is_none());
+        r.status = VmStatus::Draining;
+        let why = refuses_clones(&r).unwrap();
+        assert!(
+            why.contains("serve-s-1") && why.contains("draining"),
+            "{why}"
+        );
+        assert!(why.contains("fcvm snapshot serve s"), "{why}");
+        r.status = VmStatus::Stopping;
+        assert!(refuses_clones(&r).unwrap().contains("stopping"));
+    }
+}
