@@ -212,6 +212,17 @@ impl VmRecord {
         }
     }
 
+    /// Whether this record keeps other VMs from taking its name: not once it failed, nor
+    /// once it is stopping with its VMM gone (only undo steps are left; a concurrent
+    /// reaper may be running them).
+    pub fn holds_name(&self) -> bool {
+        match self.status {
+            VmStatus::Failed => false,
+            VmStatus::Stopping => self.vmm.is_some_and(|v| v.is_alive()),
+            _ => true,
+        }
+    }
+
     /// Whether the owning process still runs.
     pub fn is_live(&self) -> bool {
         self.owner.is_alive()

@@ -121,10 +121,12 @@ impl Store {
             .into_iter()
             .filter(|r| r.name == record.name)
         {
-            if other.status == VmStatus::Failed {
-                if other.cleanup.is_empty() {
-                    self.remove_locked(&other.id)?;
-                }
+            if other.status == VmStatus::Failed && other.cleanup.is_empty() {
+                // Shown until replaced: nothing is left to undo.
+                self.remove_locked(&other.id)?;
+                continue;
+            }
+            if !other.holds_name() {
                 continue;
             }
             let pid = other.pid();

@@ -292,3 +292,25 @@ fn reaping_does_not_hold_the_lock_while_it_kills() {
     waiter.join().unwrap().unwrap();
     assert!(store.list().unwrap().is_empty());
 }
+
+#[test]
+fn a_vm_being_torn_down_after_its_vmm_died_frees_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().to_owned()).unwrap();
+    let mut going = record("web");
+    going.status = VmStatus::Stopping;
+    going.vmm = Some(dead_process());
+    // Its owner (say, a reaper) is alive and still running its undo steps.
+    store.create(&going).unwrap();
+    store.create(&record("web")).unwrap();
+    assert_eq!(store.list().unwrap().len(), 2);
+    // While its VMM still runs, the name is held.
+    let mut stopping = record("db");
+    stopping.status = VmStatus::Stopping;
+    stopping.vmm = Some(ProcessRef::current());
+    store.create(&stopping).unwrap();
+    assert!(matches!(
+        store.create(&record("db")),
+        Err(StoreError::NameTaken { .. })
+    ));
+}
