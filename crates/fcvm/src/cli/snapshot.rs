@@ -47,7 +47,7 @@ pub struct CreateArgs {
 pub struct ServeArgs {
     /// The snapshot to serve.
     pub tag: String,
-    /// Name in `fcvm ls` (default serve-<tag>-<pid>).
+    /// Name in `fcvm ls` (default `serve-TAG-PID`).
     #[arg(long)]
     pub name: Option<String>,
     /// Run in the background; prints the server's pid.
@@ -95,7 +95,7 @@ pub struct RunArgs {
     /// Snapshot to restore from its memory file (or to check against --pid's).
     #[arg(long)]
     pub snapshot: Option<String>,
-    /// Clone name (default <tag>-<random>).
+    /// Clone name (default `TAG-RANDOM`).
     #[arg(long)]
     pub name: Option<String>,
     /// Return once the clone runs; it keeps running.

@@ -1,4 +1,4 @@
-//! A recording stand-in for [`NetOps`](super::NetOps): remembers every call and fails the
+//! A recording stand-in for [`super::NetOps`]: remembers every call and fails the
 //! ones it is told to, so launch and teardown are tested without root.
 
 use std::sync::Mutex;

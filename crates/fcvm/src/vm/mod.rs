@@ -1,4 +1,4 @@
-//! The VM lifecycle, with one owner: a [`VmSpec`] says what a VM is made of, [`launch`]
+//! The VM lifecycle, with one owner: a [`VmSpec`] says what a VM is made of, [`launch()`]
 //! records and creates it, and the returned [`VmHandle`] starts, follows and ends it.
 //! Teardown is always [`crate::cleanup::teardown`].
 //!

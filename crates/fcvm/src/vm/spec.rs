@@ -1,7 +1,7 @@
 //! [`VmSpec`]: everything a VM is made of, decided before anything is created.
 //!
 //! `fcvm run`, `fcvm podman run` and `fcvm snapshot run` each build one and hand it to
-//! [`super::launch`]; none of them creates, spawns or removes anything itself.
+//! [`super::launch()`]; none of them creates, spawns or removes anything itself.
 
 use std::path::PathBuf;
 

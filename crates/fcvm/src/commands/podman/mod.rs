@@ -5,7 +5,7 @@
 //! 1. Check every argument and find every input (Firecracker, kernel, rootfs, agent
 //!    initrd, image): nothing is created yet.
 //! 2. Build a [`VmSpec`] (a private rootfs copy, the image archive read-only, vsock, MMDS
-//!    with the plan) and [`launch`] it: the one launch sequence shared with `fcvm run` and
+//!    with the plan) and [`launch()`] it: the one launch sequence shared with `fcvm run` and
 //!    clones records, creates and configures the VM.
 //! 3. Bind the vsock listeners, start relaying, boot.
 //! 4. Relay the container's output and input until the agent reports the exit code; on
