@@ -1,10 +1,12 @@
 //! The Firecracker HTTP API as fcvm uses it: request and response bodies of the calls fcvm
 //! makes, with the field names of Firecracker's swagger spec (v1.12).
 //!
-//! One definition serves both sides of the contract: fcvm's API client serializes these,
-//! and the stand-in VMM (`fcvm-sandbox-vmm`) deserializes them. Request bodies reject
-//! unknown fields, as Firecracker does, so a typo on either side fails loudly. Optional
+//! Request bodies reject unknown fields, as Firecracker does, so a typo fails loudly in
+//! tests that deserialize what fcvm sends. Enumerated values (MMDS version, drive cache and
+//! I/O engine, memory backend, actions) are enums, never strings. Optional
 //! fields are skipped when unset so that Firecracker applies its own defaults.
+
+#![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 
@@ -74,15 +76,51 @@ pub struct Drive {
     /// Partition UUID of the root partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
-    /// `Unsafe` or `Writeback`.
+    /// Host page cache use; Firecracker's default is [`CacheType::Unsafe`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_type: Option<String>,
-    /// `Sync` or `Async`.
+    pub cache_type: Option<CacheType>,
+    /// Block I/O engine; Firecracker's default is [`IoEngine::Sync`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<String>,
+    pub io_engine: Option<IoEngine>,
     /// Rate limiter, passed through as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl Drive {
+    /// A drive backed by `path_on_host`; `root` makes it the boot device (`/dev/vda`).
+    pub fn new(
+        drive_id: impl Into<String>,
+        path_on_host: impl Into<String>,
+        root: bool,
+        read_only: bool,
+    ) -> Drive {
+        Drive {
+            drive_id: drive_id.into(),
+            path_on_host: path_on_host.into(),
+            is_root_device: root,
+            is_read_only: read_only,
+            ..Drive::default()
+        }
+    }
+}
+
+/// `Drive::cache_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// Flushes from the guest are ignored (fast, not crash-safe on the host).
+    Unsafe,
+    /// Flushes from the guest reach the backing file.
+    Writeback,
+}
+
+/// `Drive::io_engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking I/O on Firecracker's device thread.
+    Sync,
+    /// io_uring (developer preview in v1.12).
+    Async,
 }
 
 /// `PATCH /drives/{drive_id}`: retarget a drive after a snapshot load.
@@ -135,9 +173,9 @@ pub struct Vsock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MmdsConfig {
-    /// `V1` or `V2` (token-based); Firecracker defaults to `V1`.
-    #[serde(default = "default_mmds_version")]
-    pub version: String,
+    /// Protocol version; Firecracker defaults to [`MmdsVersion::V1`].
+    #[serde(default)]
+    pub version: MmdsVersion,
     /// Interfaces through which the guest reaches MMDS.
     pub network_interfaces: Vec<String>,
     /// Defaults to 169.254.169.254.
@@ -148,8 +186,14 @@ pub struct MmdsConfig {
     pub imds_compat: Option<bool>,
 }
 
-fn default_mmds_version() -> String {
-    "V1".into()
+/// `MmdsConfig::version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    /// Plain GETs (Firecracker's default).
+    #[default]
+    V1,
+    /// Session tokens (`PUT /latest/api/token` first), like EC2 IMDSv2.
+    V2,
 }
 
 /// `PUT /actions`.
@@ -412,7 +456,16 @@ mod tests {
         assert!(serde_json::from_value::<InstanceAction>(json!({"action_type":"Reboot"})).is_err());
         let mmds: MmdsConfig =
             serde_json::from_value(json!({"network_interfaces":["eth0"]})).unwrap();
-        assert_eq!(mmds.version, "V1");
+        assert_eq!(mmds.version, MmdsVersion::V1);
+        let drive: Drive = serde_json::from_value(json!({"drive_id":"a","path_on_host":"/x",
+            "is_root_device":false,"cache_type":"Writeback","io_engine":"Async"}))
+        .unwrap();
+        assert_eq!(drive.cache_type, Some(CacheType::Writeback));
+        assert_eq!(drive.io_engine, Some(IoEngine::Async));
+        assert!(serde_json::from_value::<MmdsConfig>(
+            json!({"version":"V3","network_interfaces":["eth0"]})
+        )
+        .is_err());
     }
 
     #[test]

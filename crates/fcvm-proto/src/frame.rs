@@ -115,7 +115,7 @@ pub enum FrameError {
     #[error("Cannot send a frame of {0} bytes: larger than {MAX_PAYLOAD}; split it into chunks")]
     EncodeTooLarge(usize),
     /// Reading or writing the underlying stream failed.
-    #[error("Frame I/O failed: {0}")]
+    #[error("Frame I/O failed")]
     Io(#[from] io::Error),
 }
 

@@ -5,6 +5,7 @@
 //!
 //! - [`vsock`]: ports, CIDs and Firecracker's hybrid-vsock `CONNECT`/`OK` handshake.
 //! - [`boot`]: kernel command-line keys the agent reads (`fcvm.cgroup=`, `fcvm.vsock=`, ...).
+//! - [`cmdline`]: building that command line on the host, and the guest device paths.
 //! - [`plan`]: the run plan the host puts in MMDS and the agent executes.
 //! - [`status`]: the line protocol on the status port (`ready`, `exit:<code>`, `error:<msg>`).
 //! - [`frame`]: the versioned binary framing used for container output, stdin/TTY and exec.
@@ -32,6 +33,7 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod cmdline;
 pub mod exec;
 pub mod frame;
 pub mod initrd;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use fcvm::paths::Paths;
 use fcvm::process::ProcessRef;
-use fcvm::snapshot::clone::{start_clone, teardown_clone, CloneRequest, MemorySource};
+use fcvm::snapshot::clone::{start_clone, CloneRequest, MemorySource};
 use fcvm::state::Store;
 
 fn fcvm_cli(base: &Path, args: &[&str]) -> String {
@@ -141,11 +141,9 @@ fn bare_restore(fc: &Path, snap: &Path, scratch: &Path) -> Duration {
     d
 }
 
-fn kill_clone(paths: &Paths, started: fcvm::snapshot::clone::StartedClone) {
-    let mut vmm = started.vmm;
-    let _ = vmm.child.kill();
-    let _ = vmm.child.wait();
-    teardown_clone(&Store::open(paths).unwrap(), &started.record.id);
+fn kill_clone(_paths: &Paths, started: fcvm::snapshot::clone::StartedClone) {
+    let mut vm = started.handle;
+    vm.finish(fcvm::cleanup::Disposition::Forget).warn();
 }
 
 async fn fcvm_restore(paths: &Paths, tag: &str, memory: MemorySource) -> Duration {
@@ -164,7 +162,7 @@ async fn fcvm_restore(paths: &Paths, tag: &str, memory: MemorySource) -> Duratio
     .await
     .expect("clone");
     assert!(wait_tick(
-        &started.vm_paths.console_log(),
+        &started.handle.paths().console_log(),
         0,
         Duration::from_secs(10)
     ));
@@ -232,8 +230,12 @@ async fn memory_figures(paths: &Paths, server_sock: &Path, tag: &str, ksm: bool)
     }
     // Each clone verifies its whole fill region at its next tick: every page faulted in.
     for c in &clones {
-        let len = std::fs::metadata(c.vm_paths.console_log()).map_or(0, |m| m.len());
-        wait_tick(&c.vm_paths.console_log(), len, Duration::from_secs(60));
+        let len = std::fs::metadata(c.handle.paths().console_log()).map_or(0, |m| m.len());
+        wait_tick(
+            &c.handle.paths().console_log(),
+            len,
+            Duration::from_secs(60),
+        );
     }
     let cpu0 = ksmd_cpu_ticks();
     let t0 = Instant::now();
@@ -260,7 +262,7 @@ async fn memory_figures(paths: &Paths, server_sock: &Path, tag: &str, ksm: bool)
     let ksmd = (ksmd_cpu_ticks() - cpu0) as f64 / hz;
     let (mut pss, mut rss) = (0, 0);
     for c in &clones {
-        let (p, r) = smaps_rollup(c.vmm.process.pid);
+        let (p, r) = smaps_rollup(c.handle.process().unwrap().pid);
         pss += p;
         rss += r;
     }
@@ -420,7 +422,7 @@ async fn main() {
         }
         let resumed = t0.elapsed();
         for c in &started {
-            wait_tick(&c.vm_paths.console_log(), 0, Duration::from_secs(30));
+            wait_tick(&c.handle.paths().console_log(), 0, Duration::from_secs(30));
         }
         let ticking = t0.elapsed();
         println!(

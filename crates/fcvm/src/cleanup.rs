@@ -1,19 +1,30 @@
-//! Teardown steps recorded ahead of time.
+//! Teardown: the undo steps recorded ahead of time, and the one function that runs them.
 //!
 //! Before fcvm creates anything that must not outlive a VM (a process, a directory, a
-//! network namespace, a mount), it records how to undo it in the VM's state record. Any
-//! later fcvm command that finds the VM's owner dead replays those steps, so a SIGKILLed
-//! fcvm still gets cleaned up. Every step is idempotent: replaying a half-done teardown, or
-//! two fcvm processes replaying the same one, is harmless.
+//! network namespace, a mount), it records how to undo it in the VM's state record. Every
+//! path that ends a VM (a foreground run ending, `fcvm stop`, the reaper finding a dead
+//! owner, a failed start, a clone losing its page server, a page server draining) calls
+//! [`teardown`], which:
+//!
+//! 1. marks the record `stopping` (or `failed`) and takes its steps, under the store lock;
+//! 2. runs the steps *outside* the lock (killing a process may take seconds), continuing
+//!    past failures;
+//! 3. writes back exactly the steps that failed, and deletes the record only when none
+//!    remain (and the VM is not being kept as failed). A namespace or VMM that survived is
+//!    therefore never forgotten: the next fcvm command retries it.
+//!
+//! Every step is idempotent: replaying a half-done teardown, or two fcvm processes running
+//! the same one, is harmless.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::network::{HostNet, NetOps};
 use crate::process::ProcessRef;
+use crate::state::{Store, StoreError, VmRecord, VmStatus};
 
 /// One undo action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,8 +68,8 @@ pub struct CleanupError {
 }
 
 impl CleanupStep {
-    /// Carry out this step.
-    pub fn run(&self) -> Result<(), CleanupError> {
+    /// Carry out this step; namespaces go through `net`.
+    pub fn run(&self, net: &dyn NetOps) -> Result<(), CleanupError> {
         let fail = |reason: String| CleanupError {
             step: self.clone(),
             reason,
@@ -79,21 +90,9 @@ impl CleanupStep {
                     Err(e) => Err(fail(e.to_string())),
                 }
             }
-            CleanupStep::DeleteNetns { name } => {
-                let path = PathBuf::from("/run/netns").join(name);
-                if !path.exists() {
-                    return Ok(());
-                }
-                let out = Command::new("ip")
-                    .args(["netns", "delete", name])
-                    .output()
-                    .map_err(|e| fail(format!("cannot run ip: {e}")))?;
-                if out.status.success() || !path.exists() {
-                    Ok(())
-                } else {
-                    Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
-                }
-            }
+            CleanupStep::DeleteNetns { name } => net
+                .delete_netns(name)
+                .map_err(|e| fail(crate::report::chain(&e))),
             CleanupStep::RemoveFile { path } => {
                 fsutil::remove_file_idempotent(path).map_err(|e| fail(e.to_string()))
             }
@@ -105,13 +104,98 @@ impl CleanupStep {
 }
 
 /// Run every step in order, continuing past failures, and return the failures.
-pub fn run_all(steps: &[CleanupStep]) -> Vec<CleanupError> {
-    steps.iter().filter_map(|s| s.run().err()).collect()
+pub fn run_all(steps: &[CleanupStep], net: &dyn NetOps) -> Vec<CleanupError> {
+    steps.iter().filter_map(|s| s.run(net).err()).collect()
+}
+
+/// What becomes of the record after its steps ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Forget the VM: delete the record once every step succeeded.
+    Forget,
+    /// Keep the record as `failed` with this reason, so `fcvm ls` shows why until
+    /// `fcvm stop` (a failed VM holds no name).
+    Fail(String),
+}
+
+/// How a teardown went.
+#[derive(Debug, Default)]
+pub struct TeardownReport {
+    /// The record as it was when teardown began (None: it was already gone).
+    pub record: Option<VmRecord>,
+    /// Steps that failed; they stay in the record for the next fcvm command.
+    pub failures: Vec<CleanupError>,
+    /// Whether the record was deleted.
+    pub removed: bool,
+}
+
+impl TeardownReport {
+    /// Whether everything was undone.
+    pub fn is_clean(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// Log each failed step as a warning (for paths with no one to report to).
+    pub fn warn(&self) {
+        for f in &self.failures {
+            tracing::warn!("{f}; the next fcvm command retries it");
+        }
+    }
+}
+
+/// [`teardown_with`] on the real host.
+pub fn teardown(store: &Store, id: &str, how: Disposition) -> Result<TeardownReport, StoreError> {
+    teardown_with(store, id, how, &HostNet)
+}
+
+/// Undo everything recorded for VM `id` (see the module docs for the order). A record that
+/// is already gone is not an error: someone else finished the teardown.
+pub fn teardown_with(
+    store: &Store,
+    id: &str,
+    how: Disposition,
+    net: &dyn NetOps,
+) -> Result<TeardownReport, StoreError> {
+    let started = std::time::Instant::now();
+    let claimed = store.try_update(id, |r| match &how {
+        Disposition::Forget => {
+            if r.status != VmStatus::Failed {
+                r.status = VmStatus::Stopping;
+            }
+        }
+        Disposition::Fail(reason) => {
+            r.status = VmStatus::Failed;
+            r.error = Some(reason.clone());
+        }
+    })?;
+    let Some(record) = claimed else {
+        return Ok(TeardownReport::default());
+    };
+    // Outside the lock: these may take seconds (a VMM ignoring SIGTERM).
+    let failures = run_all(&record.cleanup, net);
+    let left: Vec<CleanupStep> = failures.iter().map(|f| f.step.clone()).collect();
+    let keep = matches!(how, Disposition::Fail(_)) || !left.is_empty();
+    let removed = store.finish_teardown(id, left, keep)?;
+    tracing::debug!(
+        vm = %record.name,
+        steps = record.cleanup.len(),
+        failed = failures.len(),
+        removed,
+        "teardown took {:?}",
+        started.elapsed()
+    );
+    Ok(TeardownReport {
+        record: Some(record),
+        failures,
+        removed,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::fake::RecordingNet;
+    use std::process::Command;
 
     #[test]
     fn steps_are_idempotent() {
@@ -131,11 +215,12 @@ mod tests {
             },
         ];
         let reaper = std::thread::spawn(move || child.wait());
-        assert!(run_all(&steps).is_empty());
+        let net = RecordingNet::default();
+        assert!(run_all(&steps, &net).is_empty());
         reaper.join().unwrap().unwrap();
         assert!(!sub.exists() && !file.exists());
         // Replaying is harmless.
-        assert!(run_all(&steps).is_empty());
+        assert!(run_all(&steps, &net).is_empty());
     }
 
     #[test]

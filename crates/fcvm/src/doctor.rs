@@ -93,7 +93,7 @@ pub fn check(paths: &Paths) -> Report {
     } else {
         item("guest-boot",
             Level::Warn,
-            "KVM is nested paravirtual (kvm_pvm, no vmx/svm): Firecracker runs and tiny guests like the probe boot, but stock Linux kernels cannot; `fcvm podman run` uses the sandbox VMM here",
+            "KVM is nested paravirtual (kvm_pvm, no vmx/svm): Firecracker runs and tiny guests like the probe boot, but stock Linux kernels cannot, so `fcvm podman run` cannot boot its guest here",
             Some("run on bare metal or a VM with nested hardware virtualization for full guests"),
         )
     });

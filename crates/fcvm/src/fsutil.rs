@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 /// A filesystem operation that failed on a path: the one I/O error shape every module
 /// reports, so messages read the same everywhere ("create /var/lib/fcvm/vms: ...").
 #[derive(Debug, thiserror::Error)]
-#[error("{action} {}: {source}", path.display())]
+#[error("cannot {action} {}", path.display())]
 pub struct PathIoError {
     /// What was being done (`create`, `read`, `rename` ...).
     pub action: &'static str,

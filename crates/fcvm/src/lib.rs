@@ -1,5 +1,7 @@
 //! fcvm host library: everything the `fcvm` command does, as typed modules.
 
+#![deny(missing_docs)]
+
 pub mod cleanup;
 pub mod cli;
 pub mod commands;
@@ -10,6 +12,7 @@ pub mod names;
 pub mod network;
 pub mod paths;
 pub mod process;
+pub mod report;
 pub mod setup;
 pub mod snapshot;
 pub mod state;

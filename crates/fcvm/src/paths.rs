@@ -121,6 +121,9 @@ impl Paths {
 /// same path, a clone restored anywhere finds *its own* files at the recorded paths.
 pub const VMM_VIEW_DIR: &str = "/run/fcvm/vm";
 
+/// File name of a VM's private root disk copy inside its runtime directory.
+pub const ROOTFS_DISK: &str = "rootfs.img";
+
 /// Files inside one VM's runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
@@ -170,7 +173,7 @@ impl VmPaths {
 
     /// The VM's private copy of its root disk.
     pub fn rootfs_disk(&self) -> PathBuf {
-        self.dir.join("rootfs.img")
+        self.dir.join(ROOTFS_DISK)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Host side of Firecracker's hybrid vsock.
 //!
-//! Firecracker (and the sandbox stand-in) exposes the guest's vsock device as Unix sockets:
+//! Firecracker exposes the guest's vsock device as Unix sockets:
 //! the host reaches a guest port by connecting to the VM's `uds_path` and sending
 //! `CONNECT <port>\n`, and guest connections to host port `P` arrive on a Unix listener the
 //! host must have bound at `<uds_path>_P` before the guest dials. The line formats live in
@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     /// The VMM's vsock socket does not accept connections.
-    #[error("cannot connect to the VM's vsock socket {path}: {source}; is the VM still running?")]
+    #[error("cannot connect to the VM's vsock socket {path} (is the VM still running?)")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum VsockError {
         timeout: Duration,
     },
     /// Binding a host listener failed.
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,

@@ -144,7 +144,7 @@ fn netns_list() -> Vec<String> {
 fn env_netns(env: &TestEnv) -> Vec<String> {
     env.ls()
         .iter()
-        .filter_map(|v| v["netns"].as_str().map(str::to_owned))
+        .filter_map(|v| v["network"]["netns"].as_str().map(str::to_owned))
         .collect()
 }
 
@@ -211,10 +211,13 @@ fn full_snapshot_restores_from_file_and_from_page_server() {
         assert_eq!(v["kind"], "clone");
         assert_eq!(v["snapshot"], "full");
         // Its own namespace, with the original's TAP name.
-        let ns = v["netns"].as_str().unwrap();
+        let ns = v["network"]["netns"].as_str().unwrap();
         assert!(fcvm::network::interface_in_netns(ns, "tap0").unwrap());
     }
-    assert_ne!(vm(&env, "cf")["netns"], vm(&env, "cu")["netns"]);
+    assert_ne!(
+        vm(&env, "cf")["network"]["netns"],
+        vm(&env, "cu")["network"]["netns"]
+    );
     // The page server served cu, and is listed with its counters.
     wait_until(WAIT, "server stats in fcvm ls", || {
         let srv = env.ls().into_iter().find(|v| v["kind"] == "page_server")?;
@@ -349,12 +352,31 @@ fn ten_clones_from_one_server_kill_one_then_sigterm_the_server() {
     let before: Vec<u64> = (1..10)
         .map(|i| last_tick(&console(&env, &format!("c{i}"))))
         .collect();
-    wait_until(WAIT, "server stops accepting", || {
-        let out = env.fcvm(&[
-            "snapshot", "run", "--pid", &pid, "--detach", "--name", "late",
-        ]);
-        (!out.status.success()).then_some(())
+    // It shows as draining, and a new clone is refused with a message naming it (not a raw
+    // Firecracker error about a missing socket).
+    let srv_name = wait_until(WAIT, "server shows draining", || {
+        let s = env.ls().into_iter().find(|v| v["kind"] == "page_server")?;
+        (s["status"] == "draining").then(|| s["name"].as_str().unwrap().to_owned())
     });
+    let out = env.fcvm(&[
+        "snapshot", "run", "--pid", &pid, "--detach", "--name", "late",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is draining") && err.contains(&srv_name),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("socket"), "{err}");
+    assert!(env.ls().iter().all(|v| v["name"] != "late"));
+    // `fcvm stop` of it says what happens, not "(guest shut down)".
+    let out = env.fcvm(&["stop", &srv_name, "--timeout", "0"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("stopped accepting clones") && !said.contains("guest shut down"),
+        "{said}"
+    );
     for (i, b) in (1..10).zip(before) {
         let name = format!("c{i}");
         let log = console(&env, &name);
@@ -442,10 +464,56 @@ fn killing_the_server_fails_its_clones_loudly() {
             "clone VMM still running"
         );
     }
+    // A failed clone holds no name: a new VM may take it at once.
+    env.ok(&[
+        "run",
+        "--name",
+        "bg",
+        "--kernel",
+        "probe",
+        "--detach",
+        "--boot-args",
+        PROBE_ARGS,
+    ]);
+    let listed = env.ls();
+    let bg: Vec<_> = listed.iter().filter(|v| v["name"] == "bg").collect();
+    assert_eq!(bg.len(), 1, "the failed record was replaced: {listed:?}");
+    assert_eq!(bg[0]["status"], "running");
     for n in ["bg", "fg"] {
         stop(&env, n);
     }
     assert_all_gone(&env, &[]);
+}
+
+#[test]
+fn stopping_an_idle_page_server_says_so() {
+    if firecracker_or_skip("stop_page_server").is_none() {
+        return;
+    }
+    let env = TestEnv::new();
+    boot_source(&env, "src", &[]);
+    snapshot(&env, "src", "s", false);
+    stop(&env, "src");
+    let server = serve_detached(&env, "s");
+    let name = vm_by_pid(&env, server);
+    let out = env.fcvm(&["stop", &name]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("stopped page server {name}")),
+        "{said}"
+    );
+    assert!(!said.contains("guest shut down"), "{said}");
+    assert!(ProcessRef::of_pid(server).is_none_or(|p| p.wait_gone(Duration::from_secs(5))));
+    assert_all_gone(&env, &[]);
+}
+
+fn vm_by_pid(env: &TestEnv, pid: u32) -> String {
+    env.ls()
+        .into_iter()
+        .find(|v| v["pid"] == pid)
+        .and_then(|v| v["name"].as_str().map(str::to_owned))
+        .expect("listed by pid")
 }
 
 #[test]

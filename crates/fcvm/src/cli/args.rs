@@ -40,7 +40,10 @@ pub enum Command {
     /// Run a command in a container VM (or in the VM itself with --vm).
     Exec(super::podman::ExecArgs),
     /// Create, serve and clone snapshots.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "List and remove snapshots with `fcvm snapshots [ls|rm|prune]`."
+    )]
     Snapshot(super::snapshot::SnapshotCommand),
     /// List and remove snapshots.
     Snapshots(super::snapshot::SnapshotsArgs),

@@ -45,16 +45,18 @@ fn reap_stale(paths: &Paths) {
     match Store::open(paths).and_then(|s| s.reap_stale()) {
         Ok(reaped) => {
             for r in reaped {
-                tracing::info!(
-                    "cleaned up after VM {} (its fcvm process is gone)",
-                    r.record.name
-                );
-                for f in r.failures {
-                    eprintln!("warning: {f}");
+                if let Some(record) = &r.report.record {
+                    tracing::info!("cleaned up after VM {} ({:?})", record.name, r.reason);
+                }
+                for f in &r.report.failures {
+                    tracing::warn!("{f}; the next fcvm command retries it");
                 }
             }
         }
-        Err(e) => eprintln!("warning: could not check for stale VMs: {e}"),
+        Err(e) => tracing::warn!(
+            "could not check for stale VMs: {}",
+            crate::report::chain(&e)
+        ),
     }
 }
 
@@ -129,7 +131,7 @@ fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
             .context("building the guest kernel")?;
         eprintln!("kernel {}", kernel.display());
     } else if all {
-        eprintln!("kernel: skipped, this host cannot boot guest kernels (see `fcvm doctor`; `fcvm podman run` uses the sandbox VMM here); build it anyway with `fcvm setup kernel`");
+        eprintln!("kernel: skipped, this host cannot boot guest kernels (see `fcvm doctor`); build it anyway with `fcvm setup kernel`");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -181,9 +183,9 @@ async fn cmd_run(paths: &Paths, a: args::RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     stdout.flush()?;
-    if outcome.interrupted {
+    if let Some(sig) = outcome.interrupted {
         eprintln!("fcvm: interrupted; VM {} stopped", outcome.record.name);
-        return Ok(ExitCode::from(130));
+        return Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8));
     }
     Ok(ExitCode::from(
         outcome.exit_code.unwrap_or(1).clamp(0, 255) as u8
@@ -198,24 +200,36 @@ async fn cmd_stop(paths: &Paths, a: args::StopArgs) -> Result<ExitCode> {
         (None, None) => unreachable!("clap requires a name or --pid"),
     };
     let report = crate::vm::stop::stop_vm(&store, &record, Duration::from_secs(a.timeout)).await?;
-    for f in &report.failures {
-        eprintln!("warning: {f}");
+    for f in &report.teardown.failures {
+        eprintln!("warning: {f}; the next fcvm command retries it");
     }
-    if report.draining {
-        eprintln!(
-            "{} stopped accepting clones and exits when its live clones stop \
-             (stop them first; killing it makes them fail)",
-            record.name
-        );
-    } else {
-        let how = if report.graceful {
-            "guest shut down"
-        } else {
-            "forced"
-        };
-        eprintln!("stopped {} ({how})", record.name);
-    }
+    eprintln!("{}", stop_message(&record, &report));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `fcvm stop` says about `record` after `report`.
+pub fn stop_message(record: &crate::state::VmRecord, report: &crate::vm::StopReport) -> String {
+    use crate::state::{VmKind, VmStatus};
+    if record.kind == VmKind::PageServer {
+        return if report.draining {
+            format!(
+                "page server {} stopped accepting clones and exits when its live clones stop \
+                 (stop them first; killing it makes them fail)",
+                record.name
+            )
+        } else {
+            format!("stopped page server {}", record.name)
+        };
+    }
+    if record.status == VmStatus::Failed {
+        return format!("removed failed VM {}", record.name);
+    }
+    let how = if report.graceful {
+        "guest shut down"
+    } else {
+        "forced"
+    };
+    format!("stopped {} ({how})", record.name)
 }
 
 fn cmd_ls(paths: &Paths, a: args::LsArgs) -> Result<ExitCode> {
@@ -231,4 +245,95 @@ fn cmd_ls(paths: &Paths, a: args::LsArgs) -> Result<ExitCode> {
         print!("{}", ls::table(&entries));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit code for a command line clap rejected: 0 for `--help`/`--version`; 125 for the
+/// commands that forward a container's exit code (`podman run`, `exec`), so a usage error
+/// never looks like the container's; clap's 2 otherwise.
+pub fn usage_exit_code(e: &clap::Error, argv: &[std::ffi::OsString]) -> u8 {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            2
+        } else {
+            0
+        };
+    }
+    let forwards = argv
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .is_some_and(|a| a == "podman" || a == "exec");
+    if forwards {
+        crate::commands::podman::EXIT_FCVM_FAILED
+    } else {
+        2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::Name;
+    use crate::state::{VmKind, VmRecord, VmStatus};
+    use crate::vm::StopReport;
+    use clap::Parser;
+
+    fn record(kind: VmKind, status: VmStatus) -> VmRecord {
+        let mut r = VmRecord::new("id".into(), Name::parse("x").unwrap(), kind, "/r".into());
+        r.status = status;
+        r
+    }
+
+    fn report(graceful: bool, draining: bool) -> StopReport {
+        StopReport {
+            graceful,
+            exit: None,
+            teardown: Default::default(),
+            draining,
+        }
+    }
+
+    #[test]
+    fn stop_messages_say_what_was_stopped() {
+        let server = record(VmKind::PageServer, VmStatus::Running);
+        assert_eq!(
+            stop_message(&server, &report(true, false)),
+            "stopped page server x"
+        );
+        assert!(stop_message(&server, &report(true, true)).contains("stopped accepting clones"));
+        let vm = record(VmKind::Raw, VmStatus::Running);
+        assert_eq!(
+            stop_message(&vm, &report(true, false)),
+            "stopped x (guest shut down)"
+        );
+        assert_eq!(
+            stop_message(&vm, &report(false, false)),
+            "stopped x (forced)"
+        );
+        let failed = record(VmKind::Clone, VmStatus::Failed);
+        assert_eq!(
+            stop_message(&failed, &report(false, false)),
+            "removed failed VM x"
+        );
+    }
+
+    #[test]
+    fn usage_errors_of_forwarding_commands_exit_125() {
+        let code = |args: &[&str]| {
+            let argv: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            let err = Cli::try_parse_from(&argv).unwrap_err();
+            usage_exit_code(&err, &argv)
+        };
+        assert_eq!(code(&["fcvm", "podman", "run", "--nope", "img"]), 125);
+        assert_eq!(code(&["fcvm", "-v", "exec", "--nope"]), 125);
+        assert_eq!(code(&["fcvm", "ls", "--nope"]), 2);
+        assert_eq!(code(&["fcvm", "podman", "run", "--help"]), 0);
+        assert_eq!(code(&["fcvm", "--version"]), 0);
+    }
 }

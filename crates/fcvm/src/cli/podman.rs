@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use crate::commands::exec::{self, ExecOptions, Target};
-use crate::commands::podman::{self, PodmanRunRequest, VmmKind};
+use crate::commands::podman::{self, PodmanRunRequest};
 use crate::paths::Paths;
 
 /// `fcvm podman ...`.
@@ -37,7 +37,8 @@ pub struct PodmanRunArgs {
     /// Keep standard input open and forward it to the container.
     #[arg(short, long)]
     pub interactive: bool,
-    /// Give the container a terminal (raw mode here, window size forwarded).
+    /// Give the container a terminal (window size forwarded; with -i the local terminal
+    /// goes raw, without -i Ctrl-C is forwarded to the container as SIGINT).
     #[arg(short, long)]
     pub tty: bool,
     /// Command as one string, split like a shell would (no expansion); instead of `-- CMD...`.
@@ -46,10 +47,7 @@ pub struct PodmanRunArgs {
     /// OCI or docker archive (`podman save`) to run; attached read-only to the VM.
     #[arg(long, value_name = "FILE")]
     pub image_archive: Option<PathBuf>,
-    /// Which VMM; by default Firecracker, or the sandbox where guest kernels cannot boot.
-    #[arg(long, env = "FCVM_VMM", value_enum)]
-    pub vmm: Option<VmmKind>,
-    /// Guest kernel (default: the one from `fcvm setup kernel`; the sandbox runs none).
+    /// Guest kernel: a path, or `probe` (default: the one from `fcvm setup kernel`).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Guest root filesystem image (default: `fcvm setup rootfs`'s; env FCVM_ROOTFS).
@@ -109,18 +107,22 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         mem_mib: a.mem,
         interactive: a.interactive,
         tty: a.tty,
-        vmm: a.vmm,
         kernel: a.kernel,
         rootfs: a.rootfs,
     };
-    let outcome = podman::run(paths, &req).await?;
+    let outcome = match podman::run(paths, &req).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("fcvm: error: {}", crate::report::chain(&e));
+            return Ok(ExitCode::from(e.exit_code()));
+        }
+    };
     std::io::stdout().flush()?;
     if let Some(err) = &outcome.guest_error {
         eprintln!("fcvm: error: the container could not run: {err}");
     }
-    if let Some(sig) = outcome.interrupted {
+    if outcome.interrupted.is_some() {
         eprintln!("fcvm: interrupted; container and VM {} stopped", req.name);
-        return Ok(ExitCode::from((128 + sig) as u8));
     }
     Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
 }
@@ -146,7 +148,7 @@ pub async fn exec(paths: &Paths, a: ExecArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
         Err(e) => {
-            eprintln!("fcvm: error: {e}");
+            eprintln!("fcvm: error: {}", crate::report::chain(&e));
             Ok(ExitCode::from(e.exit_code()))
         }
     }

@@ -1,22 +1,20 @@
 //! `fcvm snapshot create|serve|run` and `fcvm snapshots [ls|rm|prune]`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cleanup::CleanupStep;
+use crate::cleanup::{CleanupStep, Disposition};
 use crate::paths::Paths;
 use crate::snapshot::clone::{self, CloneRequest, MemorySource};
 use crate::snapshot::create::{self, CreateRequest};
 use crate::snapshot::{self, guard, serve, SnapshotStore};
-use crate::state::{Store, VmKind, VmStatus};
-use crate::vm::console::ConsoleFollower;
+use crate::state::{GuestKind, Store, VmKind, VmRecord, VmStatus};
 use crate::vm::spawn::ksm_running;
+use crate::vm::{follow_console, Event, Signals};
 
 /// `fcvm snapshot ...`.
 #[derive(Debug, Subcommand)]
@@ -27,12 +25,6 @@ pub enum SnapshotCommand {
     Serve(ServeArgs),
     /// Start a clone of a snapshot (from a page server with --pid, or the memory file).
     Run(RunArgs),
-    /// Internal: resume a VM if the snapshot creator dies (see `snapshot::guard`).
-    #[command(name = "__resume-guard", hide = true)]
-    ResumeGuard {
-        /// The VM's API socket.
-        api_socket: PathBuf,
-    },
 }
 
 /// `fcvm snapshot create`.
@@ -43,8 +35,9 @@ pub struct CreateArgs {
     /// Name of the new snapshot.
     #[arg(long)]
     pub tag: String,
-    /// Write only the pages dirtied since the VM's last snapshot (needs
-    /// --track-dirty-pages, or a clone) and merge them onto that snapshot's memory.
+    /// Write only the pages dirtied since the VM's last snapshot and merge them onto that
+    /// snapshot's memory. Needs dirty-page tracking: a VM or clone started with
+    /// --track-dirty-pages.
     #[arg(long)]
     pub diff: bool,
 }
@@ -54,7 +47,7 @@ pub struct CreateArgs {
 pub struct ServeArgs {
     /// The snapshot to serve.
     pub tag: String,
-    /// Name in `fcvm ls` (default serve-<tag>-<pid>).
+    /// Name in `fcvm ls` (default `serve-TAG-PID`).
     #[arg(long)]
     pub name: Option<String>,
     /// Run in the background; prints the server's pid.
@@ -94,14 +87,15 @@ impl KsmMode {
 
 /// `fcvm snapshot run`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["pid", "snapshot"])))]
 pub struct RunArgs {
     /// Page server pid (`fcvm snapshot serve`): memory is served lazily over userfaultfd.
-    #[arg(long, required_unless_present = "snapshot")]
+    #[arg(long)]
     pub pid: Option<u32>,
     /// Snapshot to restore from its memory file (or to check against --pid's).
     #[arg(long)]
     pub snapshot: Option<String>,
-    /// Clone name (default <tag>-<random>).
+    /// Clone name (default `TAG-RANDOM`).
     #[arg(long)]
     pub name: Option<String>,
     /// Return once the clone runs; it keeps running.
@@ -159,10 +153,6 @@ pub async fn snapshot(paths: &Paths, cmd: SnapshotCommand) -> Result<ExitCode> {
         SnapshotCommand::Create(a) => cmd_create(paths, a).await,
         SnapshotCommand::Serve(a) => cmd_serve(paths, a).await,
         SnapshotCommand::Run(a) => cmd_run(paths, a).await,
-        SnapshotCommand::ResumeGuard { api_socket } => {
-            guard::run_guard(&api_socket).await;
-            Ok(ExitCode::SUCCESS)
-        }
     }
 }
 
@@ -347,6 +337,7 @@ async fn serve_detached(paths: &Paths, a: &ServeArgs) -> Result<ExitCode> {
 }
 
 async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
+    let signals = Signals::new()?;
     let state = Store::open(paths)?;
     let (tag, memory) = match a.pid {
         Some(pid) => {
@@ -356,11 +347,8 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
             else {
                 bail!("pid {pid} is not a page server (see `fcvm ls`)");
             };
-            if r.status != VmStatus::Running {
-                bail!(
-                    "page server {pid} is not accepting clones (status {:?})",
-                    r.status
-                );
+            if let Some(why) = refuses_clones(&r) {
+                bail!("{why}");
             }
             if let Some(t) = &a.snapshot {
                 if *t != tag {
@@ -384,12 +372,7 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
     };
     if a.exec.is_some() {
         let meta = SnapshotStore::open(paths)?.get(&tag)?;
-        let probe = meta
-            .kernel
-            .as_ref()
-            .and_then(|k| k.file_name())
-            .is_some_and(|n| n.to_string_lossy().starts_with("fcvm-probe"));
-        if probe {
+        if meta.guest == GuestKind::Probe {
             bail!("--exec needs the guest agent, and snapshot {tag} is of a probe guest, which has none; run the clone without --exec");
         }
         bail!("--exec on clones needs the guest agent of a container snapshot (`fcvm podman`); snapshot {tag} was not made by it");
@@ -405,62 +388,102 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
     let started = clone::start_clone(paths, &req).await?;
     let t = &started.timings;
     tracing::info!(
-        "clone timings: record {:?} netns {:?} disks {:?} spawn {:?} load {:?} patch {:?} resume {:?} total {:?}",
-        t.record, t.netns, t.disks, t.spawn, t.load, t.patch, t.resume, t.total
+        "clone timings: record {:?} netns {:?} disks {:?} spawn {:?} load {:?} resume {:?} total {:?}",
+        t.record, t.netns, t.disks, t.spawn, t.load, t.resume, t.total
     );
-    let r = &started.record;
     if a.detach {
+        let total = t.total;
+        let r = started.handle.detach();
         println!("{}", r.name);
         eprintln!(
             "clone {} of {tag} running (firecracker pid {}), restored in {} ms; console: {}; stop with `fcvm stop {}`",
             r.name,
             r.pid(),
-            t.total.as_millis(),
-            started.vm_paths.console_log().display(),
+            total.as_millis(),
+            r.console_log
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             r.name
         );
         return Ok(ExitCode::SUCCESS);
     }
-    follow_clone(&state, started).await
+    follow_clone(started, signals).await
+}
+
+/// Why the page server of `r` takes no new clones, if it does not.
+pub fn refuses_clones(r: &VmRecord) -> Option<String> {
+    match r.status {
+        VmStatus::Running => None,
+        VmStatus::Draining => Some(format!(
+            "page server {} (pid {}) is draining: it was asked to stop and serves only its live clones until they exit; start a new one with `fcvm snapshot serve {}`",
+            r.name,
+            r.pid(),
+            r.snapshot.as_deref().unwrap_or("TAG")
+        )),
+        other => Some(format!(
+            "page server {} (pid {}) is not accepting clones (it is {})",
+            r.name,
+            r.pid(),
+            serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        )),
+    }
 }
 
 /// Foreground clone: stream its console until the VM exits, fcvm is interrupted, or the
 /// page server dies (then the clone is stopped and marked failed: it must never run on).
-async fn follow_clone(state: &Store, mut started: clone::StartedClone) -> Result<ExitCode> {
-    let id = started.record.id.clone();
-    let server = started.record.page_server;
-    let mut follower = ConsoleFollower::open(&started.vm_paths.console_log())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+async fn follow_clone(started: clone::StartedClone, mut signals: Signals) -> Result<ExitCode> {
+    let mut vm = started.handle;
     let mut out = std::io::stdout();
-    let code = loop {
-        let chunk = follower.read_new()?;
-        if !chunk.is_empty() {
-            out.write_all(&chunk)?;
-            out.flush()?;
-        }
-        if let Some(s) = server.filter(|s| !s.is_alive()) {
+    let event = follow_console(&mut vm, &mut out, &mut signals).await;
+    let code = match event {
+        Ok(Event::Exited(code)) => code.unwrap_or(1),
+        Ok(Event::Signal(sig)) => 128 + sig,
+        Ok(Event::MemorySourceLost(server)) => {
             let reason = format!(
                 "page server (pid {}) died; the clone lost its memory source and was stopped",
-                s.pid
+                server.pid
             );
-            clone::fail_clone(state, &id, &reason);
-            let _ = started.vmm.child.wait();
-            eprintln!("fcvm: error: clone {}: {reason}", started.record.name);
+            vm.fail(&reason).warn();
+            eprintln!("fcvm: error: clone {}: {reason}", vm.record().name);
             return Ok(ExitCode::from(1));
         }
-        if let Some(status) = started.vmm.child.try_wait()? {
-            out.write_all(&follower.read_new()?)?;
-            out.flush()?;
-            break status.code().unwrap_or(1);
-        }
-        tokio::select! {
-            _ = sigint.recv() => break 130,
-            _ = sigterm.recv() => break 130,
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        Err(e) => {
+            vm.finish(Disposition::Forget).warn();
+            return Err(e.into());
         }
     };
-    clone::teardown_clone(state, &id);
-    let _ = started.vmm.child.wait();
+    vm.finish(Disposition::Forget).warn();
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::Name;
+
+    #[test]
+    fn a_draining_server_refuses_clones_naming_itself() {
+        let mut r = VmRecord::new(
+            "id".into(),
+            Name::parse("serve-s-1").unwrap(),
+            VmKind::PageServer,
+            "/r".into(),
+        );
+        r.snapshot = Some("s".into());
+        r.status = VmStatus::Running;
+        assert!(refuses_clones(&r).is_none());
+        r.status = VmStatus::Draining;
+        let why = refuses_clones(&r).unwrap();
+        assert!(
+            why.contains("serve-s-1") && why.contains("draining"),
+            "{why}"
+        );
+        assert!(why.contains("fcvm snapshot serve s"), "{why}");
+        r.status = VmStatus::Stopping;
+        assert!(refuses_clones(&r).unwrap().contains("stopping"));
+    }
 }

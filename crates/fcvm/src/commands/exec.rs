@@ -1,9 +1,12 @@
 //! `fcvm exec`: run a command in a container VM's container (default) or in the VM itself
 //! (`--vm`), through the agent's exec server on vsock port 4998.
 //!
-//! The exit code is the command's. With `-t` the local terminal is switched to raw mode and
-//! size changes are forwarded; Ctrl-C then travels as a byte to the guest's terminal. Without
-//! `-t`, SIGINT/SIGTERM sent to fcvm are forwarded to the command as signals.
+//! The exit code is the command's (fcvm's own failures 125, a command the guest cannot run
+//! 126, one it cannot find 127). With `-i -t` the local terminal is switched to raw mode
+//! (refused when standard input is not a terminal); Ctrl-C then travels as a byte to the
+//! guest's terminal. With `-t` alone size changes are forwarded and the terminal stays
+//! cooked. Without raw mode, SIGINT/SIGTERM sent to fcvm are forwarded to the command as
+//! signals.
 
 use std::time::Duration;
 
@@ -52,6 +55,9 @@ pub struct ExecOptions {
 /// Why `fcvm exec` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// `-i -t` without a terminal on standard input.
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
     /// No such VM.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -73,7 +79,7 @@ pub enum ExecError {
     #[error("{0}")]
     Guest(String),
     /// The stream broke.
-    #[error("the exec connection broke: {0}")]
+    #[error("the exec connection broke")]
     Stream(#[from] FrameError),
     /// The agent closed the connection without an exit code.
     #[error("the VM closed the exec connection without an exit status (did the VM stop?)")]
@@ -91,10 +97,20 @@ impl ExecError {
     /// 126 when it cannot be run, 125 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ExecError::Guest(text) if text.contains("No such file") => 127,
-            ExecError::Guest(_) => 126,
-            _ => 125,
+            ExecError::Guest(text) => guest_error_code(text),
+            _ => crate::commands::podman::EXIT_FCVM_FAILED,
         }
+    }
+}
+
+/// The exit code for the guest's refusal to run a command: 127 when it does not exist,
+/// 126 when it exists but cannot be run (podman's convention).
+pub fn guest_error_code(text: &str) -> u8 {
+    let t = text.to_ascii_lowercase();
+    if t.contains("no such file") || t.contains("not found") {
+        127
+    } else {
+        126
     }
 }
 
@@ -113,13 +129,17 @@ pub fn find_vm(paths: &Paths, target: &Target) -> Result<VmRecord, ExecError> {
 
 /// Run the command and return its exit code.
 pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
+    tty::check_request(opts.interactive, opts.tty, tty::stdin_is_terminal())?;
     if opts.command.is_empty() {
         return Err(ExecError::NoCommand);
     }
     let env = plan::parse_env(&opts.env)?;
+    let t0 = std::time::Instant::now();
     let record = find_vm(paths, &opts.target)?;
+    tracing::debug!(vm = %record.name, "exec: found the VM in {:?}", t0.elapsed());
     let uds = VmPaths::new(&record.runtime_dir).vsock_socket();
     let mut conn = vsock::connect(&uds, EXEC_PORT, CONNECT_TIMEOUT).await?;
+    tracing::debug!("exec: connected to the agent at {:?}", t0.elapsed());
     let request = ExecRequest {
         command: opts.command.clone(),
         in_container: !opts.in_vm,
@@ -140,8 +160,10 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         .validate()
         .map_err(|e| ExecError::Guest(e.to_string()))?;
     write_frame(&mut conn, &Frame::Exec(request)).await?;
+    tracing::debug!("exec: request sent at {:?}", t0.elapsed());
 
-    let _raw = if opts.tty {
+    // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
+    let _raw = if opts.tty && opts.interactive {
         tty::RawMode::enable().map_err(ExecError::Terminal)?
     } else {
         None
@@ -196,6 +218,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         let _ = write_frame(&mut wr, &outgoing).await;
     };
     reader.abort();
+    tracing::debug!(result = ?result.as_ref().map_err(|_| ()), "exec: done at {:?}", t0.elapsed());
     let _ = wr.shutdown().await;
     result
 }
@@ -210,4 +233,25 @@ async fn next_chunk(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<
 async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_sort_fcvm_failures_from_the_guest_refusing() {
+        assert_eq!(
+            guest_error_code("exec /no/such: No such file or directory"),
+            127
+        );
+        assert_eq!(guest_error_code("executable file not found in $PATH"), 127);
+        assert_eq!(guest_error_code("permission denied"), 126);
+        assert_eq!(ExecError::NoExit.exit_code(), 125);
+        assert_eq!(ExecError::Tty(tty::TtyError).exit_code(), 125);
+        assert_eq!(
+            ExecError::Guest("Permission denied".into()).exit_code(),
+            126
+        );
+    }
 }

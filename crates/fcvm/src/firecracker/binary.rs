@@ -126,7 +126,7 @@ pub enum BinaryError {
         path: PathBuf,
     },
     /// Running `--version` failed.
-    #[error("could not run `{path} --version`: {source}")]
+    #[error("could not run `{path} --version`")]
     Exec {
         /// The binary.
         path: PathBuf,

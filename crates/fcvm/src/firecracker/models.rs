@@ -1,5 +1,5 @@
 //! Request and response bodies of the Firecracker API calls fcvm makes. They live in the
-//! `fcvm-fc-api` crate, which the stand-in VMM shares, so both sides of the contract use one
-//! definition.
+//! `fcvm-fc-api` crate so that test doubles of the API share them: every side of the
+//! contract uses one definition.
 
 pub use fcvm_fc_api::*;

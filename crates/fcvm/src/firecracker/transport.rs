@@ -19,7 +19,7 @@ use super::models::Fault;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The socket could not be reached.
-    #[error("cannot connect to the Firecracker API socket {path}: {source}")]
+    #[error("cannot connect to the Firecracker API socket {path}")]
     Connect {
         /// Socket path.
         path: PathBuf,
@@ -27,7 +27,7 @@ pub enum TransportError {
         source: std::io::Error,
     },
     /// HTTP-level failure.
-    #[error("HTTP exchange with {path} failed during {method} {uri}: {source}")]
+    #[error("HTTP exchange with {path} failed during {method} {uri}")]
     Http {
         /// Socket path.
         path: PathBuf,
@@ -61,7 +61,7 @@ pub enum TransportError {
         message: String,
     },
     /// A body could not be encoded or decoded.
-    #[error("bad JSON in {method} {uri}: {source}")]
+    #[error("bad JSON in {method} {uri}")]
     Json {
         /// Request method.
         method: Method,

@@ -11,6 +11,16 @@
 //! namespace outlives the thread, creates the persistent TAP there and brings it up. Removal
 //! is [`delete_netns`] (or the recorded `CleanupStep::DeleteNetns`), which unmounts and
 //! unlinks the file; the TAP disappears with the namespace.
+//!
+//! How a VM is attached is recorded as a [`NetworkAttachment`] in its state record. The
+//! namespace and TAP system calls sit behind [`NetOps`] ([`HostNet`] is the real one,
+//! [`fake::RecordingNet`] records calls and injects failures), so the launch and teardown
+//! logic is tested without root.
+
+pub mod attachment;
+pub mod fake;
+
+pub use attachment::NetworkAttachment;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -53,6 +63,28 @@ pub enum NetError {
     /// The helper thread panicked or could not start.
     #[error("network namespace helper thread failed: {0}")]
     Thread(String),
+}
+
+/// The namespace and TAP operations a VM's network needs, so that the logic using them can
+/// be tested with a recording fake (youki's syscall seam).
+pub trait NetOps: Send + Sync + std::fmt::Debug {
+    /// See [`create_netns`].
+    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError>;
+    /// See [`delete_netns`].
+    fn delete_netns(&self, name: &str) -> Result<(), NetError>;
+}
+
+/// The real kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostNet;
+
+impl NetOps for HostNet {
+    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError> {
+        create_netns(name, tap)
+    }
+    fn delete_netns(&self, name: &str) -> Result<(), NetError> {
+        delete_netns(name)
+    }
 }
 
 /// `/run/netns/<name>`.

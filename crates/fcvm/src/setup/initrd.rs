@@ -4,7 +4,7 @@
 //! build never forces a rootfs rebuild. The file is content-addressed by the agent's bytes
 //! (`initrd/fc-agent-<sha256 prefix>.cpio`) and published by write-then-rename, so concurrent
 //! callers and crashes never leave a half-written initrd under the final name. Both
-//! Firecracker (`boot-source.initrd_path`) and the stand-in VMM take the same file.
+//! Firecracker takes it as `boot-source.initrd_path`.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -28,13 +28,13 @@ pub enum InitrdError {
     #[error("Cannot find the fc-agent binary: set {AGENT_ENV} or put `fc-agent` next to the fcvm executable (build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p fc-agent --target x86_64-unknown-linux-gnu`)")]
     AgentNotFound,
     /// The agent binary cannot be read.
-    #[error("Cannot read the agent binary {0}: {1}")]
+    #[error("cannot read the agent binary {0}")]
     ReadAgent(PathBuf, #[source] io::Error),
     /// The agent binary is not a static ELF executable.
     #[error("{0} is not a static x86_64 ELF executable (it has a dynamic loader or is not ELF); the agent runs before any root filesystem exists, so build it with `RUSTFLAGS='-C target-feature=+crt-static'`")]
     NotStatic(PathBuf),
     /// Writing the initrd failed.
-    #[error("Cannot write the initrd {0}: {1}")]
+    #[error("cannot write the initrd {0}")]
     Write(PathBuf, #[source] io::Error),
 }
 
@@ -60,7 +60,7 @@ pub fn find_agent_binary() -> Result<PathBuf, InitrdError> {
     let candidates = [
         dir.join(AGENT_FILE_NAME),
         dir.join("..").join(&static_build),
-        // Where the sandbox VMM's tests build it.
+        // Where the integration tests build the static agent.
         dir.join("../agent-static").join(&static_build),
     ];
     // A plain `cargo build` also leaves a dynamic fc-agent next to fcvm; skip it.

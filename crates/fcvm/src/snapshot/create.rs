@@ -193,7 +193,10 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             Some(p) => {
                 let meta = snapshots.get(p).map_err(|e| CreateError::NoDiff {
                     vm: req.vm.clone(),
-                    why: format!("its parent snapshot {p} is gone ({e}); take a Full snapshot"),
+                    why: format!(
+                        "its parent snapshot {p} is gone ({}); take a Full snapshot",
+                        crate::report::chain(&e)
+                    ),
                 })?;
                 if meta.memory_bytes != mem_bytes {
                     return Err(CreateError::NoDiff {
@@ -282,10 +285,8 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
         created_at_ms: now_ms(),
         source_vm: record.name.to_string(),
         source_vm_id: record.id.clone(),
-        source_kind: serde_json::to_value(record.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        source_kind: record.kind,
+        guest: record.guest,
         kind: if req.diff {
             SnapshotKind::Diff
         } else {
@@ -308,7 +309,7 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             .as_ref()
             .and_then(|b| b.boot_args.clone()),
         drives,
-        tap: record.tap.clone(),
+        tap: record.network.tap().map(str::to_owned),
         memory_bytes: mem_meta.len(),
         memory_allocated_bytes: mem_meta.blocks() * 512,
         diff_dirty_bytes,

@@ -1,8 +1,9 @@
 //! The resume guard: makes sure a VM paused by `snapshot create` is resumed even if the
 //! creating fcvm is killed.
 //!
-//! Before pausing, the creator starts `fcvm snapshot __resume-guard <api-socket>` (a hidden
-//! subcommand of its own executable) in its own process group, with a pipe on its stdin.
+//! Before pausing, the creator starts `fcvm __resume-guard <api-socket>` (its own
+//! executable; `main` recognises the argument before the command-line parser runs, so the
+//! internal command is never listed nor suggested) in its own process group, with a pipe on its stdin.
 //! When the creator finishes it writes one "done" byte; if the guard instead sees EOF (the
 //! creator died, whatever the signal), it resumes the VM through the API. A resume of a VM
 //! that is already running is refused by Firecracker and ignored, so racing is harmless.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use crate::firecracker::FirecrackerClient;
 
-/// Name of the hidden subcommand under `fcvm snapshot`.
+/// First argument that makes `fcvm` run as a resume guard (see `main`).
 pub const GUARD_SUBCOMMAND: &str = "__resume-guard";
 /// Environment override of the executable that provides the subcommand (tests, benches).
 pub const SELF_EXE_ENV: &str = "FCVM_SELF_EXE";
@@ -40,7 +41,7 @@ impl ResumeGuard {
     /// Start a guard for the VM whose API socket is `api_socket`.
     pub fn start(api_socket: &Path) -> io::Result<ResumeGuard> {
         let mut child = Command::new(self_exe()?)
-            .args(["snapshot", GUARD_SUBCOMMAND])
+            .arg(GUARD_SUBCOMMAND)
             .arg(api_socket)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

@@ -56,8 +56,11 @@ pub struct SnapshotMeta {
     pub source_vm: String,
     /// Id of that VM.
     pub source_vm_id: String,
-    /// Kind of that VM (`raw`, `clone`...).
-    pub source_kind: String,
+    /// Kind of that VM.
+    pub source_kind: crate::state::VmKind,
+    /// What runs inside (clones inherit it: `--exec` needs the agent).
+    #[serde(default)]
+    pub guest: crate::state::GuestKind,
     /// Full or Diff.
     pub kind: SnapshotKind,
     /// The snapshot a Diff was merged onto (or the snapshot a cloned source came from).
@@ -99,10 +102,5 @@ impl SnapshotMeta {
         let bytes = std::fs::read(dir.join(META_FILE))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    /// Whether clones need a network namespace with a TAP.
-    pub fn needs_tap(&self) -> bool {
-        self.tap.is_some()
     }
 }

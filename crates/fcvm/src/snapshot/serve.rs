@@ -31,7 +31,7 @@ use super::store::{SnapshotStore, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Bad name.
-    #[error("invalid --name: {0}")]
+    #[error("invalid --name")]
     Name(#[from] NameError),
     /// Snapshot store.
     #[error(transparent)]
@@ -41,14 +41,14 @@ pub enum ServeError {
     State(#[from] StateError),
     /// Socket path too long.
     #[error(
-        "page server socket path {0} is over {MAX_SOCKET_PATH} bytes; use a shorter FCVM_BASE_DIR"
+        "page server socket path {} is over {MAX_SOCKET_PATH} bytes; use a shorter FCVM_BASE_DIR", .0.display()
     )]
     SocketPath(PathBuf),
     /// The server failed.
-    #[error("page server: {0}")]
+    #[error("page server")]
     Server(#[from] ServerError),
     /// Local I/O.
-    #[error("{0}")]
+    #[error("page server I/O")]
     Io(#[from] std::io::Error),
 }
 
@@ -97,13 +97,16 @@ pub async fn serve(
     let mut config = ServerConfig::new(&socket, snapshots.path(tag).join(MEMORY_FILE));
     config.fault_around_pages = fault_around_pages;
     let result = run(&state, &record, tag, config, log).await;
-    let record = state.update(&id, |r| r.status = VmStatus::Stopping);
-    if let Ok(r) = record {
-        for f in crate::cleanup::run_all(&r.cleanup) {
-            let _ = writeln!(log, "warning: {f}");
+    match crate::cleanup::teardown(&state, &id, crate::cleanup::Disposition::Forget) {
+        Ok(report) => {
+            for f in &report.failures {
+                let _ = writeln!(log, "warning: {f}");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(log, "warning: {}", crate::report::chain(&e));
         }
     }
-    let _ = state.remove(&id);
     result
 }
 
@@ -163,6 +166,8 @@ async fn run(
         }
         if draining && server.is_accepting() {
             server.stop_accepting();
+            // `fcvm ls` shows it, and `snapshot run --pid` refuses with a clear message.
+            state.update(&record.id, |r| r.status = VmStatus::Draining)?;
             let _ = writeln!(
                 log,
                 "stopping: no new clones; serving {} live clone(s) until they exit",

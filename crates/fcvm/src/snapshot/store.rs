@@ -235,7 +235,9 @@ impl SnapshotStore {
                         allocated_bytes,
                     });
                 }
-                Err(e) => tracing::warn!("skipping snapshot dir {name}: {e}"),
+                Err(e) => {
+                    tracing::warn!("skipping snapshot dir {name}: {}", crate::report::chain(&e))
+                }
             }
         }
         out.sort_by_key(|s| s.meta.created_at_ms);

@@ -4,8 +4,10 @@
 mod record;
 mod store;
 
-pub use record::{new_vm_id, now_ms, Health, VmKind, VmRecord, VmStatus, SCHEMA_VERSION};
-pub use store::{Reaped, Store, StoreError};
+pub use record::{
+    new_vm_id, now_ms, GuestKind, Health, VmKind, VmRecord, VmStatus, VmmKind, SCHEMA_VERSION,
+};
+pub use store::{reap_reason, ReapReason, Reaped, Store, StoreError};
 
 #[cfg(test)]
 mod tests;

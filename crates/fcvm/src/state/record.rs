@@ -7,10 +7,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::cleanup::CleanupStep;
 use crate::names::Name;
+use crate::network::NetworkAttachment;
 use crate::process::ProcessRef;
 
 /// Version of the record layout; bumped when a field changes meaning.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: `network` replaces `netns` and `tap`; `vmm_kind` and `guest` are enums.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    /// No VMM (a page server).
+    #[default]
+    None,
+    /// Firecracker.
+    Firecracker,
+}
+
+/// What runs inside a VM, as far as fcvm knows: decides what fcvm can do with it
+/// (exec needs the agent), and is carried into snapshots and their clones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// A kernel fcvm knows nothing about.
+    #[default]
+    Unknown,
+    /// The built-in probe guest (serial output only, no agent).
+    Probe,
+    /// Linux with fc-agent as PID 1 (container VMs).
+    Agent,
+}
 
 /// What sort of process a record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +65,8 @@ pub enum VmStatus {
     Paused,
     /// Shutting down.
     Stopping,
+    /// A page server that stopped accepting clones and serves its live ones until they end.
+    Draining,
     /// Failed; see `error`.
     Failed,
 }
@@ -77,9 +106,12 @@ pub struct VmRecord {
     /// The VMM process, once spawned.
     #[serde(default)]
     pub vmm: Option<ProcessRef>,
-    /// Which VMM binary runs it (`firecracker` or `sandbox`).
+    /// Which VMM runs it.
     #[serde(default)]
-    pub vmm_kind: String,
+    pub vmm_kind: VmmKind,
+    /// What runs inside.
+    #[serde(default)]
+    pub guest: GuestKind,
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// Runtime directory.
@@ -105,9 +137,9 @@ pub struct VmRecord {
     /// Snapshot this VM was cloned from, or that this page server serves.
     #[serde(default)]
     pub snapshot: Option<String>,
-    /// Network namespace the VMM runs in.
+    /// How the VM's network device reaches the host (namespace and TAP).
     #[serde(default)]
-    pub netns: Option<String>,
+    pub network: NetworkAttachment,
     /// Page server socket (page servers), or the server a clone depends on.
     #[serde(default)]
     pub uffd_socket: Option<PathBuf>,
@@ -126,10 +158,6 @@ pub struct VmRecord {
     /// How to undo what was created for this VM, in order.
     #[serde(default)]
     pub cleanup: Vec<CleanupStep>,
-    /// TAP device the VM's eth0 uses, inside `netns` (snapshots record it so clones get
-    /// the same name in their own namespace).
-    #[serde(default)]
-    pub tap: Option<String>,
     /// The snapshot whose memory file equals this VM's memory as of the last reset of its
     /// dirty-page log: the parent of its next Diff snapshot. For a clone, the snapshot it
     /// was restored from; after `snapshot create`, that snapshot.
@@ -159,7 +187,8 @@ impl VmRecord {
             health: Health::Unknown,
             owner: ProcessRef::current(),
             vmm: None,
-            vmm_kind: String::new(),
+            vmm_kind: VmmKind::None,
+            guest: GuestKind::Unknown,
             created_at_ms: now_ms(),
             runtime_dir,
             api_socket: None,
@@ -169,18 +198,28 @@ impl VmRecord {
             kernel: None,
             image: None,
             snapshot: None,
-            netns: None,
+            network: NetworkAttachment::None,
             uffd_socket: None,
             page_server: None,
             exit_code: None,
             error: None,
             track_dirty_pages: false,
             cleanup: Vec::new(),
-            tap: None,
             diff_parent: None,
             snapshot_attempted: false,
             served_live: None,
             served_pages: None,
+        }
+    }
+
+    /// Whether this record keeps other VMs from taking its name: not once it failed, nor
+    /// once it is stopping with its VMM gone (only undo steps are left; a concurrent
+    /// reaper may be running them).
+    pub fn holds_name(&self) -> bool {
+        match self.status {
+            VmStatus::Failed => false,
+            VmStatus::Stopping => self.vmm.is_some_and(|v| v.is_alive()),
+            _ => true,
         }
     }
 

@@ -10,20 +10,13 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::cleanup::{self, CleanupError};
+use crate::cleanup::{self, CleanupStep, Disposition, TeardownReport};
 use crate::fsutil::{self, io_at, FileLock, PathIoError};
 use crate::names::Name;
 use crate::paths::Paths;
-
-use super::record::{VmRecord, VmStatus};
 use crate::process::ProcessRef;
 
-/// The dead page server a not-yet-failed clone depends on, if any.
-fn orphaned_by(record: &VmRecord) -> Option<ProcessRef> {
-    let server = record.page_server?;
-    let running = record.status != VmStatus::Failed && record.status != VmStatus::Stopping;
-    (running && !server.is_alive() && record.vmm.is_some_and(|v| v.is_alive())).then_some(server)
-}
+use super::record::{VmRecord, VmStatus};
 
 /// Failure of a store operation.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +25,7 @@ pub enum StoreError {
     #[error(transparent)]
     Io(#[from] PathIoError),
     /// A record file is not valid JSON.
-    #[error("state record {path} is corrupt ({source}); remove it if no VM uses it")]
+    #[error("state record {path} is corrupt; remove it if no VM uses it")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -58,13 +51,40 @@ pub struct Store {
     dir: PathBuf,
 }
 
-/// A record reaped because its owner died, with any cleanup steps that failed.
+/// Why the reaper took a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReapReason {
+    /// Its owner process is gone.
+    OwnerGone,
+    /// A clone whose page server died: it would hang (or read zero pages) at its next
+    /// fault, so it is stopped and kept as failed.
+    PageServerGone(ProcessRef),
+    /// A failed VM with undo steps still pending from an earlier attempt.
+    Retry,
+}
+
+/// A record the reaper tore down.
 #[derive(Debug)]
 pub struct Reaped {
-    /// The record as it was.
-    pub record: VmRecord,
-    /// Steps that could not be completed.
-    pub failures: Vec<CleanupError>,
+    /// Why.
+    pub reason: ReapReason,
+    /// What teardown did (the record as it was, the steps that failed).
+    pub report: TeardownReport,
+}
+
+/// What the reaper does with `record`, if anything.
+pub fn reap_reason(record: &VmRecord) -> Option<ReapReason> {
+    if record.status == VmStatus::Failed {
+        let retry = !record.cleanup.is_empty() && !record.is_live();
+        return retry.then_some(ReapReason::Retry);
+    }
+    if let Some(server) = record.page_server {
+        let running = record.status != VmStatus::Stopping;
+        if running && !server.is_alive() && record.vmm.is_some_and(|v| v.is_alive()) {
+            return Some(ReapReason::PageServerGone(server));
+        }
+    }
+    (!record.is_live()).then_some(ReapReason::OwnerGone)
 }
 
 impl Store {
@@ -91,11 +111,24 @@ impl Store {
     }
 
     /// Add a new record, refusing a name that a live VM already has. Stale records are
-    /// reaped first so that the name of a crashed VM can be reused at once.
+    /// reaped first so that the name of a crashed VM can be reused at once; a failed VM
+    /// holds no name (its record, if nothing is left to undo, is replaced).
     pub fn create(&self, record: &VmRecord) -> Result<Vec<Reaped>, StoreError> {
+        let reaped = self.reap_stale()?;
         let _lock = self.lock()?;
-        let reaped = self.reap_locked()?;
-        if let Some(other) = self.read_all()?.into_iter().find(|r| r.name == record.name) {
+        for other in self
+            .read_all()?
+            .into_iter()
+            .filter(|r| r.name == record.name)
+        {
+            if other.status == VmStatus::Failed && other.cleanup.is_empty() {
+                // Shown until replaced: nothing is left to undo.
+                self.remove_locked(&other.id)?;
+                continue;
+            }
+            if !other.holds_name() {
+                continue;
+            }
             let pid = other.pid();
             return Err(StoreError::NameTaken {
                 name: other.name,
@@ -112,16 +145,59 @@ impl Store {
         id: &str,
         change: impl FnOnce(&mut VmRecord),
     ) -> Result<VmRecord, StoreError> {
+        self.try_update(id, change)?
+            .ok_or_else(|| StoreError::NotFound(format!("id {id}")))
+    }
+
+    /// [`Store::update`], with `None` when the record is gone.
+    pub fn try_update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<Option<VmRecord>, StoreError> {
         let _lock = self.lock()?;
-        let mut record = self.read(&self.record_path(id))?;
+        let Some(mut record) = self.read_if_exists(&self.record_path(id))? else {
+            return Ok(None);
+        };
         change(&mut record);
         self.write_locked(&record)?;
-        Ok(record)
+        Ok(Some(record))
+    }
+
+    /// The record `id`, if it exists.
+    pub fn get(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
+        let _lock = self.lock()?;
+        self.read_if_exists(&self.record_path(id))
+    }
+
+    /// End of a teardown: keep exactly the steps in `left`, and delete the record unless
+    /// `keep` is set. Returns whether it was deleted.
+    pub fn finish_teardown(
+        &self,
+        id: &str,
+        left: Vec<CleanupStep>,
+        keep: bool,
+    ) -> Result<bool, StoreError> {
+        let _lock = self.lock()?;
+        let Some(mut record) = self.read_if_exists(&self.record_path(id))? else {
+            return Ok(true);
+        };
+        if !keep && left.is_empty() {
+            self.remove_locked(id)?;
+            return Ok(true);
+        }
+        record.cleanup = left;
+        self.write_locked(&record)?;
+        Ok(false)
     }
 
     /// Delete the record `id` (idempotent).
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let _lock = self.lock()?;
+        self.remove_locked(id)
+    }
+
+    fn remove_locked(&self, id: &str) -> Result<(), StoreError> {
         let path = self.record_path(id);
         fsutil::remove_file_idempotent(&path)
             .map_err(io_at("remove", &path))
@@ -134,18 +210,57 @@ impl Store {
         self.read_all()
     }
 
-    /// Reap every stale record: replay its cleanup steps, then delete it.
+    /// Reap every stale record (see [`reap_reason`]). Records are claimed under the lock
+    /// (their owner becomes this process, so a concurrent reaper leaves them alone) and
+    /// torn down after it is released.
     pub fn reap_stale(&self) -> Result<Vec<Reaped>, StoreError> {
-        let _lock = self.lock()?;
-        self.reap_locked()
+        let claimed = {
+            let _lock = self.lock()?;
+            let mut claimed = Vec::new();
+            for mut record in self.read_all()? {
+                let Some(reason) = reap_reason(&record) else {
+                    continue;
+                };
+                record.owner = ProcessRef::current();
+                self.write_locked(&record)?;
+                claimed.push((record, reason));
+            }
+            claimed
+        };
+        let mut reaped = Vec::new();
+        for (record, reason) in claimed {
+            let how = match &reason {
+                ReapReason::OwnerGone => Disposition::Forget,
+                ReapReason::PageServerGone(server) => Disposition::Fail(format!(
+                    "page server (pid {}) serving snapshot {} died; the clone lost its memory source and was stopped",
+                    server.pid,
+                    record.snapshot.as_deref().unwrap_or("?")
+                )),
+                ReapReason::Retry => {
+                    Disposition::Fail(record.error.clone().unwrap_or_else(|| "failed".into()))
+                }
+            };
+            let report = cleanup::teardown(self, &record.id, how)?;
+            reaped.push(Reaped { reason, report });
+        }
+        Ok(reaped)
     }
 
-    /// Find a live (or failed, kept for the user to see) record by name.
+    /// Find a live record by name, or else a failed one (kept for the user to see).
     pub fn find_by_name(&self, name: &str) -> Result<VmRecord, StoreError> {
-        self.list()?
+        let mut matching: Vec<VmRecord> = self
+            .list()?
             .into_iter()
-            .find(|r| r.name.as_str() == name && (r.is_live() || r.status == VmStatus::Failed))
-            .ok_or_else(|| StoreError::NotFound(format!("name {name:?}")))
+            .filter(|r| r.name.as_str() == name)
+            .collect();
+        let live = matching
+            .iter()
+            .position(|r| r.is_live() && r.status != VmStatus::Failed);
+        let failed = matching.iter().position(|r| r.status == VmStatus::Failed);
+        match live.or(failed) {
+            Some(i) => Ok(matching.swap_remove(i)),
+            None => Err(StoreError::NotFound(format!("name {name:?}"))),
+        }
     }
 
     /// Find a live record by the pid of its owner or its VMM.
@@ -154,36 +269,6 @@ impl Store {
             .into_iter()
             .find(|r| r.is_live() && (r.owner.pid == pid || r.vmm.is_some_and(|v| v.pid == pid)))
             .ok_or_else(|| StoreError::NotFound(format!("pid {pid}")))
-    }
-
-    fn reap_locked(&self) -> Result<Vec<Reaped>, StoreError> {
-        let mut reaped = Vec::new();
-        for mut record in self.read_all()? {
-            if let Some(server) = orphaned_by(&record) {
-                // A clone whose page server died would hang (or worse) at its next page
-                // fault: stop it and keep a Failed record so the user sees why.
-                let failures = cleanup::run_all(&record.cleanup);
-                record.status = VmStatus::Failed;
-                record.error = Some(format!(
-                    "page server (pid {}) serving snapshot {} died; the clone lost its memory source and was stopped",
-                    server.pid,
-                    record.snapshot.as_deref().unwrap_or("?")
-                ));
-                record.cleanup.clear();
-                self.write_locked(&record)?;
-                reaped.push(Reaped { record, failures });
-                continue;
-            }
-            // Failed records stay until `fcvm stop`, so the error remains visible.
-            if record.is_live() || record.status == VmStatus::Failed {
-                continue;
-            }
-            let failures = cleanup::run_all(&record.cleanup);
-            let path = self.record_path(&record.id);
-            fsutil::remove_file_idempotent(&path).map_err(io_at("remove", &path))?;
-            reaped.push(Reaped { record, failures });
-        }
-        Ok(reaped)
     }
 
     fn read_all(&self) -> Result<Vec<VmRecord>, StoreError> {
@@ -201,6 +286,14 @@ impl Store {
         }
         records.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
         Ok(records)
+    }
+
+    fn read_if_exists(&self, path: &Path) -> Result<Option<VmRecord>, StoreError> {
+        match self.read(path) {
+            Ok(r) => Ok(Some(r)),
+            Err(StoreError::Io(e)) if e.source.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn read(&self, path: &Path) -> Result<VmRecord, StoreError> {

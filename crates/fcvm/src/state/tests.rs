@@ -81,8 +81,9 @@ fn stale_record_is_reaped_with_its_cleanup_and_frees_the_name() {
     let fresh = record("api");
     let reaped = store.create(&fresh).unwrap();
     assert_eq!(reaped.len(), 1);
-    assert_eq!(reaped[0].record.id, stale.id);
-    assert!(reaped[0].failures.is_empty());
+    assert_eq!(reaped[0].report.record.as_ref().unwrap().id, stale.id);
+    assert_eq!(reaped[0].reason, ReapReason::OwnerGone);
+    assert!(reaped[0].report.failures.is_empty());
     assert!(!runtime.exists());
     reaper.join().unwrap().unwrap();
     assert!(!orphan_ref.is_alive());
@@ -168,4 +169,148 @@ fn corrupt_record_is_reported_with_its_path() {
     std::fs::write(dir.path().join("bad.json"), b"{not json").unwrap();
     let err = store.list().unwrap_err();
     assert!(err.to_string().contains("bad.json"), "{err}");
+}
+
+#[test]
+fn a_failed_vm_holds_no_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().to_owned()).unwrap();
+    let mut failed = record("c2");
+    failed.status = VmStatus::Failed;
+    failed.error = Some("page server died".into());
+    failed.owner = dead_process();
+    store.create(&failed).unwrap();
+    // Shown until replaced: `fcvm ls` and `fcvm stop c2` still find it.
+    assert_eq!(store.find_by_name("c2").unwrap().id, failed.id);
+    let fresh = record("c2");
+    store.create(&fresh).unwrap();
+    let all = store.list().unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].id, fresh.id);
+}
+
+#[test]
+fn a_failed_vm_with_pending_steps_is_retried_then_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().join("state")).unwrap();
+    let leftover = dir.path().join("leftover");
+    std::fs::create_dir_all(&leftover).unwrap();
+    let mut failed = record("c3");
+    failed.status = VmStatus::Failed;
+    failed.owner = dead_process();
+    failed.cleanup = vec![CleanupStep::RemoveDir {
+        path: leftover.clone(),
+    }];
+    store.create(&failed).unwrap();
+    let fresh = record("c3");
+    let reaped = store.create(&fresh).unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].reason, ReapReason::Retry);
+    assert!(!leftover.exists());
+    // Nothing is left to undo, so the new VM replaces the failed record.
+    assert_eq!(store.find_by_name("c3").unwrap().id, fresh.id);
+    assert!(store.get(&failed.id).unwrap().is_none());
+}
+
+#[test]
+fn teardown_keeps_exactly_the_failed_steps_and_the_next_run_finishes_them() {
+    use crate::cleanup::{teardown_with, Disposition};
+    use crate::network::fake::RecordingNet;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().join("state")).unwrap();
+    let runtime = dir.path().join("vm");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let mut r = record("net");
+    r.cleanup = vec![
+        CleanupStep::DeleteNetns {
+            name: "fcvm-x".into(),
+        },
+        CleanupStep::RemoveDir {
+            path: runtime.clone(),
+        },
+    ];
+    store.create(&r).unwrap();
+    let net = RecordingNet::default();
+    net.fail_once("delete_netns");
+    let report = teardown_with(&store, &r.id, Disposition::Forget, &net).unwrap();
+    assert_eq!(report.failures.len(), 1);
+    assert!(!report.removed);
+    assert!(!runtime.exists(), "the other steps still ran");
+    let kept = store.get(&r.id).unwrap().unwrap();
+    assert_eq!(
+        kept.cleanup,
+        vec![CleanupStep::DeleteNetns {
+            name: "fcvm-x".into()
+        }]
+    );
+    assert_eq!(kept.status, VmStatus::Stopping);
+    let report = teardown_with(&store, &r.id, Disposition::Forget, &net).unwrap();
+    assert!(report.is_clean() && report.removed);
+    assert!(store.get(&r.id).unwrap().is_none());
+    assert_eq!(
+        net.calls(),
+        vec!["delete_netns fcvm-x", "delete_netns fcvm-x"]
+    );
+    // A teardown of a record that is gone is a no-op.
+    let again = teardown_with(&store, &r.id, Disposition::Forget, &net).unwrap();
+    assert!(again.record.is_none());
+}
+
+#[test]
+fn reaping_does_not_hold_the_lock_while_it_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().to_owned()).unwrap();
+    // A process that ignores SIGTERM: the reaper waits 2 s before SIGKILL.
+    let mut stubborn = Command::new("sh")
+        .args(["-c", "trap '' TERM; sleep 30 & wait"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let process = ProcessRef::of_pid(stubborn.id()).unwrap();
+    let waiter = std::thread::spawn(move || stubborn.wait());
+    let mut stale = record("slow");
+    stale.owner = dead_process();
+    stale.cleanup = vec![CleanupStep::KillProcess { process }];
+    store.create(&stale).unwrap();
+    let reaping = {
+        let store = store.clone();
+        std::thread::spawn(move || store.reap_stale().unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let listed = store.list().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "list waited {:?} for the reaper",
+        t.elapsed()
+    );
+    // Claimed by the reaper: its owner is now this (live) process, so no one else reaps it.
+    assert_eq!(listed[0].owner, ProcessRef::current());
+    assert_eq!(listed[0].status, VmStatus::Stopping);
+    let reaped = reaping.join().unwrap();
+    assert_eq!(reaped.len(), 1);
+    waiter.join().unwrap().unwrap();
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_vm_being_torn_down_after_its_vmm_died_frees_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().to_owned()).unwrap();
+    let mut going = record("web");
+    going.status = VmStatus::Stopping;
+    going.vmm = Some(dead_process());
+    // Its owner (say, a reaper) is alive and still running its undo steps.
+    store.create(&going).unwrap();
+    store.create(&record("web")).unwrap();
+    assert_eq!(store.list().unwrap().len(), 2);
+    // While its VMM still runs, the name is held.
+    let mut stopping = record("db");
+    stopping.status = VmStatus::Stopping;
+    stopping.vmm = Some(ProcessRef::current());
+    store.create(&stopping).unwrap();
+    assert!(matches!(
+        store.create(&record("db")),
+        Err(StoreError::NameTaken { .. })
+    ));
 }

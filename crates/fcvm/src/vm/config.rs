@@ -1,11 +1,4 @@
-//! The boot configuration of a VM and how it is applied through the API.
-
-use std::path::PathBuf;
-
-use crate::firecracker::models::{
-    BootSource, Drive, MachineConfig, MmdsConfig, NetworkInterface, Vsock,
-};
-use crate::firecracker::{FirecrackerClient, TransportError};
+//! Limits on a VM's size, checked before anything is created.
 
 /// Largest vCPU count Firecracker accepts.
 pub const MAX_VCPUS: u8 = 32;
@@ -26,31 +19,6 @@ pub enum SizingError {
         /// Host memory in MiB.
         host: u64,
     },
-}
-
-/// Everything needed to boot a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Memory in MiB.
-    pub mem_mib: u32,
-    /// Track dirty pages (for diff snapshots).
-    pub track_dirty_pages: bool,
-    /// Kernel image.
-    pub kernel: PathBuf,
-    /// Initrd.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub boot_args: String,
-    /// Block devices, root first.
-    pub drives: Vec<Drive>,
-    /// Network interface.
-    pub network: Option<NetworkInterface>,
-    /// Hybrid vsock.
-    pub vsock: Option<Vsock>,
-    /// Metadata service (requires `network`).
-    pub mmds: Option<MmdsConfig>,
 }
 
 /// Check `--cpu` and `--mem` against Firecracker's limits and this host.
@@ -75,40 +43,6 @@ fn host_memory_mib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib / 1024)
         .unwrap_or(u64::from(u32::MAX))
-}
-
-impl VmConfig {
-    /// Send the whole configuration to a freshly started VMM (before InstanceStart).
-    pub async fn apply(&self, client: &FirecrackerClient) -> Result<(), TransportError> {
-        client
-            .put_machine_config(&MachineConfig {
-                vcpu_count: self.vcpus,
-                mem_size_mib: self.mem_mib,
-                track_dirty_pages: self.track_dirty_pages,
-                ..Default::default()
-            })
-            .await?;
-        client
-            .put_boot_source(&BootSource {
-                kernel_image_path: self.kernel.display().to_string(),
-                initrd_path: self.initrd.as_ref().map(|p| p.display().to_string()),
-                boot_args: Some(self.boot_args.clone()),
-            })
-            .await?;
-        for drive in &self.drives {
-            client.put_drive(drive).await?;
-        }
-        if let Some(net) = &self.network {
-            client.put_network_interface(net).await?;
-        }
-        if let Some(vsock) = &self.vsock {
-            client.put_vsock(vsock).await?;
-        }
-        if let Some(mmds) = &self.mmds {
-            client.put_mmds_config(mmds).await?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Starting a VMM process (Firecracker or the sandbox stand-in) for one VM.
+//! Starting a Firecracker process for one VM, behind the [`Spawner`] seam (the launch
+//! sequence is unit-tested with a fake one).
 //!
 //! The VMM's stdout is the guest serial console; it goes straight into the VM's console
 //! log file so output is kept whether or not an fcvm process is watching. The VMM gets its
@@ -7,11 +8,13 @@
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use nix::sched::CloneFlags;
 use crate::firecracker::{FirecrackerClient, TransportError};
 use crate::paths::{VmPaths, MAX_SOCKET_PATH, VMM_VIEW_DIR};
 use crate::process::ProcessRef;
+
+use super::api::VmmApi;
 
 /// `prctl` option (Linux 6.4+), not in every libc crate version.
 const PR_SET_MEMORY_MERGE: libc::c_int = 67;
@@ -39,7 +44,7 @@ pub enum SpawnError {
         len: usize,
     },
     /// Filesystem trouble preparing the runtime dir.
-    #[error("cannot prepare {path}: {source}")]
+    #[error("cannot prepare {}", path.display())]
     Prepare {
         /// Where.
         path: PathBuf,
@@ -47,7 +52,7 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// The network namespace does not exist.
-    #[error("network namespace {name} is not available ({source})")]
+    #[error("network namespace {name} is not available")]
     Netns {
         /// Its name.
         name: String,
@@ -55,7 +60,7 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// exec failed.
-    #[error("cannot start {binary}: {source}")]
+    #[error("cannot start {}", binary.display())]
     Exec {
         /// The VMM binary.
         binary: PathBuf,
@@ -63,7 +68,7 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// The VMM died before its API came up.
-    #[error("{binary} exited ({status}) before opening its API socket; its log says:\n{log}")]
+    #[error("{} exited ({status}) before opening its API socket; its log ends with:\n{log}", binary.display())]
     DiedEarly {
         /// The VMM binary.
         binary: PathBuf,
@@ -73,7 +78,7 @@ pub enum SpawnError {
         log: String,
     },
     /// The API never answered.
-    #[error("{binary} did not answer on {socket} in time: {source}")]
+    #[error("{} did not answer on {} in time", binary.display(), socket.display())]
     NotReady {
         /// The VMM binary.
         binary: PathBuf,
@@ -98,16 +103,31 @@ pub struct SpawnOptions {
     /// Kill the VMM if the spawning thread dies (foreground VMs). Must be spawned from a
     /// thread that lives as long as the VM: PR_SET_PDEATHSIG follows the thread.
     pub die_with_parent: bool,
-}
-
-/// Optional extras for [`spawn_vmm_with`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SpawnExtras {
     /// Mark all of the VMM's anonymous memory mergeable by KSM
     /// (`prctl(PR_SET_MEMORY_MERGE)`, set in the child before exec; it survives exec).
     /// Clones restored from one snapshot hold mostly identical pages, which ksmd then
     /// shares; it only has an effect while `/sys/kernel/mm/ksm/run` is 1.
     pub ksm: bool,
+}
+
+/// A boxed spawn future (the trait is used as `dyn`).
+pub type SpawnFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SpawnedVmm, SpawnError>> + Send + 'a>>;
+
+/// Starts VMM processes: [`DirectSpawner`] runs Firecracker; tests use a fake.
+pub trait Spawner: Send + Sync + std::fmt::Debug {
+    /// Start the VMM and return once its API answers.
+    fn spawn<'a>(&'a self, opts: &'a SpawnOptions) -> SpawnFuture<'a>;
+}
+
+/// Runs `SpawnOptions::binary` directly.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirectSpawner;
+
+impl Spawner for DirectSpawner {
+    fn spawn<'a>(&'a self, opts: &'a SpawnOptions) -> SpawnFuture<'a> {
+        Box::pin(spawn_vmm(opts))
+    }
 }
 
 /// Whether ksmd is running (`/sys/kernel/mm/ksm/run` is 1).
@@ -122,8 +142,8 @@ pub struct SpawnedVmm {
     pub process: ProcessRef,
     /// Its handle (for waiting on the exit status).
     pub child: Child,
-    /// API client on its socket.
-    pub client: FirecrackerClient,
+    /// Its API.
+    pub api: Box<dyn VmmApi>,
     /// Time spent from spawn until the API answered.
     pub api_ready_after: Duration,
 }
@@ -155,14 +175,6 @@ fn append(path: &Path) -> Result<File, SpawnError> {
 
 /// Start the VMM and wait until its API socket answers.
 pub async fn spawn_vmm(opts: &SpawnOptions) -> Result<SpawnedVmm, SpawnError> {
-    spawn_vmm_with(opts, SpawnExtras::default()).await
-}
-
-/// [`spawn_vmm`] with extras.
-pub async fn spawn_vmm_with(
-    opts: &SpawnOptions,
-    extras: SpawnExtras,
-) -> Result<SpawnedVmm, SpawnError> {
     let vm = &opts.vm_paths;
     check_socket_len(&vm.api_socket())?;
     check_socket_len(&vm.vsock_socket())?;
@@ -174,7 +186,7 @@ pub async fn spawn_vmm_with(
 
     let netns_fd: Option<OwnedFd> = match &opts.netns {
         Some(name) => {
-            let path = Path::new("/run/netns").join(name);
+            let path = crate::network::netns_path(name);
             Some(
                 File::open(&path)
                     .map_err(|source| SpawnError::Netns {
@@ -208,6 +220,7 @@ pub async fn spawn_vmm_with(
         .stderr(log_err);
     drop(log);
     let die_with_parent = opts.die_with_parent;
+    let ksm = opts.ksm;
     let netns_raw = netns_fd.as_ref().map(|fd| fd.as_raw_fd());
     let child_setup = move || -> io::Result<()> {
         nix::unistd::setsid()?;
@@ -218,7 +231,7 @@ pub async fn spawn_vmm_with(
                 return Err(io::Error::last_os_error());
             }
         }
-        if extras.ksm {
+        if ksm {
             // SAFETY: PR_SET_MEMORY_MERGE takes an integer flag; no pointers.
             if unsafe { libc::prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) } != 0 {
                 return Err(io::Error::last_os_error());
@@ -270,7 +283,7 @@ pub async fn spawn_vmm_with(
     Ok(SpawnedVmm {
         process,
         child,
-        client,
+        api: Box::new(client),
         api_ready_after: started.elapsed(),
     })
 }

@@ -1,33 +1,28 @@
-//! Stopping a VM: gracefully through the guest when possible, by force otherwise, and
-//! then undoing everything recorded for it.
+//! `fcvm stop`: ending a VM that another process (a foreground fcvm, or Firecracker itself
+//! once detached) owns: through the guest when possible, by force otherwise, then
+//! [`crate::cleanup::teardown`].
 
 use std::time::Duration;
 
-use crate::cleanup::{self, CleanupError};
-use crate::firecracker::models::ActionType;
-use crate::firecracker::FirecrackerClient;
 use nix::sys::signal::Signal;
 
+use crate::cleanup::{self, Disposition};
+use crate::firecracker::FirecrackerClient;
+use crate::process::ProcessRef;
 use crate::state::{Store, StoreError, VmKind, VmRecord, VmStatus};
 
-/// How a stop went.
-#[derive(Debug)]
-pub struct StopReport {
-    /// The guest shut down by itself after Ctrl+Alt+Del.
-    pub graceful: bool,
-    /// Cleanup steps that failed.
-    pub failures: Vec<CleanupError>,
-    /// A page server still serving live clones after the grace period: it stopped
-    /// accepting new clones and exits by itself when the last one ends.
-    pub draining: bool,
-}
+use super::api::{ApiCall, VmmApi};
+use super::handle::StopReport;
+
+/// How long a foreground owner gets to finish its own teardown after its VMM exited.
+const OWNER_GRACE: Duration = Duration::from_secs(5);
 
 /// Stop the VM of `record` and remove its record.
 ///
 /// Order: ask the guest (Ctrl+Alt+Del, which Linux guests and the probe guest honour) and
 /// wait up to `grace`; then terminate the VMM; then give a foreground owner a moment to
-/// finish its own cleanup; then replay the recorded cleanup steps ourselves (they are
-/// idempotent, so racing the owner is harmless).
+/// finish its own teardown; then tear down ourselves (idempotent, so racing the owner is
+/// harmless). A failed VM's record is simply torn down and removed.
 pub async fn stop_vm(
     store: &Store,
     record: &VmRecord,
@@ -36,12 +31,20 @@ pub async fn stop_vm(
     if record.kind == VmKind::PageServer {
         return stop_page_server(store, record, grace).await;
     }
+    if record.status == VmStatus::Failed {
+        return Ok(StopReport {
+            graceful: false,
+            exit: None,
+            teardown: cleanup::teardown(store, &record.id, Disposition::Forget)?,
+            draining: false,
+        });
+    }
     let record = store.update(&record.id, |r| r.status = VmStatus::Stopping)?;
     let mut graceful = false;
     if let (Some(vmm), Some(socket)) = (record.vmm, record.api_socket.as_ref()) {
         if vmm.is_alive() {
             let client = FirecrackerClient::new(socket).with_timeout(Duration::from_secs(2));
-            if client.action(ActionType::SendCtrlAltDel).await.is_ok() {
+            if client.call(ApiCall::CtrlAltDel).await.is_ok() {
                 graceful = wait_gone(vmm, grace).await;
             }
             if !graceful {
@@ -50,19 +53,18 @@ pub async fn stop_vm(
             }
         }
     }
-    // A foreground `fcvm` owner notices its VMM exit and cleans up by itself.
+    // A foreground `fcvm` owner notices its VMM exit and tears down by itself.
     if record.vmm != Some(record.owner) && record.owner.is_alive() {
         let owner = record.owner;
-        if !wait_gone(owner, Duration::from_secs(5)).await {
+        if !wait_gone(owner, OWNER_GRACE).await {
             let _ =
                 tokio::task::spawn_blocking(move || owner.terminate(Duration::from_secs(2))).await;
         }
     }
-    let failures = cleanup::run_all(&record.cleanup);
-    store.remove(&record.id)?;
     Ok(StopReport {
         graceful,
-        failures,
+        exit: None,
+        teardown: cleanup::teardown(store, &record.id, Disposition::Forget)?,
         draining: false,
     })
 }
@@ -79,20 +81,20 @@ async fn stop_page_server(
     if owner.signal(Signal::SIGTERM) && !wait_gone(owner, grace).await {
         return Ok(StopReport {
             graceful: true,
-            failures: Vec::new(),
+            exit: None,
+            teardown: Default::default(),
             draining: true,
         });
     }
-    let failures = cleanup::run_all(&record.cleanup);
-    store.remove(&record.id)?;
     Ok(StopReport {
         graceful: true,
-        failures,
+        exit: None,
+        teardown: cleanup::teardown(store, &record.id, Disposition::Forget)?,
         draining: false,
     })
 }
 
-async fn wait_gone(process: crate::process::ProcessRef, timeout: Duration) -> bool {
+async fn wait_gone(process: ProcessRef, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while process.is_alive() {
         if tokio::time::Instant::now() >= deadline {

@@ -15,7 +15,7 @@ use fcvm_proto::plan::ImageSource;
 use crate::paths::Paths;
 
 /// Guest device of the image drive: the second drive Firecracker attaches.
-pub const IMAGE_DEVICE: &str = "/dev/vdb";
+pub use fcvm_proto::cmdline::IMAGE_DEVICE;
 
 /// Prefix of references taken from the host's podman storage.
 pub const LOCAL_PREFIX: &str = "localhost/";

@@ -2,15 +2,17 @@
 //!
 //! Order of work, so that bad input never leaves anything behind:
 //!
-//! 1. Check every argument and find every input (VMM, kernel, rootfs, agent initrd, image):
-//!    nothing is created yet.
-//! 2. Claim the name in the state store, with the cleanup steps recorded up front.
-//! 3. Copy the rootfs for this VM (reflink where possible), bind the vsock listeners,
-//!    start the VMM (it dies with fcvm), configure it, put the plan in MMDS, boot.
+//! 1. Check every argument and find every input (Firecracker, kernel, rootfs, agent
+//!    initrd, image): nothing is created yet.
+//! 2. Build a [`VmSpec`] (a private rootfs copy, the image archive read-only, vsock, MMDS
+//!    with the plan) and [`launch()`] it: the one launch sequence shared with `fcvm run` and
+//!    clones records, creates and configures the VM.
+//! 3. Bind the vsock listeners, start relaying, boot.
 //! 4. Relay the container's output and input until the agent reports the exit code; on
-//!    SIGINT/SIGTERM ask the guest to stop the container (Ctrl+Alt+Del: SIGTERM to the
-//!    container, a second one kills it), and stop the VM by force if it does not end.
-//! 5. Undo everything recorded and forget the VM.
+//!    SIGTERM/SIGHUP (and SIGINT without `-t`) ask the guest to stop the container
+//!    (Ctrl+Alt+Del: SIGTERM to the container, a second one kills it), and stop the VM by
+//!    force if it does not end. With `-t` but no `-i`, SIGINT is forwarded to the container.
+//! 5. Tear down through the handle (`cleanup::teardown`).
 
 pub mod image;
 pub mod machine;
@@ -21,20 +23,23 @@ pub mod tty;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use fcvm_proto::cmdline::CmdlineBuilder;
 use fcvm_proto::status::Status;
-use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cleanup::CleanupStep;
-use crate::firecracker::models::{ActionType, Drive, MmdsConfig, NetworkInterface, Vsock};
-use crate::firecracker::TransportError;
+use crate::cleanup::Disposition;
+use crate::firecracker::models::MmdsVersion;
 use crate::names::{Name, NameError};
-use crate::paths::{Paths, VmPaths};
-use crate::state::{new_vm_id, Health, Store, StoreError, VmKind, VmRecord, VmStatus};
+use crate::network::NetworkAttachment;
+use crate::paths::Paths;
+use crate::state::{GuestKind, Health, Store, StoreError, VmKind};
+use crate::vm::api::ApiCall;
 use crate::vm::config::{validate_sizing, SizingError};
-use crate::vm::spawn::{tail, SpawnError};
-use crate::vm::{spawn_vmm, SpawnOptions, SpawnedVmm, VmConfig};
+use crate::vm::spawn::tail;
+use crate::vm::{
+    launch, DriveSpec, Event, Host, LaunchError, Launcher, Mmds, Resources, Signals, Source,
+    VmHandle, VmSpec,
+};
 use crate::vsock::VsockError;
-pub use machine::VmmKind;
 
 /// Kernel command line of container VMs (the agent mounts `/dev/vda` itself).
 pub const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw";
@@ -49,6 +54,12 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long output may trail the exit status.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exit code of fcvm's own failures in the commands that forward a container's code
+/// (podman's convention; 126: the command cannot be run, 127: not found).
+pub const EXIT_FCVM_FAILED: u8 = 125;
+/// The container was killed (SIGKILL), e.g. by a forced `fcvm stop`.
+pub const EXIT_KILLED: i32 = 128 + libc::SIGKILL;
 
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
@@ -73,9 +84,7 @@ pub struct PodmanRunRequest {
     pub interactive: bool,
     /// `-t`.
     pub tty: bool,
-    /// `--vmm`; automatic when `None`.
-    pub vmm: Option<VmmKind>,
-    /// `--kernel`.
+    /// `--kernel` (a path, or `probe`).
     pub kernel: Option<PathBuf>,
     /// `--rootfs`.
     pub rootfs: Option<PathBuf>,
@@ -84,6 +93,9 @@ pub struct PodmanRunRequest {
 /// Why `fcvm podman run` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
+    /// `-i -t` without a terminal on standard input.
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
     /// Bad name.
     #[error("invalid --name")]
     Name(#[from] NameError),
@@ -96,6 +108,9 @@ pub enum PodmanError {
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
+    /// The kernel command line cannot be built.
+    #[error(transparent)]
+    Cmdline(#[from] fcvm_proto::cmdline::BuildError),
     /// The image cannot be prepared.
     #[error(transparent)]
     Image(#[from] image::ImageError),
@@ -105,28 +120,15 @@ pub enum PodmanError {
     /// State store failure (includes name clashes).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Preparing the VM's files failed.
-    #[error("cannot prepare {path}: {source}")]
-    Prepare {
-        /// Where.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
     /// Listening for the guest failed.
     #[error(transparent)]
     Vsock(#[from] VsockError),
-    /// The VMM did not start.
+    /// The VM could not be launched or booted.
     #[error(transparent)]
-    Spawn(Box<SpawnError>),
-    /// The VMM refused the configuration or the boot.
-    #[error("{source}\n(VMM log: {log})")]
-    Api {
-        /// Cause.
-        source: TransportError,
-        /// Log tail.
-        log: String,
-    },
+    Launch(Box<LaunchError>),
+    /// The terminal could not be put in raw mode.
+    #[error("cannot set the terminal to raw mode")]
+    Terminal(#[source] std::io::Error),
     /// The VM ended without an exit status from the agent.
     #[error("the VM stopped before the container reported an exit status; last console lines:\n{console}")]
     VmEnded {
@@ -134,8 +136,16 @@ pub enum PodmanError {
         console: String,
     },
     /// Installing signal handlers failed.
-    #[error("cannot handle signals: {0}")]
-    Signals(std::io::Error),
+    #[error("cannot handle signals")]
+    Signals(#[source] std::io::Error),
+}
+
+impl PodmanError {
+    /// Exit code: every failure of fcvm itself is 125, so it never looks like the
+    /// container's own code.
+    pub fn exit_code(&self) -> u8 {
+        EXIT_FCVM_FAILED
+    }
 }
 
 impl From<machine::MachineError> for PodmanError {
@@ -144,23 +154,22 @@ impl From<machine::MachineError> for PodmanError {
     }
 }
 
-impl From<SpawnError> for PodmanError {
-    fn from(e: SpawnError) -> Self {
-        PodmanError::Spawn(Box::new(e))
+impl From<LaunchError> for PodmanError {
+    fn from(e: LaunchError) -> Self {
+        PodmanError::Launch(Box::new(e))
     }
 }
 
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct PodmanOutcome {
-    /// The container's exit code (125 when it could not be started).
+    /// The container's exit code (125 when it could not be started; 137 when it was
+    /// killed, as podman reports).
     pub exit_code: i32,
     /// The agent's error, when the container could not be started.
     pub guest_error: Option<String>,
-    /// The signal that interrupted fcvm (SIGINT or SIGTERM), if any.
+    /// The signal that interrupted fcvm (SIGINT, SIGTERM or SIGHUP), if any.
     pub interrupted: Option<i32>,
-    /// The notice printed when the VMM was chosen automatically.
-    pub vmm: VmmKind,
 }
 
 /// Everything found in step 1.
@@ -168,16 +177,16 @@ struct Prepared {
     name: Name,
     vcpus: u8,
     mem_mib: u32,
-    vmm: VmmKind,
-    vmm_binary: PathBuf,
+    firecracker: PathBuf,
     kernel: PathBuf,
     rootfs: PathBuf,
     initrd: PathBuf,
     image: image::ResolvedImage,
     plan: fcvm_proto::plan::Plan,
+    cmdline: String,
 }
 
-/// Step timings for [`TIMINGS_ENV`].
+/// Step timings for [`TIMINGS_ENV`]; each step is also a debug log line.
 struct Timeline {
     start: Instant,
     marks: Vec<(&'static str, Instant)>,
@@ -191,9 +200,13 @@ impl Timeline {
         }
     }
     fn mark(&mut self, step: &'static str) {
-        self.marks.push((step, Instant::now()));
+        self.at(step, Instant::now());
     }
     fn at(&mut self, step: &'static str, when: Instant) {
+        tracing::debug!(
+            "podman run: {step} at {:.1} ms",
+            when.duration_since(self.start).as_secs_f64() * 1000.0
+        );
         self.marks.push((step, when));
     }
     fn print(&self, console: &std::path::Path) {
@@ -216,56 +229,24 @@ impl Timeline {
 /// container's stdout is the only thing written to stdout.
 pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome, PodmanError> {
     let mut timeline = Timeline::new();
-    // Registered first: from here on Ctrl-C is ours to handle, never a silent death.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(PodmanError::Signals)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(PodmanError::Signals)?;
-
-    let (vmm, notice) = machine::choose_vmm(req.vmm, paths);
-    let prepared = prepare(paths, req, vmm)?;
+    // Registered first: from here on a signal is ours to handle, never a silent death.
+    let mut signals = Signals::new().map_err(PodmanError::Signals)?;
+    tty::check_request(req.interactive, req.tty, tty::stdin_is_terminal())?;
+    let prepared = prepare(paths, req)?;
     timeline.mark("checked");
 
-    let store = Store::open(paths)?;
-    let id = new_vm_id();
-    let vm_paths = VmPaths::new(paths.vm_dir(&id));
-    let mut record = VmRecord::new(
-        id.clone(),
-        prepared.name.clone(),
-        VmKind::Container,
-        vm_paths.dir().to_owned(),
-    );
-    record.vmm_kind = prepared.vmm.as_str().into();
-    record.vcpus = prepared.vcpus;
-    record.mem_mib = prepared.mem_mib;
-    record.kernel = Some(prepared.kernel.clone());
-    record.image = Some(prepared.image.display.clone());
-    record.api_socket = Some(vm_paths.api_socket());
-    record.console_log = Some(vm_paths.console_log());
-    record.cleanup = vec![CleanupStep::RemoveDir {
-        path: vm_paths.dir().to_owned(),
-    }];
-    store.create(&record)?;
-    if let Some(n) = notice {
-        eprintln!("{n}");
-    }
-
-    let result = boot_and_follow(
-        &store,
-        &record,
-        &vm_paths,
-        &prepared,
-        &mut timeline,
-        &mut sigint,
-        &mut sigterm,
-    )
-    .await;
+    let host = Host::new(Store::open(paths)?);
+    let mut vm = launch(&host, spec_for(paths, &prepared)).await?;
+    timeline.mark("configured");
+    let result = attach_and_follow(&mut vm, &prepared, &mut timeline, &mut signals).await;
     if std::env::var_os(TIMINGS_ENV).is_some() {
-        timeline.print(&vm_paths.console_log());
+        timeline.print(&vm.paths().console_log());
     }
-    teardown(&store, &id);
+    vm.finish(Disposition::Forget).warn();
     result
 }
 
-fn prepare(paths: &Paths, req: &PodmanRunRequest, vmm: VmmKind) -> Result<Prepared, PodmanError> {
+fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanError> {
     let name = Name::parse(&req.name)?;
     let (vcpus, mem_mib) = validate_sizing(req.vcpus, req.mem_mib)?;
     let env = plan::parse_env(&req.env)?;
@@ -274,10 +255,17 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest, vmm: VmmKind) -> Result<Prepar
     if let image::ImageRequest::Archive { file, .. } = &image_req {
         image::check_archive(file)?;
     }
-    let vmm_binary = machine::vmm_binary(vmm, paths)?;
-    let kernel = machine::guest_kernel(vmm, paths, req.kernel.as_deref())?;
+    let firecracker = machine::firecracker(paths)?;
+    let kernel = machine::guest_kernel(paths, req.kernel.as_deref())?;
     let rootfs = machine::guest_rootfs(paths, req.rootfs.as_deref())?;
     let initrd = machine::agent_initrd(paths)?;
+    tracing::debug!(
+        firecracker = %firecracker.display(),
+        kernel = %kernel.display(),
+        rootfs = %rootfs.display(),
+        initrd = %initrd.display(),
+        "podman run: boot inputs found"
+    );
     // Last: exporting a host image may take a while, so do it once the rest is known good.
     let image = image::resolve(paths, &image_req)?;
     let plan = plan::build(
@@ -292,123 +280,83 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest, vmm: VmmKind) -> Result<Prepar
         },
     );
     plan.validate()?;
+    // The root device is the first drive `spec_for` attaches.
+    let cmdline = CmdlineBuilder::parse(BOOT_ARGS)
+        .root(fcvm_proto::cmdline::ROOT_DEVICE)
+        .build()?;
     Ok(Prepared {
         name,
         vcpus,
         mem_mib,
-        vmm,
-        vmm_binary,
+        firecracker,
         kernel,
         rootfs,
         initrd,
         image,
         plan,
+        cmdline,
     })
 }
 
-fn prep_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> PodmanError + '_ {
-    move |source| PodmanError::Prepare {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A TAP name unique to this VM (at most 15 bytes). Firecracker creates it when it opens it
-/// and it disappears with Firecracker; it carries MMDS to the guest.
-fn tap_name(id: &str) -> String {
-    format!("fcvm{}", &id[..id.len().min(11)])
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn boot_and_follow(
-    store: &Store,
-    record: &VmRecord,
-    vm_paths: &VmPaths,
-    p: &Prepared,
-    timeline: &mut Timeline,
-    sigint: &mut tokio::signal::unix::Signal,
-    sigterm: &mut tokio::signal::unix::Signal,
-) -> Result<PodmanOutcome, PodmanError> {
-    std::fs::create_dir_all(vm_paths.dir()).map_err(prep_err(vm_paths.dir()))?;
-    let disk = vm_paths.rootfs_disk();
-    crate::storage::clone_file(&p.rootfs, &disk).map_err(prep_err(&disk))?;
-    timeline.mark("rootfs-copied");
-
-    let with_input = p.plan.interactive || p.plan.tty;
-    let listeners = session::Listeners::bind(&vm_paths.vsock_socket(), with_input)?;
-
-    let opts = SpawnOptions {
-        binary: p.vmm_binary.clone(),
-        id: record.id.clone(),
-        vm_paths: vm_paths.clone(),
-        netns: None,
-        die_with_parent: true,
-    };
-    let mut vmm = spawn_vmm(&opts).await?;
-    let process = vmm.process;
-    store.update(&record.id, |r| {
-        r.vmm = Some(process);
-        r.cleanup.insert(0, CleanupStep::KillProcess { process });
-    })?;
-    timeline.mark("vmm-api-ready");
-
-    // The VMM sees its runtime directory at the view path (see `paths::VMM_VIEW_DIR`).
-    let view = VmPaths::vmm_view();
-    let mut drives = vec![Drive {
-        drive_id: "rootfs".into(),
-        path_on_host: view.rootfs_disk().display().to_string(),
-        is_root_device: true,
-        is_read_only: false,
-        ..Default::default()
-    }];
+/// The container VM: a private copy of the rootfs, the image archive read-only, a TAP the
+/// VMM makes itself (it carries MMDS), the vsock, and the plan in MMDS.
+fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
+    let mut spec = VmSpec::new(
+        paths,
+        p.name.clone(),
+        VmKind::Container,
+        Resources {
+            vcpus: p.vcpus,
+            mem_mib: p.mem_mib,
+            track_dirty_pages: false,
+        },
+        Source::Boot {
+            kernel: p.kernel.clone(),
+            initrd: Some(p.initrd.clone()),
+            cmdline: p.cmdline.clone(),
+        },
+        Launcher::Direct {
+            binary: p.firecracker.clone(),
+        },
+    );
+    spec.guest = GuestKind::Agent;
+    spec.labels.image = Some(p.image.display.clone());
+    spec.drives.push(DriveSpec {
+        id: "rootfs".into(),
+        file: p.rootfs.clone(),
+        copy_to: Some(crate::paths::ROOTFS_DISK.into()),
+        root: true,
+        read_only: false,
+    });
     if let Some(archive) = &p.image.drive {
-        drives.push(Drive {
-            drive_id: "image".into(),
-            path_on_host: archive.display().to_string(),
-            is_root_device: false,
-            is_read_only: true,
-            ..Default::default()
+        spec.drives.push(DriveSpec {
+            id: "image".into(),
+            file: archive.clone(),
+            copy_to: None,
+            root: false,
+            read_only: true,
         });
     }
-    let config = VmConfig {
-        vcpus: p.vcpus,
-        mem_mib: p.mem_mib,
-        track_dirty_pages: false,
-        kernel: p.kernel.clone(),
-        initrd: Some(p.initrd.clone()),
-        boot_args: BOOT_ARGS.into(),
-        drives,
-        network: Some(NetworkInterface {
-            iface_id: "eth0".into(),
-            host_dev_name: tap_name(&record.id),
-            guest_mac: None,
-            ..Default::default()
-        }),
-        vsock: Some(Vsock {
-            guest_cid: fcvm_proto::vsock::GUEST_CID,
-            uds_path: view.vsock_socket().display().to_string(),
-            ..Default::default()
-        }),
-        mmds: Some(MmdsConfig {
-            version: "V2".into(),
-            network_interfaces: vec!["eth0".into()],
-            ipv4_address: None,
-            imds_compat: None,
-        }),
-    };
-    let api = |source| PodmanError::Api {
-        source,
-        log: tail(&vm_paths.firecracker_log(), 10),
-    };
-    config.apply(&vmm.client).await.map_err(api)?;
-    vmm.client
-        .put_mmds(&p.plan.mmds_document())
-        .await
-        .map_err(api)?;
-    timeline.mark("configured");
+    spec.network = NetworkAttachment::vmm_tap(&spec.id);
+    spec.vsock = true;
+    spec.mmds = Some(Mmds {
+        version: MmdsVersion::V2,
+        data: p.plan.mmds_document(),
+    });
+    spec
+}
 
-    let raw = if p.plan.tty {
-        tty::RawMode::enable().map_err(prep_err(std::path::Path::new("/dev/stdin")))?
+async fn attach_and_follow(
+    vm: &mut VmHandle,
+    p: &Prepared,
+    timeline: &mut Timeline,
+    signals: &mut Signals,
+) -> Result<PodmanOutcome, PodmanError> {
+    let with_input = p.plan.interactive || p.plan.tty;
+    let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
+    // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
+    let raw = if p.plan.tty && p.plan.interactive {
+        tty::RawMode::enable().map_err(PodmanError::Terminal)?
     } else {
         None
     };
@@ -419,20 +367,10 @@ async fn boot_and_follow(
             resize: p.plan.tty,
         },
     );
-    vmm.client.start().await.map_err(api)?;
-    store.update(&record.id, |r| r.status = VmStatus::Running)?;
+    vm.start().await?;
     timeline.mark("instance-started");
 
-    let end = follow(
-        store,
-        record,
-        &mut vmm,
-        &mut session,
-        timeline,
-        sigint,
-        sigterm,
-    )
-    .await;
+    let end = follow(vm, &mut session, &p.plan, timeline, signals).await;
     session.stop_input();
     // All output is written before fcvm exits: the agent closes the output stream first.
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
@@ -441,29 +379,56 @@ async fn boot_and_follow(
     }
     drop(raw);
     timeline.mark("output-drained");
-    wait_vmm_exit(&mut vmm, KILL_GRACE).await;
+    if vm.wait_exit(KILL_GRACE).await.is_none() {
+        vm.kill();
+    }
     timeline.mark("vmm-exited");
 
-    let _ = store.update(&record.id, |r| {
+    let stopped = vm.stopped_elsewhere();
+    let _ = vm.update(|r| {
         r.exit_code = end.exit_code;
         r.error = end.guest_error.clone();
     });
-    match end.exit_code {
+    match exit_code(end.exit_code, end.interrupted, stopped) {
         Some(code) => Ok(PodmanOutcome {
             exit_code: code,
             guest_error: end.guest_error,
             interrupted: end.interrupted,
-            vmm: p.vmm,
-        }),
-        None if end.interrupted.is_some() => Ok(PodmanOutcome {
-            exit_code: 128 + end.interrupted.unwrap_or(0),
-            guest_error: end.guest_error,
-            interrupted: end.interrupted,
-            vmm: p.vmm,
         }),
         None => Err(PodmanError::VmEnded {
-            console: tail(&vm_paths.console_log(), 15),
+            console: tail(&vm.paths().console_log(), 15),
         }),
+    }
+}
+
+/// The code `podman run` exits with: the container's; else, when fcvm was interrupted,
+/// 128 + the signal; else, when `fcvm stop` forced the VM down, 137 (killed), as podman
+/// reports for a container stopped by SIGKILL. None: the VM died on its own.
+pub fn exit_code(container: Option<i32>, interrupted: Option<i32>, stopped: bool) -> Option<i32> {
+    match (container, interrupted) {
+        (Some(code), _) => Some(code),
+        (None, Some(sig)) => Some(128 + sig),
+        (None, None) if stopped => Some(EXIT_KILLED),
+        (None, None) => None,
+    }
+}
+
+/// What a signal to fcvm does to the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalAction {
+    /// Send it to the container as is (podman's signal proxy).
+    Forward,
+    /// Stop the container in order (Ctrl+Alt+Del, escalating).
+    Stop,
+}
+
+/// `-t` without `-i` keeps the local terminal cooked, so Ctrl-C arrives here as SIGINT
+/// and goes on to the container, as with podman. Everything else stops the container.
+pub fn signal_action(sig: i32, tty: bool, interactive: bool) -> SignalAction {
+    if sig == libc::SIGINT && tty && !interactive {
+        SignalAction::Forward
+    } else {
+        SignalAction::Stop
     }
 }
 
@@ -475,13 +440,11 @@ struct End {
 
 /// Wait for the container's exit status, handling signals and a VMM that dies.
 async fn follow(
-    store: &Store,
-    record: &VmRecord,
-    vmm: &mut SpawnedVmm,
+    vm: &mut VmHandle,
     session: &mut session::Session,
+    plan: &fcvm_proto::plan::Plan,
     timeline: &mut Timeline,
-    sigint: &mut tokio::signal::unix::Signal,
-    sigterm: &mut tokio::signal::unix::Signal,
+    signals: &mut Signals,
 ) -> End {
     let mut end = End {
         exit_code: None,
@@ -499,7 +462,7 @@ async fn follow(
             st = session.status.recv(), if status_open => match st {
                 Some(Status::Ready) => {
                     timeline.mark("ready");
-                    let _ = store.update(&record.id, |r| r.health = Health::Healthy);
+                    let _ = vm.update(|r| r.health = Health::Healthy);
                 }
                 Some(Status::Error(text)) => end.guest_error = Some(text),
                 Some(Status::Exit(code)) => {
@@ -509,18 +472,18 @@ async fn follow(
                 }
                 None => status_open = false,
             },
-            _ = sigint.recv() => {
-                end.interrupted.get_or_insert(libc::SIGINT);
-                escalate = true;
-            }
-            _ = sigterm.recv() => {
-                end.interrupted.get_or_insert(libc::SIGTERM);
-                escalate = true;
-            }
+            ev = vm.next_event(signals) => match ev {
+                Event::Signal(sig) => match signal_action(sig, plan.tty, plan.interactive) {
+                    SignalAction::Forward => session.send_signal(sig),
+                    SignalAction::Stop => {
+                        tracing::debug!("signal {sig}: stopping the container");
+                        end.interrupted.get_or_insert(sig);
+                        escalate = true;
+                    }
+                },
+                Event::Exited(_) | Event::MemorySourceLost(_) => return end,
+            },
             _ = tick.tick() => {
-                if matches!(vmm.child.try_wait(), Ok(Some(_))) {
-                    return end;
-                }
                 if next_stage_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
                     escalate = true;
                 }
@@ -529,48 +492,20 @@ async fn follow(
         if escalate && stage < 3 {
             stage += 1;
             let wait = if stage < 3 {
-                let _ = vmm.client.action(ActionType::SendCtrlAltDel).await;
+                if let Some(api) = vm.api() {
+                    let _ = api.call(ApiCall::CtrlAltDel).await;
+                }
                 if stage == 1 {
                     STOP_GRACE
                 } else {
                     KILL_GRACE
                 }
             } else {
-                let process = vmm.process;
-                let _ =
-                    tokio::task::spawn_blocking(move || process.terminate(Duration::from_secs(1)))
-                        .await;
+                vm.kill();
                 KILL_GRACE
             };
             next_stage_at = Some(tokio::time::Instant::now() + wait);
         }
-    }
-}
-
-async fn wait_vmm_exit(vmm: &mut SpawnedVmm, grace: Duration) {
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if !matches!(vmm.child.try_wait(), Ok(None)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let _ = vmm.child.kill();
-    let _ = vmm.child.wait();
-}
-
-/// Undo everything recorded for VM `id` and forget it (the record goes last, so a failed
-/// step is retried by the next fcvm command's reaper).
-fn teardown(store: &Store, id: &str) {
-    let Ok(record) = store.update(id, |r| r.status = VmStatus::Stopping) else {
-        return;
-    };
-    let failures = crate::cleanup::run_all(&record.cleanup);
-    for f in &failures {
-        eprintln!("fcvm: warning: {f}");
-    }
-    if failures.is_empty() {
-        let _ = store.remove(id);
     }
 }
 
@@ -579,8 +514,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tap_names_fit_ifnamsiz() {
-        assert_eq!(tap_name("0123456789abcdef"), "fcvm0123456789a");
-        assert!(tap_name(&new_vm_id()).len() <= 15);
+    fn vmm_tap_names_fit_ifnamsiz() {
+        let tap = NetworkAttachment::vmm_tap(&crate::state::new_vm_id());
+        assert!(tap.tap().unwrap().len() <= 15);
+    }
+
+    #[test]
+    fn exit_codes_follow_podman() {
+        assert_eq!(exit_code(Some(1), None, false), Some(1));
+        assert_eq!(exit_code(Some(143), Some(libc::SIGTERM), false), Some(143));
+        assert_eq!(exit_code(None, Some(libc::SIGINT), false), Some(130));
+        // A forced `fcvm stop`: killed, as podman reports it.
+        assert_eq!(exit_code(None, None, true), Some(137));
+        assert_eq!(exit_code(None, None, false), None);
+    }
+
+    #[test]
+    fn sigint_is_forwarded_only_with_a_cooked_terminal() {
+        use SignalAction::*;
+        assert_eq!(signal_action(libc::SIGINT, true, false), Forward);
+        assert_eq!(signal_action(libc::SIGINT, true, true), Stop);
+        assert_eq!(signal_action(libc::SIGINT, false, false), Stop);
+        assert_eq!(signal_action(libc::SIGTERM, true, false), Stop);
+        assert_eq!(signal_action(libc::SIGHUP, true, false), Stop);
     }
 }

@@ -61,6 +61,7 @@ pub struct Session {
     /// Ends when the agent closes the output connection (all output written).
     pub output: JoinHandle<()>,
     input: Option<JoinHandle<()>>,
+    signals: mpsc::UnboundedSender<i32>,
     /// When the first byte of container output arrived.
     pub first_output: Arc<OnceLock<Instant>>,
 }
@@ -86,10 +87,11 @@ impl Session {
                 relay_output(conn, &first).await;
             }
         });
+        let (signals, signal_rx) = mpsc::unbounded_channel();
         let input = input_l.map(|l| {
             tokio::spawn(async move {
                 if let Ok(conn) = l.accept().await {
-                    relay_input(conn, input).await;
+                    relay_input(conn, input, signal_rx).await;
                 }
             })
         });
@@ -97,8 +99,15 @@ impl Session {
             status,
             output,
             input,
+            signals,
             first_output,
         }
+    }
+
+    /// Send signal `sig` to the container over the input connection (there is one with
+    /// `-i` or `-t`; otherwise nothing happens).
+    pub fn send_signal(&self, sig: i32) {
+        let _ = self.signals.send(sig);
     }
 
     /// Stop forwarding input (the container has ended).
@@ -157,7 +166,10 @@ async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>) {
             }
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!("container output stream broke: {e}");
+                tracing::warn!(
+                    "container output stream broke: {}",
+                    crate::report::chain(&e)
+                );
                 return;
             }
         }
@@ -169,7 +181,11 @@ async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Resul
     w.flush().await
 }
 
-async fn relay_input(mut conn: UnixStream, mode: InputMode) {
+async fn relay_input(
+    mut conn: UnixStream,
+    mode: InputMode,
+    mut signals: mpsc::UnboundedReceiver<i32>,
+) {
     let mut stdin = mode.stdin.then(tty::stdin_chunks);
     let mut winch = if mode.resize {
         signal(SignalKind::window_change()).ok()
@@ -197,6 +213,7 @@ async fn relay_input(mut conn: UnixStream, mode: InputMode) {
                 Some(ws) => Frame::Resize(ws),
                 None => continue,
             },
+            Some(sig) = signals.recv() => Frame::Signal(sig),
             else => return,
         };
         if write_frame(&mut conn, &frame).await.is_err() {

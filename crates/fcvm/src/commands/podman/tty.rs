@@ -12,6 +12,23 @@ use fcvm_proto::frame::{WindowSize, CHUNK};
 use nix::sys::termios::{self, SetArg, Termios};
 use tokio::sync::mpsc;
 
+/// `-i -t` asked for with no terminal on standard input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the input device is not a TTY; drop -t (or -i), or run from a terminal")]
+pub struct TtyError;
+
+/// Refuse `-i -t` when standard input is not a terminal, as docker does: a pipe or
+/// `/dev/null` cannot be put in raw mode, and its end would never reach a terminal in the
+/// guest (a terminal has no end of file), so the command would never return. `-t` alone
+/// reads no input and is allowed.
+pub fn check_request(interactive: bool, tty: bool, stdin_is_tty: bool) -> Result<(), TtyError> {
+    if interactive && tty && !stdin_is_tty {
+        Err(TtyError)
+    } else {
+        Ok(())
+    }
+}
+
 /// Whether standard input is a terminal.
 pub fn stdin_is_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&io::stdin())
@@ -101,4 +118,20 @@ pub fn stdin_chunks() -> mpsc::Receiver<Option<Vec<u8>>> {
         return rx;
     }
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interactive_tty_needs_a_terminal() {
+        assert_eq!(check_request(true, true, false), Err(TtyError));
+        assert!(check_request(true, true, true).is_ok());
+        assert!(check_request(false, true, false).is_ok());
+        assert!(check_request(true, false, false).is_ok());
+        assert!(TtyError
+            .to_string()
+            .starts_with("the input device is not a TTY"));
+    }
 }

@@ -580,7 +580,7 @@ fn extract(
         .arg("--no-same-owner");
     artifact::run_streaming(cmd, |_| {}).map_err(|e| KernelError::SourceLayout {
         tarball: source.tarball.clone(),
-        reason: e.to_string(),
+        reason: crate::report::chain(&e),
     })?;
     let mut entries = fs::read_dir(&out)
         .map_err(io_at("cannot list", &out))?

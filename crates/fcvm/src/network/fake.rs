@@ -1,0 +1,54 @@
+//! A recording stand-in for [`super::NetOps`]: remembers every call and fails the
+//! ones it is told to, so launch and teardown are tested without root.
+
+use std::sync::Mutex;
+
+use super::{NetError, NetOps};
+
+/// Records calls as `"create_netns NAME TAP"` / `"delete_netns NAME"`.
+#[derive(Debug, Default)]
+pub struct RecordingNet {
+    calls: Mutex<Vec<String>>,
+    fail: Mutex<Vec<String>>,
+}
+
+impl RecordingNet {
+    /// Make the next call whose text starts with `prefix` fail (once).
+    pub fn fail_once(&self, prefix: &str) {
+        self.fail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(prefix.to_owned());
+    }
+
+    /// Calls so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn call(&self, text: String, name: &str) -> Result<(), NetError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text.clone());
+        let mut fail = self.fail.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = fail.iter().position(|f| text.starts_with(f.as_str())) {
+            fail.remove(i);
+            return Err(NetError::Step {
+                step: "injected failure",
+                name: name.to_owned(),
+                source: std::io::Error::other("injected by the test"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl NetOps for RecordingNet {
+    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError> {
+        self.call(format!("create_netns {name} {}", tap.unwrap_or("-")), name)
+    }
+    fn delete_netns(&self, name: &str) -> Result<(), NetError> {
+        self.call(format!("delete_netns {name}"), name)
+    }
+}
