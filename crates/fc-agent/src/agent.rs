@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use fcvm_proto::boot::{Cmdline, CMDLINE_ENV};
+use fcvm_proto::boot::Cmdline;
 use fcvm_proto::frame::read_frame;
 use fcvm_proto::plan::Plan;
 use fcvm_proto::status::Status;
@@ -49,12 +49,7 @@ impl StatusSink {
 }
 
 fn read_cmdline() -> anyhow::Result<Cmdline> {
-    // The stand-in VMM cannot set a kernel command line and passes it in the environment.
-    let text = match std::env::var(CMDLINE_ENV) {
-        Ok(t) => t,
-        Err(_) => std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?,
-    };
-    std::env::remove_var(CMDLINE_ENV);
+    let text = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
     Ok(Cmdline::parse(&text))
 }
 
@@ -75,15 +70,12 @@ pub fn run() -> anyhow::Result<()> {
     init::mount_proc()?;
     let cmdline = read_cmdline()?;
     crate::log::set_debug(cmdline.debug());
-    let static_dev = cmdline.static_dev()?;
-    let cgroups = cmdline.cgroup_mode()?;
-    let vsock = Vsock::new(cmdline.vsock_mode()?);
-    init::mount_kernel_fs(static_dev)?;
+    let vsock = Vsock::new();
+    init::mount_kernel_fs()?;
     init::switch_root(&cmdline)?;
     init::mount_runtime_fs()?;
-    init::mount_cgroups(cgroups)?;
+    init::mount_cgroups()?;
     // Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) now arrives as SIGINT instead of a reset.
-    // Inside a PID namespace this call is refused, which is fine: the VMM signals us directly.
     let _ = nix::sys::reboot::set_cad_enabled(false);
     reaper::start();
     crate::info!("root mounted ({})", cmdline.root());

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fcvm_proto::boot::{CgroupMode, Cmdline};
+use fcvm_proto::boot::Cmdline;
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
 
@@ -30,9 +30,6 @@ pub enum InitError {
     /// chroot/chdir during switch_root failed.
     #[error("switch_root failed: {0}")]
     SwitchRoot(nix::Error),
-    /// Reading a kernel file failed.
-    #[error("Cannot read {0}: {1}")]
-    Read(String, std::io::Error),
 }
 
 fn do_mount(
@@ -68,19 +65,16 @@ pub fn mount_proc() -> Result<(), InitError> {
     do_mount("proc", "/proc", Some("proc"), NOSUID_NODEV_NOEXEC, None)
 }
 
-/// Mounts /sys and, unless the VMM prepared `/dev` (`fcvm.dev=static`), devtmpfs on /dev.
-pub fn mount_kernel_fs(static_dev: bool) -> Result<(), InitError> {
+/// Mounts /sys and devtmpfs on /dev.
+pub fn mount_kernel_fs() -> Result<(), InitError> {
     do_mount("sysfs", "/sys", Some("sysfs"), NOSUID_NODEV_NOEXEC, None)?;
-    if !static_dev {
-        do_mount(
-            "devtmpfs",
-            "/dev",
-            Some("devtmpfs"),
-            MsFlags::MS_NOSUID,
-            Some("mode=0755"),
-        )?;
-    }
-    Ok(())
+    do_mount(
+        "devtmpfs",
+        "/dev",
+        Some("devtmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
 }
 
 /// Mounts the root drive on /newroot, moves the kernel filesystems into it and makes it `/`
@@ -161,89 +155,13 @@ pub fn mount_runtime_fs() -> Result<(), InitError> {
     Ok(())
 }
 
-/// Mounts the cgroup hierarchy crun will use.
-pub fn mount_cgroups(mode: CgroupMode) -> Result<(), InitError> {
-    match mode {
-        CgroupMode::V2 => do_mount(
-            "cgroup2",
-            "/sys/fs/cgroup",
-            Some("cgroup2"),
-            NOSUID_NODEV_NOEXEC,
-            Some("nsdelegate"),
-        ),
-        CgroupMode::V1 => mount_cgroup_v1(),
-    }
-}
-
-/// A pure v1 layout: a tmpfs with one mount per existing hierarchy plus `name=systemd`.
-/// Controllers sharing a hierarchy (same id in /proc/cgroups) must be mounted together.
-fn mount_cgroup_v1() -> Result<(), InitError> {
+/// Mounts the unified cgroup hierarchy (v2) crun will use.
+pub fn mount_cgroups() -> Result<(), InitError> {
     do_mount(
-        "cgroup",
+        "cgroup2",
         "/sys/fs/cgroup",
-        Some("tmpfs"),
+        Some("cgroup2"),
         NOSUID_NODEV_NOEXEC,
-        Some("mode=0755"),
-    )?;
-    let table = fs::read_to_string("/proc/cgroups")
-        .map_err(|e| InitError::Read("/proc/cgroups".into(), e))?;
-    for opts in v1_hierarchies(&table) {
-        let dir = format!("/sys/fs/cgroup/{opts}");
-        do_mount(
-            "cgroup",
-            &dir,
-            Some("cgroup"),
-            NOSUID_NODEV_NOEXEC,
-            Some(&opts),
-        )?;
-        // Some tools look for the single-controller names.
-        if opts.contains(',') {
-            for c in opts.split(',') {
-                let _ = std::os::unix::fs::symlink(&opts, format!("/sys/fs/cgroup/{c}"));
-            }
-        }
-    }
-    do_mount(
-        "cgroup",
-        "/sys/fs/cgroup/systemd",
-        Some("cgroup"),
-        NOSUID_NODEV_NOEXEC,
-        Some("none,name=systemd"),
-    )?;
-    Ok(())
-}
-
-/// Groups enabled controllers of /proc/cgroups by hierarchy id, skipping those not bound to a
-/// v1 hierarchy (id 0): mounting them would create new global hierarchies on the host.
-pub fn v1_hierarchies(proc_cgroups: &str) -> Vec<String> {
-    let mut groups: Vec<(u32, Vec<String>)> = Vec::new();
-    for line in proc_cgroups.lines().filter(|l| !l.starts_with('#')) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(name), Some(Ok(hier)), Some(&"1")) =
-            (f.first(), f.get(1).map(|h| h.parse::<u32>()), f.get(3))
-        else {
-            continue;
-        };
-        if hier == 0 {
-            continue;
-        }
-        match groups.iter_mut().find(|(h, _)| *h == hier) {
-            Some((_, names)) => names.push((*name).to_owned()),
-            None => groups.push((hier, vec![(*name).to_owned()])),
-        }
-    }
-    groups.into_iter().map(|(_, n)| n.join(",")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hierarchies_grouped_and_unbound_skipped() {
-        let t = "#subsys_name\thierarchy\tnum_cgroups\tenabled\n\
-                 cpuset\t3\t1\t1\ncpu\t1\t1\t1\ncpuacct\t1\t1\t1\nnet_cls\t0\t1\t1\n\
-                 memory\t4\t50\t1\nhugetlb\t5\t1\t0\n";
-        assert_eq!(v1_hierarchies(t), vec!["cpuset", "cpu,cpuacct", "memory"]);
-    }
+        Some("nsdelegate"),
+    )
 }

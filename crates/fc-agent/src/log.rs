@@ -1,5 +1,4 @@
-//! Console logging. The agent's stderr is the serial console (Firecracker) or the stand-in
-//! VMM's stdout, so every line carries a prefix and a monotonic timestamp for boot profiling.
+//! Console logging. The agent's stderr is the serial console, so every line carries a prefix and a monotonic timestamp for boot profiling.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

@@ -10,8 +10,7 @@ use nix::unistd::Pid;
 /// Stops every other process, flushes the root filesystem and resets the machine.
 ///
 /// Firecracker is started with `reboot=k`, so a reset makes the VMM process exit, which is how a
-/// microVM "powers off". In the stand-in VMM the agent is PID 1 of a PID namespace, where the
-/// same call ends the namespace.
+/// microVM "powers off".
 pub fn power_off() -> ! {
     crate::info!("powering off");
     // kill(-1) from PID 1 reaches everything but PID 1 itself.

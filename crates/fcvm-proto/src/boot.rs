@@ -8,61 +8,14 @@
 //! | `root=` | device path | `/dev/vda` | root filesystem (ext4) the agent switches into |
 //! | `rootfstype=` | fs type | `ext4` | filesystem type of `root=` |
 //! | `ip=` | kernel `ip=` syntax, see [`IpConfig`] | none | static IPv4 for the guest NIC |
-//! | `fcvm.cgroup=` | `v2`, `v1` | `v2` | cgroup layout to mount; `v1` is what crun needs in the stand-in VMM |
-//! | `fcvm.vsock=` | `vsock`, `abstract` | `vsock` | `abstract`: vsock is emulated with abstract Unix sockets (stand-in VMM) |
-//! | `fcvm.dev=` | `devtmpfs`, `static` | `devtmpfs` | `static`: `/dev` is already populated; do not mount devtmpfs |
 //! | `fcvm.debug=` | `1` | off | verbose agent logging on the console |
 //!
-//! The stand-in VMM cannot give the agent a kernel command line, so it passes it in the
-//! environment variable [`CMDLINE_ENV`]; the agent reads that before `/proc/cmdline`. That is the
-//! only place where the agent's boot differs between Firecracker and the stand-in.
 
 use std::net::Ipv4Addr;
-
-/// Environment variable holding the command line in the stand-in VMM.
-pub const CMDLINE_ENV: &str = "FCVM_KERNEL_CMDLINE";
-
-/// Abstract Unix socket name (without the leading NUL) the agent connects to for guest → host
-/// vsock in `fcvm.vsock=abstract` mode. The agent sends `CONNECT <port>\n` first and waits for
-/// `OK <port>\n`, like a host connecting to a guest in Firecracker.
-pub const ABSTRACT_HOST_SOCKET: &str = "fcvm-vsock-host";
-
-/// Abstract Unix socket name the agent listens on for host → guest `port` in abstract mode.
-pub fn abstract_guest_socket(port: u32) -> String {
-    format!("fcvm-vsock-guest-{port}")
-}
-
-/// Cgroup layout the agent mounts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CgroupMode {
-    /// Unified hierarchy at `/sys/fs/cgroup` (real VMs).
-    V2,
-    /// One v1 hierarchy per controller plus `name=systemd` (stand-in VMM on hybrid hosts).
-    V1,
-}
-
-/// How vsock is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VsockMode {
-    /// Real `AF_VSOCK` (Firecracker).
-    Vsock,
-    /// Abstract Unix sockets in the guest's network namespace (stand-in VMM).
-    Abstract,
-}
 
 /// Errors parsing the command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
-    /// A key has a value the agent does not know.
-    #[error("Kernel command line: {key}={value} is not one of {allowed}")]
-    BadValue {
-        /// The key.
-        key: &'static str,
-        /// What was given.
-        value: String,
-        /// What is accepted.
-        allowed: &'static str,
-    },
     /// `ip=` could not be parsed.
     #[error("Kernel command line: cannot parse ip={0:?}; expected <addr>::<gw>:<netmask>::<dev>:off[:<dns>]")]
     BadIp(String),
@@ -104,45 +57,6 @@ impl Cmdline {
     /// The root filesystem type.
     pub fn rootfstype(&self) -> &str {
         self.get("rootfstype").unwrap_or("ext4")
-    }
-
-    /// `fcvm.cgroup=`.
-    pub fn cgroup_mode(&self) -> Result<CgroupMode, CmdlineError> {
-        match self.get("fcvm.cgroup") {
-            None | Some("v2") => Ok(CgroupMode::V2),
-            Some("v1") => Ok(CgroupMode::V1),
-            Some(v) => Err(CmdlineError::BadValue {
-                key: "fcvm.cgroup",
-                value: v.into(),
-                allowed: "v1, v2",
-            }),
-        }
-    }
-
-    /// `fcvm.vsock=`.
-    pub fn vsock_mode(&self) -> Result<VsockMode, CmdlineError> {
-        match self.get("fcvm.vsock") {
-            None | Some("vsock") => Ok(VsockMode::Vsock),
-            Some("abstract") => Ok(VsockMode::Abstract),
-            Some(v) => Err(CmdlineError::BadValue {
-                key: "fcvm.vsock",
-                value: v.into(),
-                allowed: "vsock, abstract",
-            }),
-        }
-    }
-
-    /// `fcvm.dev=static`: `/dev` is prepared by the VMM.
-    pub fn static_dev(&self) -> Result<bool, CmdlineError> {
-        match self.get("fcvm.dev") {
-            None | Some("devtmpfs") => Ok(false),
-            Some("static") => Ok(true),
-            Some(v) => Err(CmdlineError::BadValue {
-                key: "fcvm.dev",
-                value: v.into(),
-                allowed: "devtmpfs, static",
-            }),
-        }
     }
 
     /// `fcvm.debug=1`.
@@ -232,18 +146,14 @@ mod tests {
 
     #[test]
     fn keys_and_defaults() {
-        let c = Cmdline::parse(
-            "console=ttyS0 reboot=k root=/dev/vda rw fcvm.cgroup=v1 fcvm.vsock=abstract",
-        );
-        assert_eq!(c.root(), "/dev/vda");
-        assert_eq!(c.cgroup_mode(), Ok(CgroupMode::V1));
-        assert_eq!(c.vsock_mode(), Ok(VsockMode::Abstract));
-        assert_eq!(c.static_dev(), Ok(false));
+        let c = Cmdline::parse("console=ttyS0 reboot=k root=/dev/vdb rw fcvm.debug=1");
+        assert_eq!(c.root(), "/dev/vdb");
+        assert!(c.debug());
         assert_eq!(c.get("rw"), None);
         let d = Cmdline::parse("");
-        assert_eq!(d.cgroup_mode(), Ok(CgroupMode::V2));
-        assert_eq!(d.vsock_mode(), Ok(VsockMode::Vsock));
         assert_eq!(d.root(), "/dev/vda");
+        assert_eq!(d.rootfstype(), "ext4");
+        assert!(!d.debug());
     }
 
     #[test]
@@ -252,13 +162,6 @@ mod tests {
             Cmdline::parse("root=/dev/vdb root=/dev/vdc").root(),
             "/dev/vdc"
         );
-    }
-
-    #[test]
-    fn bad_values_are_errors() {
-        assert!(Cmdline::parse("fcvm.cgroup=v3").cgroup_mode().is_err());
-        assert!(Cmdline::parse("fcvm.vsock=tcp").vsock_mode().is_err());
-        assert!(Cmdline::parse("fcvm.dev=x").static_dev().is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The agent initrd: an uncompressed newc cpio archive holding `/init`.
 //!
-//! The host writes it ([`write_newc`]), Firecracker hands it to the guest kernel, and the stand-in
-//! VMM reads `/init` back out of it ([`find_file`]). Uncompressed, because unpacking a few MiB
+//! The host writes it ([`write_newc`]) and Firecracker hands it to the guest kernel; tests read
+//! `/init` back out of it ([`find_file`]). Uncompressed, because unpacking a few MiB
 //! costs the kernel less than decompressing them and the file is local.
 
 /// One archive member.

@@ -4,13 +4,13 @@
 //! both ends rather than as a hang at run time:
 //!
 //! - [`vsock`]: ports, CIDs and Firecracker's hybrid-vsock `CONNECT`/`OK` handshake.
-//! - [`boot`]: kernel command-line keys the agent reads (`fcvm.cgroup=`, `fcvm.vsock=`, ...).
+//! - [`boot`]: kernel command-line keys the agent reads (`root=`, `ip=`, `fcvm.debug=`).
 //! - [`cmdline`]: building that command line on the host, and the guest device paths.
 //! - [`plan`]: the run plan the host puts in MMDS and the agent executes.
 //! - [`status`]: the line protocol on the status port (`ready`, `exit:<code>`, `error:<msg>`).
 //! - [`frame`]: the versioned binary framing used for container output, stdin/TTY and exec.
 //! - [`exec`]: the exec request carried in the first frame of an exec connection.
-//! - [`initrd`]: the newc cpio format of the agent initrd (written by the host, read by the stand-in VMM).
+//! - [`initrd`]: the newc cpio format of the agent initrd (written by the host, unpacked by the guest kernel).
 //!
 //! # Session overview
 //!

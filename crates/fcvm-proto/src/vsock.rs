@@ -7,8 +7,6 @@
 //!   the guest, the VMM closes the connection without an `OK` line.
 //! - **guest → host**: a guest connecting to host CID 2 port `P` is spliced onto a connection
 //!   to the Unix socket `<uds_path>_P`, which the host must be listening on beforehand.
-//!
-//! The stand-in VMM implements the same host-side semantics, so host code is identical for both.
 
 use std::path::{Path, PathBuf};
 

@@ -143,6 +143,15 @@ impl Drop for TestEnv {
     }
 }
 
+/// Where tests keep files that VMs use: the emulated KVM host's scratch disk when there is one
+/// (btrfs: reflinks; the host's files are read-only there), else cargo's tmpdir.
+pub fn scratch_root() -> PathBuf {
+    std::env::var_os("FCVM_TESTHOST_SCRATCH")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+}
+
 /// Poll `f` until it returns Some, or panic after `timeout` with `what`.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

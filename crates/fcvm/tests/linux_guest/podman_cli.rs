@@ -18,9 +18,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{firecracker_or_skip, wait_until, TestEnv};
+use crate::common::{firecracker_or_skip, scratch_root, wait_until, TestEnv};
 
-const READY: Duration = Duration::from_secs(120);
+/// A cold container start inside the emulated KVM host takes 40-60 s alone, twice that beside
+/// another emulated host on 2 cores.
+const READY: Duration = Duration::from_secs(300);
 
 struct Guest {
     kernel: PathBuf,
@@ -38,7 +40,7 @@ fn guest_or_skip(test: &str) -> Option<Guest> {
         }
         eprintln!("SKIPPED {test}: {why}");
     };
-    let env = TestEnv::new();
+    let env = TestEnv::new_in(&scratch_root());
     if !fcvm::doctor::check(&fcvm::paths::Paths::new(env.base())).guest_kernels_boot {
         skip("this host's KVM cannot boot a Linux guest (see `fcvm doctor`)".into());
         return None;
@@ -63,7 +65,7 @@ fn guest_or_skip(test: &str) -> Option<Guest> {
         ),
         None => {
             let busybox = std::path::Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX);
-            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("podman-cli-busybox.oci.tar");
+            let out = scratch_root().join("podman-cli-busybox.oci.tar");
             if let Err(e) = fcvm_testkit::testimage::build_busybox_archive(
                 busybox,
                 &out,
@@ -111,7 +113,7 @@ fn wait_healthy(env: &TestEnv, name: &str) {
 }
 
 fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    wait_until(Duration::from_secs(60), what, || child.try_wait().unwrap())
+    wait_until(Duration::from_secs(180), what, || child.try_wait().unwrap())
 }
 
 /// A pseudo-terminal whose slave becomes fcvm's controlling terminal and stdio.
@@ -125,7 +127,7 @@ fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_cont
     let Some(g) = guest_or_skip("tty_without_i") else {
         return;
     };
-    let env = TestEnv::new();
+    let env = TestEnv::new_in(&scratch_root());
     let (master, slave) = pty();
     let mut cmd = g.run(
         &env,
@@ -171,7 +173,7 @@ fn forced_stop_makes_podman_run_exit_137() {
     let Some(g) = guest_or_skip("forced_stop_137") else {
         return;
     };
-    let env = TestEnv::new();
+    let env = TestEnv::new_in(&scratch_root());
     let mut child = g
         .run(
             &env,
@@ -203,7 +205,7 @@ fn sighup_gives_the_container_its_sigterm_and_leaves_nothing() {
     let Some(g) = guest_or_skip("sighup_podman") else {
         return;
     };
-    let env = TestEnv::new();
+    let env = TestEnv::new_in(&scratch_root());
     let mut child = g
         .run(
             &env,
@@ -240,7 +242,7 @@ fn interactive_tty_from_a_pipe_never_hangs() {
     let Some(g) = guest_or_skip("it_from_pipe") else {
         return;
     };
-    let env = TestEnv::new();
+    let env = TestEnv::new_in(&scratch_root());
     let mut child = g
         .run(&env, "pipe", &["-i", "-t"], "cat")
         .stdin(Stdio::piped())

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::common::{wait_until, TestEnv};
+use crate::common::{scratch_root, wait_until, TestEnv};
 
 const IMAGE_REF: &str = "localhost/fcvm-test-busybox:1";
 /// Longest any one fcvm command of these tests may take (inside the emulated KVM host a
@@ -114,11 +114,6 @@ fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-}
-
-/// Where the tests keep their files: the emulated host's scratch disk when there is one.
-pub fn scratch_root() -> PathBuf {
-    env_path("FCVM_TESTHOST_SCRATCH").unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
 }
 
 fn build_assets() -> Result<Assets, String> {

@@ -1,0 +1,7 @@
+//! Tests that need a booted Linux guest: the real Firecracker booting fcvm's guest kernel with
+//! the agent, rootfs and podman. `scripts/test.sh` runs this module apart (`linux_guest::`):
+//! natively where the host's KVM boots Linux guests, otherwise inside the emulated KVM host
+//! (`fcvm-testhost`). Elsewhere they skip loudly, and fail under CI.
+
+pub mod podman;
+pub mod podman_cli;
