@@ -610,7 +610,7 @@ fn exec_in_container_and_vm_name_clash_and_137() {
 
     // The name is taken while the VM runs; the refused run leaves nothing of its own.
     let o = env.run("ex", &[], &["true"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(125));
     assert!(
         text(&o.stderr).contains("a VM named \"ex\" is already running"),
         "{}",
@@ -660,7 +660,9 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let st = vm.wait().unwrap();
-    assert_eq!(st.code(), Some(130));
+    // The container handled the SIGTERM and exited 0 itself: that is the code fcvm forwards
+    // (128 + the signal only when the container reports none).
+    assert_eq!(st.code(), Some(0));
     assert_eq!(
         rest, "got-term\n",
         "the container got SIGTERM and could clean up"
@@ -738,7 +740,11 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
         ),
     ] {
         let o = env.run("bad", extra, &["true"]);
-        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        assert_eq!(
+            o.status.code(),
+            Some(125),
+            "{extra:?}: fcvm's own failures exit 125, as podman's do"
+        );
         assert!(
             text(&o.stderr).contains(needle),
             "{extra:?}: {}",
@@ -1009,5 +1015,29 @@ req "GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nX-metadata-token: $t\r\nA
         err.contains("Kernel panic") || err.contains("sysrq"),
         "{err}"
     );
+    env.assert_nothing_left();
+}
+
+/// A guest whose agent never connects (busybox as `/init`: the kernel boots, nothing speaks
+/// fcvm's protocol): fcvm stops the VM after FCVM_AGENT_TIMEOUT, says so with the console's
+/// last lines, exits 125 (its own failure), and leaves nothing.
+#[test]
+fn an_agent_that_never_connects_fails_clearly_and_leaves_nothing() {
+    let Some(env) = Env::new("agent_silent") else {
+        return;
+    };
+    let args = env.run_args("silent", &[], &["true"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = env
+        .command(&args)
+        .env("FCVM_AGENT_BIN", fcvm_testkit::testimage::DEFAULT_BUSYBOX)
+        .env("FCVM_AGENT_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("did not connect within 30 s"), "{err}");
+    assert!(err.contains("FCVM_AGENT_TIMEOUT"), "{err}");
+    assert!(o.stdout.is_empty());
     env.assert_nothing_left();
 }

@@ -54,6 +54,12 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long output may trail the exit status.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Environment variable: seconds the guest agent has, from InstanceStart, to connect to the
+/// status port (default [`AGENT_CONNECT_TIMEOUT`]).
+pub const AGENT_TIMEOUT_ENV: &str = "FCVM_AGENT_TIMEOUT";
+/// The agent connects once the guest kernel has booted and the root drive is mounted: about a
+/// second on bare metal. Generous, because emulated and heavily loaded hosts are 10-50x slower.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Exit code of fcvm's own failures in the commands that forward a container's code
 /// (podman's convention; 126: the command cannot be run, 127: not found).
@@ -129,6 +135,15 @@ pub enum PodmanError {
     /// The terminal could not be put in raw mode.
     #[error("cannot set the terminal to raw mode")]
     Terminal(#[source] std::io::Error),
+    /// The guest never started the agent (wrong kernel, initrd or command line, or a boot
+    /// that hangs): the VM was stopped.
+    #[error("the guest agent did not connect within {} s (set {AGENT_TIMEOUT_ENV} to wait longer); the VM was stopped; last console lines:\n{console}", after.as_secs())]
+    AgentSilent {
+        /// How long fcvm waited.
+        after: Duration,
+        /// Console tail.
+        console: String,
+    },
     /// The VM ended without an exit status from the agent.
     #[error("the VM stopped before the container reported an exit status; last console lines:\n{console}")]
     VmEnded {
@@ -384,6 +399,12 @@ async fn attach_and_follow(
     }
     timeline.mark("vmm-exited");
 
+    if let Some(after) = end.agent_silent {
+        return Err(PodmanError::AgentSilent {
+            after,
+            console: tail(&vm.paths().console_log(), 15),
+        });
+    }
     let stopped = vm.stopped_elsewhere();
     let _ = vm.update(|r| {
         r.exit_code = end.exit_code;
@@ -436,6 +457,18 @@ struct End {
     exit_code: Option<i32>,
     guest_error: Option<String>,
     interrupted: Option<i32>,
+    /// The agent never connected within this long; the VM was killed.
+    agent_silent: Option<Duration>,
+}
+
+/// How long the agent may take to connect: [`AGENT_TIMEOUT_ENV`] seconds, or the default.
+fn agent_timeout() -> Duration {
+    std::env::var(AGENT_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(AGENT_CONNECT_TIMEOUT)
 }
 
 /// Wait for the container's exit status, handling signals and a VMM that dies.
@@ -450,7 +483,10 @@ async fn follow(
         exit_code: None,
         guest_error: None,
         interrupted: None,
+        agent_silent: None,
     };
+    let agent_wait = agent_timeout();
+    let agent_deadline = tokio::time::Instant::now() + agent_wait;
     // Escalation after a signal: 1 = container asked to stop, 2 = killed, 3 = VMM killed.
     let mut stage = 0u8;
     let mut next_stage_at: Option<tokio::time::Instant> = None;
@@ -484,7 +520,14 @@ async fn follow(
                 Event::Exited(_) | Event::MemorySourceLost(_) => return end,
             },
             _ = tick.tick() => {
-                if next_stage_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                let now = tokio::time::Instant::now();
+                if session.agent_connected.get().is_none() && now >= agent_deadline {
+                    tracing::debug!("the agent did not connect within {agent_wait:?}: killing the VM");
+                    end.agent_silent = Some(agent_wait);
+                    vm.kill();
+                    return end;
+                }
+                if next_stage_at.is_some_and(|t| now >= t) {
                     escalate = true;
                 }
             }

@@ -64,6 +64,8 @@ pub struct Session {
     signals: mpsc::UnboundedSender<i32>,
     /// When the first byte of container output arrived.
     pub first_output: Arc<OnceLock<Instant>>,
+    /// When the agent connected to the status port (its first sign of life).
+    pub agent_connected: Arc<OnceLock<Instant>>,
 }
 
 impl Session {
@@ -75,8 +77,11 @@ impl Session {
             output: output_l,
             input: input_l,
         } = listeners;
+        let agent_connected = Arc::new(OnceLock::new());
+        let connected = agent_connected.clone();
         tokio::spawn(async move {
             if let Ok(conn) = status_l.accept().await {
+                let _ = connected.set(Instant::now());
                 read_status(conn, tx).await;
             }
         });
@@ -101,6 +106,7 @@ impl Session {
             input,
             signals,
             first_output,
+            agent_connected,
         }
     }
 
