@@ -1,16 +1,22 @@
 //! `fcvm podman run` and `fcvm exec` timings on the real path (the real Firecracker booting
-//! fcvm's guest kernel). Prints figures; never fails on speed.
+//! fcvm's guest kernel), and the same container run against bare Firecracker driven by a
+//! minimal client (`podman_bare/mod.rs`), in the same process, runs interleaved. Prints figures;
+//! never fails on speed.
 //!
 //! Needs what the podman integration tests need; set FCVM_ROOTFS (a guest rootfs image),
 //! FCVM_AGENT_BIN (static fc-agent), FCVM_TEST_KERNEL (the guest kernel) and
 //! FCVM_FIRECRACKER_BIN, or it says what is missing and exits 0. On hosts whose KVM cannot boot
-//! Linux guests, run it inside the emulated KVM host (`scripts/bench-podman.sh` does); there the
-//! base dir goes on its scratch disk (FCVM_TESTHOST_SCRATCH). `BENCH_RUNS` changes the number of
-//! runs (default 10).
+//! Linux guests, run it inside the emulated KVM host: build it with
+//! `cargo bench -p fcvm --bench podman --no-run` and run the binary it names with
+//! `on_real_kvm BINARY --bench` (scripts/lib.sh); there the base dir goes on its scratch disk
+//! (FCVM_TESTHOST_SCRATCH). `BENCH_RUNS` changes the number of runs (default 10).
 //!
 //! Each cold run is a fresh VM of the busybox test image (`--image-archive`): rootfs copy,
 //! VMM start, agent boot, `podman load`, `podman run`, poweroff, cleanup. The breakdown comes
-//! from fcvm's own step marks (FCVM_PODMAN_TIMINGS) and the agent's console timestamps.
+//! from fcvm's own step marks (FCVM_PODMAN_TIMINGS) and the agent's console timestamps. Each
+//! fcvm run is followed by a bare run, so drift in the machine's load hits both alike.
+
+mod podman_bare;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,9 +40,9 @@ fn main() {
         "FCVM_TEST_KERNEL",
         "FCVM_FIRECRACKER_BIN",
     ]
-        .into_iter()
-        .filter(|v| std::env::var_os(v).is_none())
-        .collect();
+    .into_iter()
+    .filter(|v| std::env::var_os(v).is_none())
+    .collect();
     if !missing.is_empty() || !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED podman bench: needs root and {missing:?} set");
         return;
@@ -80,9 +86,29 @@ fn main() {
         v
     };
 
-    // Cold runs.
+    let bare_inputs = podman_bare::Inputs {
+        firecracker: std::env::var_os("FCVM_FIRECRACKER_BIN").unwrap().into(),
+        kernel: kernel.clone().into(),
+        rootfs: std::env::var_os("FCVM_ROOTFS").unwrap().into(),
+        initrd: base.path().join("agent.cpio"),
+        archive: archive.path.clone(),
+        image_ref: IMAGE_REF.into(),
+        vcpus: 1,
+        mem_mib: 512,
+    };
+    podman_bare::write_initrd(
+        Path::new(&std::env::var_os("FCVM_AGENT_BIN").unwrap()),
+        &bare_inputs.initrd,
+    )
+    .expect("write the agent initrd");
+
+    // Cold runs, fcvm and bare interleaved.
     let mut first_line = Vec::new();
     let mut total = Vec::new();
+    let mut bare_first = Vec::new();
+    let mut bare_status = Vec::new();
+    let mut bare_vmm_exit = Vec::new();
+    let mut bare_done = Vec::new();
     // In the order the steps happen (first run's order).
     let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
     for i in 0..runs {
@@ -117,20 +143,58 @@ fn main() {
                 None => steps.push((k, vec![v])),
             }
         }
+
+        let dir = base.path().join(format!("b{i}"));
+        let t = podman_bare::run(
+            &bare_inputs,
+            &dir,
+            &format!("bare{i}"),
+            i,
+            &["echo", "hello"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        bare_first.push(ms(t.first_stdout));
+        bare_status.push(ms(t.exit_status));
+        bare_vmm_exit.push(ms(t.vmm_exited));
+        bare_done.push(ms(t.done));
     }
+    let paired = |a: &[f64], b: &[f64]| -> f64 {
+        let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        median(&mut r)
+    };
+    let ratio_first = paired(&first_line, &bare_first);
+    let ratio_exit = paired(&total, &bare_done);
+    let fcvm_first = median(&mut first_line);
+    let fcvm_exit = median(&mut total);
+    let bare_first_m = median(&mut bare_first);
+    let bare_done_m = median(&mut bare_done);
     println!("podman run (real Firecracker, fcvm guest kernel, busybox archive, `echo hello`), median of {runs}:");
-    println!(
-        "  command -> first output line  {:8.1} ms",
-        median(&mut first_line)
-    );
-    println!(
-        "  command -> exit               {:8.1} ms",
-        median(&mut total)
-    );
+    println!("  command -> first output line  {fcvm_first:8.1} ms");
+    println!("  command -> exit               {fcvm_exit:8.1} ms");
     println!("  breakdown (median of each step):");
     for (k, mut v) in steps {
         println!("    {k:<40} {:8.1} ms", median(&mut v));
     }
+    println!("the same run, bare Firecracker (--no-api --config-file --metadata) + minimal client, median of {runs}:");
+    println!("  start -> first stdout frame   {bare_first_m:8.1} ms");
+    println!(
+        "  start -> exit:N status        {:8.1} ms",
+        median(&mut bare_status)
+    );
+    println!(
+        "  start -> firecracker exited   {:8.1} ms",
+        median(&mut bare_vmm_exit)
+    );
+    println!("  start -> VM dir removed       {bare_done_m:8.1} ms");
+    println!("fcvm / bare (ratio of medians; median of per-pair ratios):");
+    println!(
+        "  first output line                     {:.3}x  {ratio_first:.3}x",
+        fcvm_first / bare_first_m
+    );
+    println!(
+        "  exit (fcvm exited; bare: dir removed) {:.3}x  {ratio_exit:.3}x",
+        fcvm_exit / bare_done_m
+    );
 
     // exec round trip on one running VM.
     let args = run_args("benchexec", &["sleep", "600"]);
