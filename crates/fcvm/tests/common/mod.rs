@@ -64,6 +64,9 @@ impl TestEnv {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fcvm"));
         cmd.env("FCVM_BASE_DIR", self.base()).stdin(Stdio::null());
+        // Guests boot 10-50 times slower inside the emulated KVM host, five at once slower
+        // still: give the agent more than the 90 s a user's `podman run` waits.
+        cmd.env("FCVM_AGENT_TIMEOUT", "400");
         cmd
     }
 

@@ -327,24 +327,7 @@ impl Env {
         let mut input = child.stdin.take().unwrap();
         input.write_all(stdin).unwrap();
         drop(input);
-        // A hung run fails the test instead of hanging the suite (CI's limit is the whole run).
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let watchdog = std::thread::spawn(move || {
-            let timed_out = done_rx.recv_timeout(COMMAND_TIMEOUT).is_err();
-            if timed_out {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-            timed_out
-        });
-        let out = child.wait_with_output().unwrap();
-        let _ = done_tx.send(());
-        assert!(
-            !watchdog.join().unwrap(),
-            "fcvm {args:?} did not finish within {COMMAND_TIMEOUT:?} (killed); stderr:\n{}",
-            text(&out.stderr)
-        );
-        out
+        wait_output(child, &format!("fcvm {args:?}"))
     }
 
     fn run(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
@@ -469,6 +452,28 @@ impl Drop for Env {
             }
         }
     }
+}
+
+/// Wait for `child` and collect its output, killing it after [`COMMAND_TIMEOUT`]: a hung run
+/// fails the test with what it printed instead of hanging the suite.
+fn wait_output(child: Child, what: &str) -> Output {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let timed_out = done_rx.recv_timeout(COMMAND_TIMEOUT).is_err();
+        if timed_out {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        timed_out
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = done_tx.send(());
+    assert!(
+        !watchdog.join().unwrap(),
+        "{what} did not finish within {COMMAND_TIMEOUT:?} (killed); stderr:\n{}",
+        text(&out.stderr)
+    );
+    out
 }
 
 /// `dir` and every cgroup below it, parents first.
@@ -690,25 +695,31 @@ fn five_vms_at_once() {
     let Some(env) = Env::new("five_vms") else {
         return;
     };
-    let mut vms: Vec<(usize, Child)> = (0..5)
+    let vms: Vec<(usize, Child)> = (0..5)
         .map(|i| {
             let name = format!("par{i}");
             let env_arg = format!("N={i}");
-            let child = env.spawn(&env.run_args(
+            let args = env.run_args(
                 &name,
                 &["--env", &env_arg],
                 &["sh", "-c", "sleep 2; echo vm-$N"],
-            ));
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // Each run's debug log (every step with its time) shows in a failure message.
+            let child = env
+                .command(&args)
+                .env("FCVM_LOG", "debug")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run fcvm");
             (i, child)
         })
         .collect();
-    for (i, vm) in vms.iter_mut() {
-        let mut out = String::new();
-        vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        let mut err = String::new();
-        vm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        assert_eq!(vm.wait().unwrap().code(), Some(0), "{err}");
-        assert_eq!(out, format!("vm-{i}\n"));
+    for (i, vm) in vms {
+        let o = wait_output(vm, &format!("par{i}"));
+        assert_eq!(o.status.code(), Some(0), "par{i}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), format!("vm-{i}\n"));
     }
     env.assert_nothing_left();
 }
