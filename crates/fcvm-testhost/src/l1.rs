@@ -49,8 +49,8 @@ pub fn mount_system() -> Result<(), String> {
     )?;
     m("shm", "/dev/shm", "tmpfs", nosuid, "mode=1777")?;
     m("run", "/run", "tmpfs", nosuid, "mode=0755")?;
-    m("tmp", "/tmp", "tmpfs", nosuid, "mode=1777")?;
-    m("vartmp", "/var/tmp", "tmpfs", nosuid, "mode=1777")?;
+    // /tmp and /var/tmp stay part of the root overlay: the host's files there are visible (a
+    // checkout or a test binary under /tmp must run inside too) and writes land in L1's RAM.
     Ok(())
 }
 

@@ -167,7 +167,6 @@ fn missing_and_unexecutable_commands() {
 #[test]
 fn host_view_shares_kvm_and_scratch() {
     let Some(_g) = prepare() else { return };
-    // Under the target dir, not /tmp: L1 mounts its own tmpfs on /tmp.
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let rw = base.path().join("rw");
     let ro = base.path().join("ro");
@@ -176,9 +175,14 @@ fn host_view_shares_kvm_and_scratch() {
         std::fs::create_dir(d).unwrap();
     }
     std::fs::write(ro.join("seen"), "from-host").unwrap();
+    // The host's /tmp is visible inside (a checkout there must work), and writes stay inside.
+    let host_tmp = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::write(host_tmp.path().join("seen"), "tmp-from-host").unwrap();
     let script = format!(
         r#"
 set -u
+echo "tmp-read: $(cat {tmp}/seen)"
+echo "tmp-write: $(echo inside > {tmp}/written && echo ok)"
 echo "rw-write: $(echo from-guest > {rw}/out && echo ok)"
 echo "ro-read: $(cat {ro}/seen)"
 echo "ro-write: $(touch {ro}/x 2>/dev/null && echo ok || echo refused)"
@@ -198,7 +202,8 @@ echo "uid: $(id -u)"
 "#,
         rw = rw.display(),
         ro = ro.display(),
-        plain = plain.display()
+        plain = plain.display(),
+        tmp = host_tmp.path().display()
     );
     let out = testhost(
         &[
@@ -226,6 +231,8 @@ echo "uid: $(id -u)"
         text(&out.stderr)
     );
     let expect = [
+        "tmp-read: tmp-from-host",
+        "tmp-write: ok",
         "rw-write: ok",
         "ro-read: from-host",
         "ro-write: refused",
@@ -258,6 +265,10 @@ echo "uid: $(id -u)"
     assert!(
         !plain.join("x").exists(),
         "a write to the host root reached the host"
+    );
+    assert!(
+        !host_tmp.path().join("written").exists(),
+        "a write to /tmp inside reached the host"
     );
 }
 
@@ -548,7 +559,6 @@ fn seed_refusals_before_boot() {
 #[test]
 fn seed_sparse_file_onto_scratch() {
     let Some(_g) = prepare_seed() else { return };
-    // Under the target dir, not /tmp: L1 mounts its own tmpfs on /tmp.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let big = dir.path().join("big.img");
     let hello = dir.path().join("hello.txt");
