@@ -868,9 +868,8 @@ fn tty_full_screen_arrows_and_resize() {
             f(&s).then_some(s)
         })
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_screen("a shell prompt", &|s| s.contains("/ #"));
-        tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    // "ROWS COLS" of the tmux pane, as `stty size` prints them.
+    let pane_size = || {
         let size = tmux(&[
             "display-message",
             "-p",
@@ -878,7 +877,12 @@ fn tty_full_screen_arrows_and_resize() {
             &session,
             "#{pane_height} #{pane_width}",
         ]);
-        let size = size.trim().to_owned();
+        size.trim().to_owned()
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_screen("a shell prompt", &|s| s.contains("/ #"));
+        tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+        let size = pane_size();
         wait_screen("the initial size", &|s| s.contains(&size));
 
         // Full-screen editor: type two lines, go up with the arrow key, append there.
@@ -911,14 +915,7 @@ fn tty_full_screen_arrows_and_resize() {
         tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
         std::thread::sleep(Duration::from_millis(500));
         tmux(&["send-keys", "-t", &session, "clear; stty size", "Enter"]);
-        let size = tmux(&[
-            "display-message",
-            "-p",
-            "-t",
-            &session,
-            "#{pane_height} #{pane_width}",
-        ]);
-        let size = size.trim().to_owned();
+        let size = pane_size();
         assert!(size.ends_with(" 120"), "{size}");
         wait_screen("the new size", &|s| s.contains(&size));
 
