@@ -116,6 +116,22 @@ fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
     wait_until(Duration::from_secs(180), what, || child.try_wait().unwrap())
 }
 
+/// What was written to the terminal whose `master` this is. Reading ends at EIO, once every
+/// holder of the slave has closed it; bounded, so that a process still holding it fails the
+/// test with the output instead of hanging the suite.
+fn read_terminal(master: OwnedFd) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::fs::File::from(master).read_to_end(&mut out);
+        let _ = tx.send(out);
+    });
+    let out = rx.recv_timeout(Duration::from_secs(30)).expect(
+        "the terminal was still open 30 s after fcvm exited: a process fcvm started kept it",
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A pseudo-terminal whose slave becomes fcvm's controlling terminal and stdio.
 fn pty() -> (OwnedFd, OwnedFd) {
     let p = nix::pty::openpty(None, None).unwrap();
@@ -151,6 +167,8 @@ fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_cont
         });
     }
     let mut child = cmd.spawn().unwrap();
+    // The Command keeps its copies of the slave: drop them, or the terminal never closes.
+    drop(cmd);
     wait_healthy(&env, "t");
     // Not raw: the line discipline still turns ^C into SIGINT.
     let mode = nix::sys::termios::tcgetattr(&slave).unwrap();
@@ -160,9 +178,7 @@ fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_cont
     nix::unistd::write(&master, b"\x03").unwrap();
     let status = wait_exit(&mut child, "fcvm after Ctrl-C");
     drop(slave);
-    let mut out = Vec::new();
-    let _ = std::fs::File::from(master).read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
+    let out = read_terminal(master);
     assert_eq!(status.code(), Some(3), "{out}");
     assert!(out.contains("got-int"), "{out}");
     env.assert_clean();

@@ -419,8 +419,19 @@ async fn attach_and_follow(
             interrupted: end.interrupted,
         }),
         None => Err(PodmanError::VmEnded {
-            console: tail(&vm.paths().console_log(), 15),
+            console: ended_console(&vm.paths().console_log()),
         }),
+    }
+}
+
+/// The console's last lines for a VM that ended on its own, led by the kernel's panic line
+/// when there is one: a panic's register dump alone fills the tail and hides why.
+fn ended_console(console: &std::path::Path) -> String {
+    let last = tail(console, 15);
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    match text.lines().rev().find(|l| l.contains("Kernel panic")) {
+        Some(panic) if !last.contains(panic) => format!("{}\n...\n{last}", panic.trim()),
+        _ => last,
     }
 }
 
@@ -562,6 +573,26 @@ mod tests {
     fn vmm_tap_names_fit_ifnamsiz() {
         let tap = NetworkAttachment::vmm_tap(&crate::state::new_vm_id());
         assert!(tap.tap().unwrap().len() <= 15);
+    }
+
+    #[test]
+    fn an_ended_vm_s_console_leads_with_the_kernel_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut text = String::from("[ 1.0] Kernel panic - not syncing: Out of memory\n");
+        for i in 0..20 {
+            text.push_str(&format!("[ 1.{i}] RIP: frame {i}\n"));
+        }
+        std::fs::write(&log, &text).unwrap();
+        let c = ended_console(&log);
+        assert!(
+            c.starts_with("[ 1.0] Kernel panic - not syncing: Out of memory\n...\n"),
+            "{c}"
+        );
+        assert!(c.ends_with("frame 19"), "{c}");
+        // Without a panic (or with it already in the tail), just the tail.
+        std::fs::write(&log, "a\nb\n").unwrap();
+        assert_eq!(ended_console(&log), "a\nb");
     }
 
     #[test]
