@@ -147,8 +147,12 @@ fn run_container(
 
     if let Some(mut conn) = input {
         let r = running.clone();
+        let tty = plan.tty;
         std::thread::spawn(move || loop {
             match read_frame(&mut conn) {
+                // podman proxies signals to the container only without a terminal; with -t it
+                // would end itself, so the signal goes to the container through podman kill.
+                Ok(Some(fcvm_proto::frame::Frame::Signal(n))) if tty => container::kill(n),
                 Ok(Some(f)) => r.input(f),
                 // The host closing its input side ends stdin; the container keeps running.
                 Ok(None) | Err(_) => {

@@ -143,6 +143,24 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
     a
 }
 
+/// Sends signal `n` to the container's main process (`podman kill`), in the background: the
+/// input stream keeps flowing meanwhile.
+pub fn kill(n: i32) {
+    std::thread::spawn(move || {
+        let out = reaper::run(Command::new("podman").args([
+            "kill",
+            "--signal",
+            &n.to_string(),
+            CONTAINER_NAME,
+        ]));
+        match out {
+            Ok(o) if o.code == 0 => crate::debug!("signal {n} sent to the container"),
+            Ok(o) => crate::info!("podman kill --signal {n} failed: {}", o.stderr.trim()),
+            Err(e) => crate::info!("cannot run podman kill: {e}"),
+        }
+    });
+}
+
 /// The command for an exec request: `podman exec` into the container, or the program itself.
 pub fn exec_command(req: &ExecRequest) -> Command {
     if req.in_container {
