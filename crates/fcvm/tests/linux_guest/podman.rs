@@ -690,12 +690,14 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     env.assert_nothing_left();
 }
 
+/// Several container VMs at once (three: inside the 2-vCPU emulated KVM host five concurrent
+/// guests took from 3 to more than 10 minutes).
 #[test]
-fn five_vms_at_once() {
-    let Some(env) = Env::new("five_vms") else {
+fn vms_at_once() {
+    let Some(env) = Env::new("vms_at_once") else {
         return;
     };
-    let vms: Vec<(usize, Child)> = (0..5)
+    let vms: Vec<(usize, Child)> = (0..3)
         .map(|i| {
             let name = format!("par{i}");
             let env_arg = format!("N={i}");
