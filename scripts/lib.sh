@@ -53,30 +53,33 @@ build_workspace() {
         cargo build --locked --release -p fc-agent --target x86_64-unknown-linux-gnu
 }
 
+# Run `fcvm setup STEP`, showing its progress on stderr (through a pipe: `tee /dev/stderr`
+# would reopen, and truncate, a log file that stderr is redirected to), and print the path it
+# reports on its `STEP PATH` line; fail when it reports none.
+setup_step() {
+    local path
+    path=$("$FCVM" setup "$1" 2>&1 | tee >(cat >&2) | sed -n "s/^$1 //p" | tail -n 1)
+    if [ -z "$path" ]; then
+        echo "error: fcvm setup $1 did not report a path" >&2
+        return 1
+    fi
+    echo "$path"
+}
+
 setup_fcvm() {
     echo "== fcvm setup firecracker"
     "$FCVM" setup firecracker
     export FCVM_FIRECRACKER_BIN="${FCVM_FIRECRACKER_BIN:-$(command -v firecracker || echo "$FCVM_BASE_DIR/bin/firecracker")}"
     echo "== fcvm setup rootfs agent"
     local rootfs
-    # Show the progress on stderr (through a pipe: `tee /dev/stderr` would reopen, and
-    # truncate, a log file that stderr is redirected to) and keep the path it reports.
-    rootfs=$("$FCVM" setup rootfs 2>&1 | tee >(cat >&2) | sed -n 's/^rootfs //p' | tail -n 1)
-    if [ -z "$rootfs" ]; then
-        echo "error: fcvm setup rootfs did not report an image" >&2
-        return 1
-    fi
+    rootfs=$(setup_step rootfs) || return 1
     "$FCVM" setup agent
     # The tests boot containers on this image instead of building their own.
     export FCVM_TEST_ROOTFS="${FCVM_TEST_ROOTFS:-$rootfs}"
     export FCVM_AGENT_BIN="${FCVM_AGENT_BIN:-$PWD/target/x86_64-unknown-linux-gnu/release/fc-agent}"
     echo "== fcvm setup kernel (built once, then cached under $FCVM_BASE_DIR/kernels)"
     local kernel
-    kernel=$("$FCVM" setup kernel 2>&1 | tee >(cat >&2) | sed -n 's/^kernel //p' | tail -n 1)
-    if [ -z "$kernel" ]; then
-        echo "error: fcvm setup kernel did not report a kernel" >&2
-        return 1
-    fi
+    kernel=$(setup_step kernel) || return 1
     export FCVM_TEST_KERNEL="${FCVM_TEST_KERNEL:-$kernel}"
 }
 
