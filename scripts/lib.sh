@@ -102,7 +102,10 @@ on_real_kvm() {
         echo "== real Firecracker guests: inside the emulated KVM host (this host's KVM is nested PVM; fcvm-testhost runs QEMU TCG with emulated SVM)" >&2
         # The rootfs is seeded onto the scratch disk at host speed (~1 s; a copy through 9p
         # inside takes 20-50 s), so every VM's disk there is a reflink of it.
-        "$TESTHOST" run --mem "${FCVM_TESTHOST_MEM:-8192}" --cpus 2 \
+        # FCVM_TESTHOST_TIMEOUT (seconds) bounds the emulated host itself, for when its kernel
+        # dies and nothing inside can report; fcvm-testhost ends QEMU on SIGTERM.
+        ${FCVM_TESTHOST_TIMEOUT:+timeout --kill-after=30 "$FCVM_TESTHOST_TIMEOUT"} \
+            "$TESTHOST" run --mem "${FCVM_TESTHOST_MEM:-8192}" --cpus 2 \
             --seed "$FCVM_TEST_ROOTFS:rootfs.ext4" \
             --env FCVM_TEST_ROOTFS=/scratch/rootfs.ext4 --env FCVM_ROOTFS=/scratch/rootfs.ext4 \
             --env CI --env FCVM_FIRECRACKER_BIN --env FCVM_TEST_KERNEL \

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Run the real-guest tests (`linux_guest::`) of one test binary, each in a process of its own
+# with a time limit, so one hung test fails with its own output instead of eating the whole
+# CI budget. Runs where real guests boot: natively, or inside fcvm-testhost (scripts/test.sh
+# calls it through on_real_kvm).
+#
+#   guest-tier.sh [--budget SECONDS] [--per-test SECONDS] TEST_BINARY [FILTER]
+#
+# --budget bounds the whole tier: a test is given at most what remains of it, and tests that
+# no longer fit are reported as not run (a failure), never silently dropped.
+set -uo pipefail
+
+budget=3600
+per_test=600
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --budget) budget=$2; shift 2 ;;
+    --per-test) per_test=$2; shift 2 ;;
+    *) break ;;
+    esac
+done
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: guest-tier.sh [--budget SECONDS] [--per-test SECONDS] TEST_BINARY [FILTER]" >&2
+    exit 2
+fi
+bin=$1
+filter=${2:-linux_guest::}
+logs=$(mktemp -d /tmp/guest-tier.XXXXXX)
+deadline=$((SECONDS + budget))
+
+# `--list` prints "NAME: test" for every test, ignored ones included.
+mapfile -t tests < <("$bin" --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
+if [ "${#tests[@]}" -eq 0 ]; then
+    echo "error: no test matches '$filter' in $bin" >&2
+    exit 1
+fi
+echo "== ${#tests[@]} real-guest tests, at most ${per_test}s each, ${budget}s in all (logs in $logs)"
+
+# A test killed on its time limit cannot clean up. timeout(1) signals its whole process group,
+# which takes the fcvm processes the test started; a VMM that outlived them is ended here, but
+# only in a host that exists for these tests (fcvm-testhost's L1, or a CI machine), never among
+# a developer's own VMs. The next fcvm command reaps records and namespaces.
+reap_leftovers() {
+    if grep -q 'fcvm.runner=' /proc/cmdline || [ -n "${CI:-}" ]; then
+        pkill -KILL -x firecracker 2>/dev/null
+        sleep 1
+    fi
+}
+
+passed=0 failed=0 ignored=0
+summary=()
+for t in "${tests[@]}"; do
+    left=$((deadline - SECONDS))
+    if [ "$left" -lt 60 ]; then
+        summary+=("NOT RUN  $t (the tier's ${budget}s budget is spent)")
+        failed=$((failed + 1))
+        continue
+    fi
+    limit=$((left < per_test ? left : per_test))
+    log="$logs/${t//::/__}.log"
+    start=$SECONDS
+    echo "-- $t (limit ${limit}s)"
+    timeout --kill-after=15 "$limit" "$bin" --exact "$t" --test-threads=1 --nocapture >"$log" 2>&1
+    rc=$?
+    took=$((SECONDS - start))
+    if [ "$rc" -eq 0 ] && grep -q '^test result: ok. 0 passed; 0 failed; 1 ignored' "$log"; then
+        summary+=("ignored  $t")
+        ignored=$((ignored + 1))
+    elif [ "$rc" -eq 0 ]; then
+        summary+=("ok       $t (${took}s)")
+        passed=$((passed + 1))
+    else
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            what="TIMEOUT  $t (killed after ${limit}s)"
+            reap_leftovers
+        else
+            what="FAILED   $t (${took}s, exit $rc)"
+        fi
+        summary+=("$what")
+        failed=$((failed + 1))
+        echo "---- $what; the last 150 lines of its output:"
+        tail -n 150 "$log"
+        echo "---- end of $t"
+    fi
+done
+
+echo "== real-guest tier: $passed passed, $failed failed, $ignored ignored, ${SECONDS}s"
+printf '   %s\n' "${summary[@]}"
+[ "$failed" -eq 0 ]
