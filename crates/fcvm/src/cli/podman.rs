@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -44,6 +45,10 @@ pub struct PodmanRunArgs {
     /// Command as one string, split like a shell would (no expansion); instead of `-- CMD...`.
     #[arg(long, value_name = "COMMAND")]
     pub cmd: Option<String>,
+    /// Seconds the container gets to exit after Ctrl-C, SIGTERM or SIGHUP asked it to stop,
+    /// before it is killed (as podman's --stop-timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub stop_timeout: u64,
     /// OCI or docker archive (`podman save`) to run; attached read-only to the VM.
     #[arg(long, value_name = "FILE")]
     pub image_archive: Option<PathBuf>,
@@ -109,6 +114,7 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         tty: a.tty,
         kernel: a.kernel,
         rootfs: a.rootfs,
+        stop_timeout: Duration::from_secs(a.stop_timeout),
     };
     let outcome = match podman::run(paths, &req).await {
         Ok(o) => o,

@@ -334,14 +334,19 @@ impl Env {
         self.output(&self.run_args(name, extra, cmd), b"")
     }
 
-    fn spawn(&self, args: &[String]) -> Child {
+    /// Starts fcvm in the background with debug logging: its stdout is read line by line with
+    /// a bound, its stderr kept (every launch step with its time) for failure messages.
+    fn spawn(&self, args: &[String]) -> Spawned {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.command(&args)
+        let child = self
+            .command(&args)
+            .env("FCVM_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn fcvm")
+            .expect("spawn fcvm");
+        Spawned::new(child, format!("fcvm {args:?}"))
     }
 
     fn exec(&self, args: &[&str], stdin: &[u8]) -> Output {
@@ -451,6 +456,113 @@ impl Drop for Env {
                 let _ = std::fs::remove_dir(&d);
             }
         }
+    }
+}
+
+/// A background fcvm whose output threads drain both pipes (a full stderr pipe would block
+/// fcvm), so every wait in a test has a bound and a failure shows what fcvm logged.
+struct Spawned {
+    child: Child,
+    what: String,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout_done: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Spawned {
+    fn new(mut child: Child, what: String) -> Self {
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout piped");
+        // Lines go to the test as they come; what the test did not take is returned at the end.
+        let stdout_done = std::thread::spawn(move || {
+            let mut reader = BufReader::new(out);
+            let mut rest = String::new();
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return rest,
+                    Ok(_) => {
+                        if let Err(e) = tx.send(line) {
+                            rest.push_str(&e.0);
+                        }
+                    }
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("stderr piped");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Spawned {
+            child,
+            what,
+            lines,
+            stdout_done: Some(stdout_done),
+            stderr: Some(stderr),
+        }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The next stdout line, within [`READY_TIMEOUT`]; on timeout fcvm is killed and the test
+    /// fails with its log.
+    fn line(&mut self) -> String {
+        match self.lines.recv_timeout(READY_TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = self.child.kill();
+                let (_, _, err) = self.finish();
+                panic!(
+                    "{}: no stdout line within {READY_TIMEOUT:?}; stderr:\n{err}",
+                    self.what
+                )
+            }
+        }
+    }
+
+    /// Waits for fcvm to exit (killing it after [`COMMAND_TIMEOUT`], which fails the test) and
+    /// returns its status, the stdout not yet taken by [`Spawned::line`], and its stderr.
+    fn finish(&mut self) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait for fcvm") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The pipes close when fcvm and whatever inherited them are gone; a child that kept
+        // them open would hang the readers, so they get a bound of their own.
+        let join = |h: Option<std::thread::JoinHandle<String>>| {
+            let h = h.expect("finish is called once");
+            let end = Instant::now() + Duration::from_secs(30);
+            while !h.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                h.join().unwrap_or_default()
+            } else {
+                "<pipe still open 30 s after fcvm exited: a child of fcvm kept it>".into()
+            }
+        };
+        let mut out: String = self.lines.try_iter().collect();
+        out.push_str(&join(self.stdout_done.take()));
+        out.extend(self.lines.try_iter());
+        let err = join(self.stderr.take());
+        assert!(
+            !timed_out,
+            "{} did not finish within {COMMAND_TIMEOUT:?} (killed); stderr:\n{err}",
+            self.what
+        );
+        (status, out, err)
     }
 }
 
@@ -637,10 +749,8 @@ fn exec_in_container_and_vm_name_clash_and_137() {
         b"",
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let mut out = String::new();
-    vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let st = vm.wait().unwrap();
-    assert_eq!(st.code(), Some(137));
+    let (st, out, err) = vm.finish();
+    assert_eq!(st.code(), Some(137), "{err}");
     assert_eq!(out, "started\n");
     env.assert_nothing_left();
 }
@@ -651,26 +761,20 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
         return;
     };
     let script = "trap 'echo got-term; exit 0' TERM; echo started; while :; do sleep 0.1; done";
-    let mut vm = env.spawn(&env.run_args("cc", &[], &["sh", "-c", script]));
-    let mut out = BufReader::new(vm.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "started\n");
+    // The grace is generous: in the emulated host the guest's podman alone can take more
+    // than podman's default 10 s to pass SIGTERM on and report the exit; the forced stop has
+    // its own test (`fcvm stop --timeout`).
+    let mut vm = env.spawn(&env.run_args("cc", &["--stop-timeout", "120"], &["sh", "-c", script]));
+    assert_eq!(vm.line(), "started\n");
     env.wait_healthy("cc");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vm.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let st = vm.wait().unwrap();
+    nix::sys::signal::kill(vm.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+    let (st, rest, err) = vm.finish();
     // The container handled the SIGTERM and exited 0 itself: that is the code fcvm forwards
     // (128 + the signal only when the container reports none).
-    assert_eq!(st.code(), Some(0));
+    assert_eq!(st.code(), Some(0), "{err}");
     assert_eq!(
         rest, "got-term\n",
-        "the container got SIGTERM and could clean up"
+        "the container got SIGTERM and could clean up; stderr:\n{err}"
     );
     env.assert_nothing_left();
 
@@ -678,8 +782,8 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     let mut vm = env.spawn(&env.run_args("kk", &[], &["sleep", "300"]));
     let rec = env.wait_healthy("kk");
     let vmm_pid = rec["vmm"]["pid"].as_u64().expect("VMM pid recorded");
-    vm.kill().unwrap();
-    vm.wait().unwrap();
+    nix::sys::signal::kill(vm.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    vm.finish();
     wait_until(Duration::from_secs(60), "the VMM to die with fcvm", || {
         (!Path::new(&format!("/proc/{vmm_pid}")).exists()).then_some(())
     });
@@ -1021,9 +1125,7 @@ req "GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nX-metadata-token: $t\r\nA
         Some(0),
         "exec into a panicking guest cannot succeed"
     );
-    let mut err = String::new();
-    vm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    let st = vm.wait().unwrap();
+    let (st, _, err) = vm.finish();
     assert_ne!(st.code(), Some(0), "{err}");
     assert!(err.contains("Kernel panic"), "{err}");
     assert!(err.contains("panic_on_oom"), "{err}");

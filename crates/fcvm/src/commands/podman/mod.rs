@@ -50,8 +50,9 @@ pub const BOOT_ARGS: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off root=/
 /// to stderr at the end of a run, as `fcvm-timing` lines. Used by the benchmark.
 pub const TIMINGS_ENV: &str = "FCVM_PODMAN_TIMINGS";
 
-/// After the first Ctrl+Alt+Del, how long the container gets before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// After the first Ctrl+Alt+Del, how long the container gets before it is killed, unless the
+/// run says otherwise (`--stop-timeout`; podman's default too).
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// After the kill, how long the VM gets to power off before the VMM is killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long output may trail the exit status.
@@ -96,6 +97,9 @@ pub struct PodmanRunRequest {
     pub kernel: Option<PathBuf>,
     /// `--rootfs`.
     pub rootfs: Option<PathBuf>,
+    /// `--stop-timeout`: from the request to stop (a signal to fcvm) to the kill. Zero means
+    /// [`STOP_GRACE`] (so `Default` keeps podman's 10 s).
+    pub stop_timeout: Duration,
 }
 
 /// Why `fcvm podman run` failed.
@@ -201,6 +205,7 @@ struct Prepared {
     image: image::ResolvedImage,
     plan: fcvm_proto::plan::Plan,
     cmdline: String,
+    stop_timeout: Duration,
 }
 
 /// Step timings for [`TIMINGS_ENV`]; each step is also a debug log line.
@@ -312,6 +317,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         image,
         plan,
         cmdline,
+        stop_timeout: req.stop_timeout,
     })
 }
 
@@ -387,7 +393,12 @@ async fn attach_and_follow(
     vm.start().await?;
     timeline.mark("instance-started");
 
-    let end = follow(vm, &mut session, &p.plan, timeline, signals).await;
+    let stop_grace = if p.stop_timeout.is_zero() {
+        STOP_GRACE
+    } else {
+        p.stop_timeout
+    };
+    let end = follow(vm, &mut session, &p.plan, stop_grace, timeline, signals).await;
     session.stop_input();
     // All output is written before fcvm exits: the agent closes the output stream first.
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
@@ -489,6 +500,7 @@ async fn follow(
     vm: &mut VmHandle,
     session: &mut session::Session,
     plan: &fcvm_proto::plan::Plan,
+    stop_grace: Duration,
     timeline: &mut Timeline,
     signals: &mut Signals,
 ) -> End {
@@ -552,7 +564,7 @@ async fn follow(
                     let _ = api.call(ApiCall::CtrlAltDel).await;
                 }
                 if stage == 1 {
-                    STOP_GRACE
+                    stop_grace
                 } else {
                     KILL_GRACE
                 }
