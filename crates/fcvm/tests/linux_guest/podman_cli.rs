@@ -139,7 +139,6 @@ fn pty() -> (OwnedFd, OwnedFd) {
 }
 
 #[test]
-#[ignore = "open defect (issue 8): on the real path the terminal stays cooked but Ctrl-C did not reach the container (podman proxies signals only without -t: fcvm exited 1, no trap ran); the agent now sends it with `podman kill --signal`, not yet verified"]
 fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_container() {
     let Some(g) = guest_or_skip("tty_without_i") else {
         return;
