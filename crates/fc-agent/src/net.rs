@@ -45,41 +45,57 @@ fn ip(args: &[&str]) -> Result<(), NetError> {
 /// address ([`MMDS_CLIENT_CIDR`]) so that MMDS, which Firecracker answers on that interface,
 /// can be reached at all.
 pub fn configure(ipcfg: Option<&IpConfig>) -> Result<(), NetError> {
-    ip(&["link", "set", "lo", "up"])?;
     let dev = ipcfg.map(|c| c.device.as_str()).unwrap_or("eth0");
-    if !Path::new("/sys/class/net").join(dev).exists() {
+    let has_nic = Path::new("/sys/class/net").join(dev).exists();
+    if !has_nic {
         crate::debug!("no {dev}: loopback only");
-        return Ok(());
     }
-    ip(&["link", "set", dev, "up"])?;
-    if let Some(c) = ipcfg {
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/{}", c.address, c.prefix_len),
-            "dev",
-            dev,
-        ])?;
-        if let Some(gw) = c.gateway {
-            ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &gw.to_string(),
-                "dev",
-                dev,
-            ])?;
-        }
-        if !c.dns.is_empty() {
-            let text: String = c.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
-            let _ = std::fs::write("/etc/resolv.conf", text);
-        }
-    } else {
-        ip(&["addr", "add", MMDS_CLIENT_CIDR, "dev", dev])?;
+    for args in ip_commands(ipcfg, has_nic) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ip(&args)?;
     }
-    ip(&["route", "replace", &format!("{MMDS_ADDR}/32"), "dev", dev])?;
+    if let Some(c) = ipcfg.filter(|c| has_nic && !c.dns.is_empty()) {
+        let _ = std::fs::write("/etc/resolv.conf", resolv_conf(c));
+    }
     Ok(())
+}
+
+/// The `ip` invocations, in order, that [`configure`] runs: kept apart from running them so
+/// the configuration a command line asks for can be checked without a guest.
+fn ip_commands(ipcfg: Option<&IpConfig>, has_nic: bool) -> Vec<Vec<String>> {
+    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut cmds = vec![v(&["link", "set", "lo", "up"])];
+    if !has_nic {
+        return cmds;
+    }
+    let dev = ipcfg.map(|c| c.device.as_str()).unwrap_or("eth0");
+    cmds.push(v(&["link", "set", dev, "up"]));
+    match ipcfg {
+        Some(c) => {
+            let addr = format!("{}/{}", c.address, c.prefix_len);
+            cmds.push(v(&["addr", "add", &addr, "dev", dev]));
+            if let Some(gw) = c.gateway {
+                cmds.push(v(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    dev,
+                ]));
+            }
+        }
+        None => cmds.push(v(&["addr", "add", MMDS_CLIENT_CIDR, "dev", dev])),
+    }
+    let mmds = format!("{MMDS_ADDR}/32");
+    cmds.push(v(&["route", "replace", &mmds, "dev", dev]));
+    cmds
+}
+
+/// `/etc/resolv.conf` for the DNS servers of `ip=`.
+fn resolv_conf(c: &IpConfig) -> String {
+    c.dns.iter().map(|d| format!("nameserver {d}\n")).collect()
 }
 
 /// Sets the hostname and makes it resolve locally.
@@ -94,4 +110,61 @@ pub fn set_hostname(name: &str) -> Result<(), NetError> {
         let _ = std::fs::write("/etc/hosts", format!("{hosts}127.0.1.1\t{name}\n"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fcvm_proto::boot::Cmdline;
+    use fcvm_proto::cmdline::CmdlineBuilder;
+    use std::net::Ipv4Addr;
+
+    fn joined(cmds: &[Vec<String>]) -> Vec<String> {
+        cmds.iter().map(|c| c.join(" ")).collect()
+    }
+
+    /// A line built the way the host builds it configures the NIC as the host meant.
+    #[test]
+    fn the_host_s_ip_setting_becomes_the_guest_s_address_route_and_dns() {
+        let ip = IpConfig {
+            address: Ipv4Addr::new(10, 0, 2, 15),
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+            prefix_len: 24,
+            device: "eth0".into(),
+            dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+        };
+        let line = CmdlineBuilder::parse("console=ttyS0 quiet reboot=k panic=1 rw")
+            .root(fcvm_proto::cmdline::ROOT_DEVICE)
+            .ip(&ip)
+            .build()
+            .unwrap();
+        let parsed = Cmdline::parse(&line).ip().unwrap().unwrap();
+        assert_eq!(
+            joined(&ip_commands(Some(&parsed), true)),
+            [
+                "link set lo up",
+                "link set eth0 up",
+                "addr add 10.0.2.15/24 dev eth0",
+                "route add default via 10.0.2.2 dev eth0",
+                "route replace 169.254.169.254/32 dev eth0",
+            ]
+        );
+        assert_eq!(resolv_conf(&parsed), "nameserver 10.0.2.3\n");
+    }
+
+    /// Without `ip=` (MMDS only) the NIC still gets the link-local address MMDS needs.
+    #[test]
+    fn without_ip_the_nic_gets_the_mmds_link_local_address() {
+        let line = CmdlineBuilder::parse("console=ttyS0 rw").build().unwrap();
+        let cfg = Cmdline::parse(&line).ip().unwrap();
+        assert!(cfg.is_none());
+        let cmds = joined(&ip_commands(cfg.as_ref(), true));
+        assert_eq!(cmds[2], format!("addr add {MMDS_CLIENT_CIDR} dev eth0"));
+        assert_eq!(
+            cmds.last().unwrap(),
+            "route replace 169.254.169.254/32 dev eth0"
+        );
+        // No NIC at all: loopback only.
+        assert_eq!(joined(&ip_commands(None, false)), ["link set lo up"]);
+    }
 }
