@@ -136,6 +136,15 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
     if let Some(e) = &plan.entrypoint {
         a.push(format!("--entrypoint={e}"));
     }
+    if plan.init {
+        a.push("--init".into());
+    }
+    if plan.privileged {
+        a.push("--privileged".into());
+    }
+    for (k, v) in &plan.labels {
+        a.push(format!("--label={k}={v}"));
+    }
     a.push(image.to_owned());
     if let Some(cmd) = &plan.cmd {
         a.extend(cmd.iter().cloned());
@@ -226,6 +235,45 @@ mod tests {
         assert!(a[..img].contains(&"-t".to_string()));
         assert!(!a.contains(&"-i".to_string()));
         assert!(a.contains(&"A=1 2".to_string()));
+        for absent in [
+            "--init",
+            "--privileged",
+            "--user",
+            "--workdir",
+            "--entrypoint",
+        ] {
+            assert!(
+                !a.iter().any(|s| s.starts_with(absent)),
+                "{absent} in {a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn run_flags_reach_podman_before_the_image() {
+        let mut p = Plan::new(ImageSource::Registry {
+            reference: "x".into(),
+        });
+        p.user = Some("1000".into());
+        p.workdir = Some("/tmp".into());
+        p.entrypoint = Some("/bin/sh".into());
+        p.init = true;
+        p.privileged = true;
+        p.labels.insert("app".into(), "web=1".into());
+        p.cmd = Some(vec!["-c".into(), "id -u".into()]);
+        let a = run_args(&p, "img");
+        let img = a.iter().position(|s| s == "img").unwrap();
+        assert_eq!(&a[img + 1..], ["-c", "id -u"]);
+        for flag in [
+            "--user=1000",
+            "--workdir=/tmp",
+            "--entrypoint=/bin/sh",
+            "--init",
+            "--privileged",
+            "--label=app=web=1",
+        ] {
+            assert!(a[..img].contains(&flag.to_string()), "{flag} in {a:?}");
+        }
     }
 
     #[test]

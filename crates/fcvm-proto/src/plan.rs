@@ -97,6 +97,15 @@ pub struct Plan {
     /// User in the container (`podman run --user`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Run an init process as the container's PID 1 (`podman run --init`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
+    /// Labels on the container (`podman run --label`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Every capability and the VM's devices (`podman run --privileged`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
     /// Shared directories (placeholder; the agent rejects a non-empty list for now).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
@@ -128,6 +137,9 @@ pub enum PlanError {
     /// A string field contains NUL.
     #[error("Plan field {0} contains a NUL byte")]
     Nul(&'static str),
+    /// A label with an empty key, or `=` or NUL in its key, or NUL in its value.
+    #[error("Plan has a label with an empty key, '=' or NUL in its key, or NUL in its value")]
+    BadLabel,
     /// Volumes requested but not implemented.
     #[error("Volumes are not supported by this agent yet")]
     VolumesUnsupported,
@@ -161,6 +173,9 @@ impl Plan {
             hostname: None,
             workdir: None,
             user: None,
+            init: false,
+            labels: BTreeMap::new(),
+            privileged: false,
             volumes: Vec::new(),
         }
     }
@@ -200,6 +215,13 @@ impl Plan {
             }
         }
         validate_env(&self.env)?;
+        if self
+            .labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(PlanError::BadLabel);
+        }
         if !self.volumes.is_empty() {
             return Err(PlanError::VolumesUnsupported);
         }
@@ -224,6 +246,9 @@ mod tests {
         p.cmd = Some(vec!["sh".into(), "-c".into(), "echo hi".into()]);
         p.env.insert("FOO".into(), "bar baz".into());
         p.tty_size = Some(WindowSize { rows: 24, cols: 80 });
+        p.init = true;
+        p.privileged = true;
+        p.labels.insert("app".into(), "web=1".into());
         p
     }
 
@@ -239,6 +264,21 @@ mod tests {
 
     #[test]
     fn minimal_json_gets_defaults() {
+        // Flags left at their defaults are not written: the plan reads as before they existed.
+        let doc = serde_json::to_value(Plan::new(ImageSource::Registry {
+            reference: "alpine".into(),
+        }))
+        .unwrap();
+        for key in [
+            "init",
+            "privileged",
+            "labels",
+            "user",
+            "workdir",
+            "entrypoint",
+        ] {
+            assert!(doc.get(key).is_none(), "{key} in {doc}");
+        }
         let p: Plan = serde_json::from_str(
             r#"{"version":1,"image":{"kind":"registry","reference":"alpine"}}"#,
         )
@@ -282,6 +322,9 @@ mod tests {
         let mut p = archive_plan();
         p.hostname = Some("a\0".into());
         assert_eq!(p.validate(), Err(PlanError::Nul("hostname")));
+        let mut p = archive_plan();
+        p.labels.insert(String::new(), "v".into());
+        assert_eq!(p.validate(), Err(PlanError::BadLabel));
         let mut p = archive_plan();
         p.volumes.push(Volume {
             guest_path: "/data".into(),

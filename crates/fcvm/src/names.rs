@@ -100,9 +100,60 @@ impl fmt::Display for Name {
     }
 }
 
+/// Adjectives of generated names.
+const ADJECTIVES: &[&str] = &[
+    "able", "agile", "amber", "brave", "bright", "brisk", "calm", "clever", "cosy", "crisp",
+    "eager", "early", "fair", "fancy", "fast", "fond", "gentle", "glad", "golden", "grand",
+    "happy", "hardy", "jolly", "keen", "kind", "lively", "lucky", "merry", "mighty", "neat",
+    "nimble", "noble", "plucky", "polite", "proud", "quick", "quiet", "rapid", "ready", "shiny",
+    "silent", "smart", "snappy", "steady", "sunny", "swift", "tidy", "vivid", "warm", "witty",
+];
+
+/// Nouns of generated names.
+const NOUNS: &[&str] = &[
+    "badger", "beacon", "bison", "canyon", "cedar", "comet", "condor", "coral", "crane", "delta",
+    "dune", "eagle", "ember", "falcon", "fjord", "gecko", "glacier", "harbor", "heron", "island",
+    "jaguar", "kestrel", "lagoon", "lynx", "maple", "meadow", "meteor", "otter", "panda", "pebble",
+    "pine", "planet", "quartz", "raven", "reef", "river", "robin", "salmon", "sparrow", "summit",
+    "tiger", "tundra", "valley", "walrus", "willow", "wombat", "yak", "zebra", "orca", "osprey",
+];
+
+/// A fresh name for a VM given none: `adjective_noun_xxxx` (4 random hex digits), as podman
+/// names containers `adjective_surname`. 160 million of them, so two concurrent runs rarely
+/// draw the same; the state store refuses the second one atomically and it draws again.
+pub fn generate() -> Name {
+    let id = crate::state::new_vm_id();
+    let n = u64::from_str_radix(&id, 16).unwrap_or(0);
+    // 48 random bits: the suffix is the low 16, the words come from the 32 above them.
+    let adjective = ADJECTIVES[((n >> 16 & 0xffff) % ADJECTIVES.len() as u64) as usize];
+    let noun = NOUNS[((n >> 32 & 0xffff) % NOUNS.len() as u64) as usize];
+    let name = format!("{adjective}_{noun}_{}", &id[id.len() - 4..]);
+    Name::parse(&name).expect("generated names use only letters, digits and '_'")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_names_are_valid_and_vary() {
+        let names: std::collections::BTreeSet<String> =
+            (0..200).map(|_| generate().as_str().to_owned()).collect();
+        // 200 draws out of 160 million: a repeat would mean the randomness is broken.
+        assert_eq!(names.len(), 200);
+        for n in &names {
+            let parts: Vec<&str> = n.split('_').collect();
+            assert_eq!(parts.len(), 3, "{n}");
+            assert!(
+                ADJECTIVES.contains(&parts[0]) && NOUNS.contains(&parts[1]),
+                "{n}"
+            );
+            assert!(
+                parts[2].len() == 4 && parts[2].chars().all(|c| c.is_ascii_hexdigit()),
+                "{n}"
+            );
+        }
+    }
 
     #[test]
     fn accepts_ordinary_names() {

@@ -81,3 +81,31 @@ fn ls_on_a_fresh_base_dir_is_empty() {
     assert!(env.ls().is_empty());
     assert_eq!(env.ok(&["ls"]).lines().count(), 1, "only the header");
 }
+
+#[test]
+fn bad_container_flags_exit_125_naming_the_bad_part_and_leave_nothing() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let bad_line = dir.path().join("bad.env");
+    std::fs::write(&bad_line, "# ok\nA=1\nnot a name\n").unwrap();
+    let bad_line = bad_line.to_str().unwrap().to_owned();
+    for (args, needle) in [
+        (
+            vec!["--env-file", "/nope/vars.env"],
+            "--env-file /nope/vars.env: No such file",
+        ),
+        (vec!["--env-file", &bad_line], "bad.env:3:"),
+        (vec!["-e", "=x"], "invalid --env \"=x\""),
+        (vec!["-w", "tmp"], "invalid --workdir \"tmp\""),
+        (vec!["--user", ""], "invalid --user \"\""),
+        (vec!["--label", "novalue"], "invalid --label \"novalue\""),
+    ] {
+        let mut argv = vec!["podman", "run"];
+        argv.extend(args);
+        argv.extend(["busybox", "ls", "-la"]);
+        let (code, err) = stderr_of(&env, &argv);
+        assert_eq!(code, 125, "{argv:?}: {err}");
+        assert!(err.contains(needle), "{argv:?}: {err}");
+    }
+    env.assert_clean();
+}

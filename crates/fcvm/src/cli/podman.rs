@@ -21,20 +21,30 @@ pub enum PodmanCommand {
 
 /// `fcvm podman run`.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "fcvm podman run [OPTIONS] IMAGE [CMD [ARG...]]",
+    after_help = RUN_AFTER_HELP
+)]
 pub struct PodmanRunArgs {
-    /// VM name (letters, digits, '-', '_', '.'); unique among running VMs.
+    /// VM name (letters, digits, '-', '_', '.'); unique among running VMs. Generated
+    /// (adjective_noun_xxxx) when omitted.
     #[arg(long)]
-    pub name: String,
+    pub name: Option<String>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpu: u32,
     /// Memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub mem: u64,
-    /// Environment variable NAME=VALUE for the container; repeat it, or join with commas
-    /// (A=1,B=2).
-    #[arg(short, long = "env", value_name = "NAME=VALUE")]
+    /// Environment variable for the container: NAME=VALUE, or NAME alone for this host's
+    /// value (skipped when unset here), or NAME* for every host variable starting with NAME.
+    /// Repeat it; A=1,B=2 is split only when every piece is NAME=VALUE without another '='.
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
+    /// Read environment variables from FILE (one NAME=VALUE or NAME per line; '#' comment
+    /// lines and blank lines skipped; the value is taken verbatim, quotes included). -e wins.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Keep standard input open and forward it to the container.
     #[arg(short, long)]
     pub interactive: bool,
@@ -42,7 +52,27 @@ pub struct PodmanRunArgs {
     /// goes raw, without -i Ctrl-C is forwarded to the container as SIGINT).
     #[arg(short, long)]
     pub tty: bool,
-    /// Command as one string, split like a shell would (no expansion); instead of `-- CMD...`.
+    /// User (name or uid, with an optional :group) the command runs as in the container.
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Working directory of the command in the container (absolute).
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Override the image's entrypoint (a command, or a JSON array as podman takes it).
+    #[arg(long, value_name = "COMMAND")]
+    pub entrypoint: Option<String>,
+    /// Run an init process (catatonit) as the container's PID 1 that reaps zombies and
+    /// forwards signals.
+    #[arg(long)]
+    pub init: bool,
+    /// Label KEY=VALUE on the container (repeatable).
+    #[arg(short, long = "label", value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// Give the container every capability and the VM's devices (mknod works, /dev/vd*
+    /// visible). The VM is still the isolation boundary.
+    #[arg(long)]
+    pub privileged: bool,
+    /// Command as one string, split like a shell would (no expansion); instead of CMD...
     #[arg(long, value_name = "COMMAND")]
     pub cmd: Option<String>,
     /// Seconds the container gets to exit after Ctrl-C, SIGTERM or SIGHUP asked it to stop,
@@ -58,20 +88,55 @@ pub struct PodmanRunArgs {
     /// Guest root filesystem image (default: `fcvm setup rootfs`'s; env FCVM_ROOTFS).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// Image: a registry reference, `localhost/NAME:TAG` from this host's podman storage,
-    /// or with --image-archive the reference to run from the archive.
-    #[arg(required_unless_present = "image_archive")]
-    pub image: Option<String>,
-    /// Command and arguments (after `--`).
-    #[arg(last = true)]
-    pub command: Vec<String>,
+    /// IMAGE, then the command and its arguments. IMAGE: a registry reference,
+    /// `localhost/NAME:TAG` from this host's podman storage, or with --image-archive the
+    /// reference to run from the archive. Everything after IMAGE is the command, its own
+    /// flags included (`alpine ls -la`).
+    #[arg(
+        value_name = "IMAGE [CMD [ARG...]]",
+        trailing_var_arg = true,
+        num_args = 1..,
+        required_unless_present = "image_archive"
+    )]
+    pub image_and_command: Vec<String>,
+}
+
+/// How `podman run`'s positional arguments are read, under `--help`.
+const RUN_AFTER_HELP: &str = "\
+Everything after IMAGE is the container's command, as with podman: `fcvm podman run alpine ls -la`.
+A `--` right after IMAGE is dropped (`IMAGE -- CMD` works as before); anywhere later it is part
+of the command. Options of fcvm go before IMAGE.";
+
+impl PodmanRunArgs {
+    /// IMAGE and the command after it (a `--` right after IMAGE is dropped).
+    pub fn image_and_command(&self) -> (Option<String>, Vec<String>) {
+        split_leading(&self.image_and_command)
+    }
+}
+
+/// The first word, and the rest without a `--` that directly follows the first word.
+fn split_leading(words: &[String]) -> (Option<String>, Vec<String>) {
+    match words.split_first() {
+        None => (None, Vec::new()),
+        Some((first, rest)) => {
+            let rest = match rest.split_first() {
+                Some((dash, after)) if dash == "--" => after,
+                _ => rest,
+            };
+            (Some(first.clone()), rest.to_vec())
+        }
+    }
 }
 
 /// `fcvm exec`.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "fcvm exec [OPTIONS] NAME CMD [ARG...]\n       fcvm exec [OPTIONS] --name NAME|--pid PID CMD [ARG...]",
+    after_help = EXEC_AFTER_HELP
+)]
 pub struct ExecArgs {
-    /// VM name.
-    #[arg(long, required_unless_present = "pid", conflicts_with = "pid")]
+    /// VM name (instead of NAME before the command).
+    #[arg(long, conflicts_with = "pid")]
     pub name: Option<String>,
     /// Select the VM by the pid of its fcvm (or VMM) process.
     #[arg(long)]
@@ -85,12 +150,39 @@ pub struct ExecArgs {
     /// Allocate a terminal (raw mode here, window size forwarded).
     #[arg(short, long)]
     pub tty: bool,
-    /// Extra environment variable NAME=VALUE (repeatable, comma lists).
-    #[arg(short, long = "env", value_name = "NAME=VALUE")]
+    /// Extra environment variable NAME=VALUE, or NAME for this host's value (as `podman run -e`).
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
-    /// Command and arguments (after `--`).
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+    /// Working directory of the command (absolute).
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// NAME (unless --name or --pid is given), then the command and its arguments.
+    #[arg(
+        value_name = "[NAME] CMD [ARG...]",
+        trailing_var_arg = true,
+        num_args = 1..,
+        required = true
+    )]
+    pub name_and_command: Vec<String>,
+}
+
+/// How `exec`'s positional arguments are read, under `--help`.
+const EXEC_AFTER_HELP: &str = "\
+`fcvm exec web ls -la` and `fcvm exec --name web -- ls -la` are the same. Everything after NAME
+is the command, its own flags included.";
+
+impl ExecArgs {
+    /// The VM and the command.
+    pub fn target_and_command(&self) -> (Target, Vec<String>) {
+        if let Some(pid) = self.pid {
+            return (Target::Pid(pid), self.name_and_command.clone());
+        }
+        if let Some(name) = &self.name {
+            return (Target::Name(name.clone()), self.name_and_command.clone());
+        }
+        let (name, command) = split_leading(&self.name_and_command);
+        (Target::Name(name.unwrap_or_default()), command)
+    }
 }
 
 /// Dispatch `fcvm podman`.
@@ -101,17 +193,25 @@ pub async fn podman(paths: &Paths, cmd: PodmanCommand) -> Result<ExitCode> {
 }
 
 async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
+    let (image, command) = a.image_and_command();
     let req = PodmanRunRequest {
         name: a.name,
-        image: a.image,
+        image,
         image_archive: a.image_archive,
-        command: a.command,
+        command,
         cmd: a.cmd,
         env: a.env,
+        env_files: a.env_file,
         vcpus: a.cpu,
         mem_mib: a.mem,
         interactive: a.interactive,
         tty: a.tty,
+        user: a.user,
+        workdir: a.workdir,
+        entrypoint: a.entrypoint,
+        init: a.init,
+        labels: a.label,
+        privileged: a.privileged,
         kernel: a.kernel,
         rootfs: a.rootfs,
         stop_timeout: Duration::from_secs(a.stop_timeout),
@@ -128,25 +228,25 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         eprintln!("fcvm: error: the container could not run: {err}");
     }
     if outcome.interrupted.is_some() {
-        eprintln!("fcvm: interrupted; container and VM {} stopped", req.name);
+        eprintln!(
+            "fcvm: interrupted; container and VM {} stopped",
+            outcome.name
+        );
     }
     Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
 }
 
 /// Dispatch `fcvm exec`.
 pub async fn exec(paths: &Paths, a: ExecArgs) -> Result<ExitCode> {
-    let target = match (a.name, a.pid) {
-        (_, Some(pid)) => Target::Pid(pid),
-        (Some(name), None) => Target::Name(name),
-        (None, None) => unreachable!("clap requires --name or --pid"),
-    };
+    let (target, command) = a.target_and_command();
     let opts = ExecOptions {
         target,
         in_vm: a.vm,
         interactive: a.interactive,
         tty: a.tty,
         env: a.env,
-        command: a.command,
+        workdir: a.workdir,
+        command,
     };
     match exec::exec(paths, &opts).await {
         Ok(code) => {
@@ -157,5 +257,167 @@ pub async fn exec(paths: &Paths, a: ExecArgs) -> Result<ExitCode> {
             eprintln!("fcvm: error: {}", crate::report::chain(&e));
             Ok(ExitCode::from(e.exit_code()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::args::{Cli, Command};
+    use clap::Parser;
+
+    fn run_args(args: &[&str]) -> PodmanRunArgs {
+        let argv = ["fcvm", "podman", "run"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Podman(PodmanCommand::Run(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn image_cmd(args: &[&str]) -> (Option<String>, Vec<String>) {
+        run_args(args).image_and_command()
+    }
+
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn everything_after_the_image_is_the_command_flags_included() {
+        let img = Some("alpine".to_string());
+        assert_eq!(
+            image_cmd(&["alpine", "ls", "-la"]),
+            (img.clone(), words(&["ls", "-la"]))
+        );
+        // A command that starts with a flag, and one that spells fcvm's own flags.
+        assert_eq!(
+            image_cmd(&["alpine", "-la"]),
+            (img.clone(), words(&["-la"]))
+        );
+        assert_eq!(
+            image_cmd(&["alpine", "sh", "-c", "echo -e x", "--name", "y", "-it"]),
+            (
+                img.clone(),
+                words(&["sh", "-c", "echo -e x", "--name", "y", "-it"])
+            )
+        );
+        assert_eq!(run_args(&["alpine", "--name", "y"]).name, None);
+        assert_eq!(image_cmd(&["alpine"]), (img.clone(), vec![]));
+    }
+
+    #[test]
+    fn a_double_dash_after_the_image_still_works_and_later_ones_are_kept() {
+        let img = Some("alpine".to_string());
+        assert_eq!(
+            image_cmd(&["--name", "x", "alpine", "--", "ls", "-la"]),
+            (img.clone(), words(&["ls", "-la"]))
+        );
+        assert_eq!(
+            image_cmd(&["alpine", "sh", "--", "x"]),
+            (img.clone(), words(&["sh", "--", "x"]))
+        );
+        assert_eq!(
+            image_cmd(&["--", "alpine", "ls"]),
+            (img.clone(), words(&["ls"]))
+        );
+    }
+
+    #[test]
+    fn the_image_is_needed_unless_an_archive_is_given() {
+        assert!(Cli::try_parse_from(["fcvm", "podman", "run", "--name", "x"]).is_err());
+        assert_eq!(image_cmd(&["--image-archive", "img.tar"]), (None, vec![]));
+        // A mistyped option before the image is still a usage error, not an image name.
+        assert!(Cli::try_parse_from(["fcvm", "podman", "run", "--nmae", "x", "img"]).is_err());
+    }
+
+    #[test]
+    fn run_flags_parse_as_podman_spells_them() {
+        let a = run_args(&[
+            "-e",
+            "A=1",
+            "-e",
+            "HOME",
+            "--env-file",
+            "a.env",
+            "--env-file=b.env",
+            "-u",
+            "1000:1000",
+            "-w",
+            "/tmp",
+            "--entrypoint",
+            "/bin/sh",
+            "--init",
+            "-l",
+            "k=v",
+            "--label",
+            "x=y",
+            "--privileged",
+            "-it",
+            "img",
+            "-c",
+            "id",
+        ]);
+        assert_eq!(a.env, words(&["A=1", "HOME"]));
+        assert_eq!(
+            a.env_file,
+            vec![PathBuf::from("a.env"), PathBuf::from("b.env")]
+        );
+        assert_eq!(a.user.as_deref(), Some("1000:1000"));
+        assert_eq!(a.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(a.entrypoint.as_deref(), Some("/bin/sh"));
+        assert!(a.init && a.privileged && a.interactive && a.tty);
+        assert_eq!(a.label, words(&["k=v", "x=y"]));
+        assert_eq!(
+            a.image_and_command(),
+            (Some("img".into()), words(&["-c", "id"]))
+        );
+        let a = run_args(&["--workdir=/w", "--user=nobody", "img"]);
+        assert_eq!(
+            (a.workdir.as_deref(), a.user.as_deref()),
+            (Some("/w"), Some("nobody"))
+        );
+    }
+
+    fn exec_target(args: &[&str]) -> (String, Vec<String>) {
+        let argv = ["fcvm", "exec"].iter().chain(args);
+        let a = match Cli::try_parse_from(argv).unwrap().command {
+            Command::Exec(a) => a,
+            other => panic!("{other:?}"),
+        };
+        match a.target_and_command() {
+            (Target::Name(n), c) => (n, c),
+            (Target::Pid(p), c) => (format!("pid:{p}"), c),
+        }
+    }
+
+    #[test]
+    fn exec_takes_the_name_first_or_from_name_or_pid() {
+        let ls = words(&["ls", "-la"]);
+        assert_eq!(
+            exec_target(&["web", "ls", "-la"]),
+            ("web".into(), ls.clone())
+        );
+        assert_eq!(
+            exec_target(&["-it", "web", "--", "ls", "-la"]),
+            ("web".into(), ls.clone())
+        );
+        assert_eq!(
+            exec_target(&["--name", "web", "--", "ls", "-la"]),
+            ("web".into(), ls.clone())
+        );
+        assert_eq!(
+            exec_target(&["--name", "web", "ls", "-la"]),
+            ("web".into(), ls.clone())
+        );
+        assert_eq!(
+            exec_target(&["--pid", "42", "ls", "-la"]),
+            ("pid:42".into(), ls.clone())
+        );
+        assert_eq!(
+            exec_target(&["-w", "/tmp", "web", "pwd"]),
+            ("web".into(), words(&["pwd"]))
+        );
+        assert!(Cli::try_parse_from(["fcvm", "exec"]).is_err());
+        assert!(Cli::try_parse_from(["fcvm", "exec", "--name", "a", "--pid", "1", "ls"]).is_err());
     }
 }

@@ -48,6 +48,8 @@ pub struct ExecOptions {
     pub tty: bool,
     /// `--env` occurrences.
     pub env: Vec<String>,
+    /// `-w`: working directory of the command.
+    pub workdir: Option<String>,
     /// Program and arguments.
     pub command: Vec<String>,
 }
@@ -67,7 +69,7 @@ pub enum ExecError {
     )]
     NotContainer(String),
     /// Empty command.
-    #[error("no command given: put it after `--`, e.g. `fcvm exec --name N -- ls /`")]
+    #[error("no command given: put it after the VM's name, e.g. `fcvm exec NAME ls /`")]
     NoCommand,
     /// Bad `--env`.
     #[error(transparent)]
@@ -134,6 +136,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
         return Err(ExecError::NoCommand);
     }
     let env = plan::parse_env(&opts.env)?;
+    let workdir = plan::workdir(opts.workdir.as_deref())?;
     let t0 = std::time::Instant::now();
     let record = find_vm(paths, &opts.target)?;
     tracing::debug!(vm = %record.name, "exec: found the VM in {:?}", t0.elapsed());
@@ -154,7 +157,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
             None
         },
         env,
-        workdir: None,
+        workdir,
     };
     request
         .validate()

@@ -1,5 +1,5 @@
 //! The issue-8 defects that need a booted Linux guest: `podman run -t` without `-i`, a
-//! forced `fcvm stop`, SIGHUP. They cannot run on a host whose KVM boots no Linux guest
+//! forced `fcvm stop`, SIGHUP; and the issue-12 run flags as the container sees them. They cannot run on a host whose KVM boots no Linux guest
 //! (nested PVM), so they SKIP loudly there and fail under CI. Run them where guests boot
 //! (a real KVM host, or the emulated one), with:
 //!
@@ -101,6 +101,56 @@ impl Guest {
             .args(["--", "sh", "-c", script]);
         cmd
     }
+
+    /// `fcvm podman run FLAGS --kernel K --rootfs R --image-archive A IMAGE ARGS...`, with no
+    /// `--name` unless `flags` has one and no `--` unless `args` has one.
+    fn run_bare(&self, env: &TestEnv, flags: &[&str], args: &[&str]) -> Command {
+        let mut cmd = env.command();
+        cmd.args(["podman", "run"])
+            .args(flags)
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .arg("--image-archive")
+            .arg(&self.archive)
+            .arg(&self.image)
+            .args(args);
+        cmd
+    }
+}
+
+/// Run `cmd` to its end (bounded by [`READY`]: a whole cold run, boot to exit) and return
+/// (exit code, stdout, stderr).
+fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_until(READY, what, || child.try_wait().unwrap());
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), out, err)
+}
+
+/// The `key=value` lines of a container's output.
+fn report(out: &str) -> std::collections::BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 fn wait_healthy(env: &TestEnv, name: &str) {
@@ -269,5 +319,107 @@ fn interactive_tty_from_a_pipe_never_hangs() {
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"hi\n").unwrap();
     let status = wait_exit(&mut child, "podman run -it with piped stdin");
     assert_eq!(status.code(), Some(125));
+    env.assert_clean();
+}
+
+/// One VM, many `podman run` flags, as the container sees them: the command right after IMAGE
+/// without `--` and starting with a flag of its own (`-c`, which only works because
+/// `--entrypoint /bin/sh` replaced the image's missing entrypoint), `-e NAME` from this host
+/// (and one the host lacks, skipped), `-e` with commas and `=` in the value, `--env-file` with
+/// comments, quotes and a value `-e` overrides, `--user 1000`, `-w /tmp`, `--init`, and a
+/// generated name that is also the guest's hostname.
+#[test]
+fn run_flags_reach_the_container_without_a_double_dash() {
+    let Some(g) = guest_or_skip("run_flags") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("vars.env");
+    std::fs::write(
+        &env_file,
+        "# settings\n\nFILE_PLAIN=from the file\nFILE_QUOTED=\"kept\"\nFCVM_FROM_HOST=file loses\n",
+    )
+    .unwrap();
+    let script = "echo uid=$(id -u); echo cwd=$(pwd); echo host=$FCVM_FROM_HOST; \
+                  echo missing=${FCVM_NOT_ON_HOST-unset}; echo opts=$OPTS; \
+                  echo plain=$FILE_PLAIN; echo quoted=$FILE_QUOTED; echo self=$$; \
+                  echo pid1=$(cat /proc/1/comm); echo hostname=$(hostname); \
+                  test -e /dev/vda && echo vda=visible || echo vda=hidden";
+    let mut cmd = g.run_bare(
+        &env,
+        &[
+            "-e",
+            "FCVM_FROM_HOST",
+            "-e",
+            "FCVM_NOT_ON_HOST",
+            "-e",
+            "OPTS=x=1,y=2",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--user",
+            "1000",
+            "-w",
+            "/tmp",
+            "--entrypoint",
+            "/bin/sh",
+            "--init",
+            "--label",
+            "app=flags",
+        ],
+        &["-c", script],
+    );
+    cmd.env("FCVM_FROM_HOST", "host value")
+        .env_remove("FCVM_NOT_ON_HOST");
+    let (code, out, err) = run_to_end(cmd, "podman run with the run flags");
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let r = report(&out);
+    let got = |k: &str| r.get(k).map(String::as_str).unwrap_or("<absent>");
+    assert_eq!(got("uid"), "1000", "{out}");
+    assert_eq!(got("cwd"), "/tmp", "{out}");
+    assert_eq!(
+        got("host"),
+        "host value",
+        "-e NAME wins over the file: {out}"
+    );
+    assert_eq!(got("missing"), "unset", "{out}");
+    assert_eq!(got("opts"), "x=1,y=2", "{out}");
+    assert_eq!(got("plain"), "from the file", "{out}");
+    assert_eq!(got("quoted"), "\"kept\"", "{out}");
+    // --init: an init process is PID 1 and the shell is not.
+    assert_ne!(got("self"), "1", "{out}");
+    assert_ne!(got("pid1"), "sh", "{out}");
+    assert_eq!(got("vda"), "hidden", "{out}");
+    let hostname = got("hostname");
+    let parts: Vec<&str> = hostname.split('_').collect();
+    assert!(
+        parts.len() == 3 && parts[2].len() == 4,
+        "a generated adjective_noun_xxxx name: {out}"
+    );
+    env.assert_clean();
+}
+
+/// `--privileged` gives the container mknod (CAP_MKNOD is not among podman's default
+/// capabilities) and the VM's devices. Their absence without it: `/dev/vda` hidden in
+/// `run_flags_reach_the_container_without_a_double_dash`, and the agent adds
+/// `--privileged` to podman only when asked (unit test in fc-agent).
+#[test]
+fn privileged_allows_mknod_and_shows_the_vm_s_devices() {
+    let Some(g) = guest_or_skip("privileged") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let script = "mknod /tmp/null2 c 1 3 && echo mknod=ok || echo mknod=denied; \
+                  test -b /dev/vda && echo vda=visible || echo vda=hidden";
+    let cmd = g.run_bare(&env, &["--privileged"], &["sh", "-c", script]);
+    let (code, out, err) = run_to_end(cmd, "podman run --privileged");
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let r = report(&out);
+    assert_eq!(
+        r.get("mknod").map(String::as_str),
+        Some("ok"),
+        "{out}\n{err}"
+    );
+    assert_eq!(r.get("vda").map(String::as_str), Some("visible"), "{out}");
     env.assert_clean();
 }

@@ -14,6 +14,7 @@
 //!    force if it does not end. With `-t` but no `-i`, SIGINT is forwarded to the container.
 //! 5. Tear down through the handle (`cleanup::teardown`).
 
+pub mod env;
 pub mod image;
 pub mod machine;
 pub mod plan;
@@ -70,11 +71,15 @@ pub const EXIT_FCVM_FAILED: u8 = 125;
 /// The container was killed (SIGKILL), e.g. by a forced `fcvm stop`.
 pub const EXIT_KILLED: i32 = 128 + libc::SIGKILL;
 
+/// How many generated names are tried before giving up (each clash is a live VM that
+/// drew the same name; with thousands of names and 16 bits of suffix, one retry is rare).
+const NAME_ATTEMPTS: usize = 8;
+
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
 pub struct PodmanRunRequest {
-    /// VM name.
-    pub name: String,
+    /// VM name; generated when `None`.
+    pub name: Option<String>,
     /// Image reference (optional with `image_archive`).
     pub image: Option<String>,
     /// `--image-archive`.
@@ -85,6 +90,20 @@ pub struct PodmanRunRequest {
     pub cmd: Option<String>,
     /// `--env` occurrences.
     pub env: Vec<String>,
+    /// `--env-file`s, read before `env`.
+    pub env_files: Vec<PathBuf>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `-w/--workdir`.
+    pub workdir: Option<String>,
+    /// `--entrypoint`.
+    pub entrypoint: Option<String>,
+    /// `--init`.
+    pub init: bool,
+    /// `--label` occurrences.
+    pub labels: Vec<String>,
+    /// `--privileged`.
+    pub privileged: bool,
     /// vCPUs.
     pub vcpus: u32,
     /// Memory in MiB.
@@ -184,6 +203,8 @@ impl From<LaunchError> for PodmanError {
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct PodmanOutcome {
+    /// The VM's name (given or generated).
+    pub name: Name,
     /// The container's exit code (125 when it could not be started; 137 when it was
     /// killed, as podman reports).
     pub exit_code: i32,
@@ -254,11 +275,24 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     // Registered first: from here on a signal is ours to handle, never a silent death.
     let mut signals = Signals::new().map_err(PodmanError::Signals)?;
     tty::check_request(req.interactive, req.tty, tty::stdin_is_terminal())?;
-    let prepared = prepare(paths, req)?;
+    let mut prepared = prepare(paths, req)?;
     timeline.mark("checked");
 
     let host = Host::new(Store::open(paths)?);
-    let mut vm = launch(&host, spec_for(paths, &prepared)).await?;
+    // The store claims names atomically: a generated name another VM holds is drawn again.
+    let mut attempts = 1;
+    let mut vm = loop {
+        match launch(&host, spec_for(paths, &prepared)).await {
+            Err(LaunchError::Store(StoreError::NameTaken { .. }))
+                if req.name.is_none() && attempts < NAME_ATTEMPTS =>
+            {
+                attempts += 1;
+                prepared.set_name(crate::names::generate());
+            }
+            launched => break launched?,
+        }
+    };
+    tracing::info!("VM {}", prepared.name);
     timeline.mark("configured");
     let result = attach_and_follow(&mut vm, &prepared, &mut timeline, &mut signals).await;
     if std::env::var_os(TIMINGS_ENV).is_some() {
@@ -268,11 +302,26 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     result
 }
 
+impl Prepared {
+    /// Another name for the VM, and so for the guest's hostname.
+    fn set_name(&mut self, name: Name) {
+        self.plan.hostname = Some(name.as_str().to_owned());
+        self.name = name;
+    }
+}
+
 fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanError> {
-    let name = Name::parse(&req.name)?;
+    let name = match &req.name {
+        Some(n) => Name::parse(n)?,
+        None => crate::names::generate(),
+    };
     let (vcpus, mem_mib) = validate_sizing(req.vcpus, req.mem_mib)?;
-    let env = plan::parse_env(&req.env)?;
+    let env = env::container_env(&req.env_files, &req.env, &env::ProcessEnv)
+        .map_err(plan::PlanArgsError::from)?;
     let cmd = plan::command(&req.command, req.cmd.as_deref())?;
+    let user = plan::user(req.user.as_deref())?;
+    let workdir = plan::workdir(req.workdir.as_deref())?;
+    let labels = plan::parse_labels(&req.labels)?;
     let image_req = image::classify(req.image.as_deref(), req.image_archive.as_deref())?;
     if let image::ImageRequest::Archive { file, .. } = &image_req {
         image::check_archive(file)?;
@@ -299,6 +348,12 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
             tty: req.tty,
             tty_size: if req.tty { tty::terminal_size() } else { None },
             hostname: Some(name.as_str().to_owned()),
+            user,
+            workdir,
+            entrypoint: req.entrypoint.clone(),
+            init: req.init,
+            labels,
+            privileged: req.privileged,
         },
     );
     plan.validate()?;
@@ -425,6 +480,7 @@ async fn attach_and_follow(
     });
     match exit_code(end.exit_code, end.interrupted, stopped) {
         Some(code) => Ok(PodmanOutcome {
+            name: p.name.clone(),
             exit_code: code,
             guest_error: end.guest_error,
             interrupted: end.interrupted,

@@ -5,19 +5,16 @@ use std::collections::BTreeMap;
 use fcvm_proto::frame::WindowSize;
 use fcvm_proto::plan::{ImageSource, Plan};
 
+use super::env::{self, EnvError};
+
 /// Invalid container arguments.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanArgsError {
-    /// `--env` item without `=`, or with an empty name.
-    #[error(
-        "invalid --env {0:?}: expected NAME=VALUE (several may be joined with commas: A=1,B=2)"
-    )]
-    EnvSyntax(String),
-    /// A name that a process environment cannot hold.
-    #[error("invalid --env name {0:?}: names must not contain '=', ',' or NUL bytes")]
-    EnvName(String),
+    /// A bad `-e` item or `--env-file`.
+    #[error(transparent)]
+    Env(#[from] EnvError),
     /// Both `--cmd` and a trailing command.
-    #[error("give the command either after `--` or with --cmd, not both")]
+    #[error("give the command either after IMAGE or with --cmd, not both")]
     TwoCommands,
     /// `--cmd` that does not split into words.
     #[error("cannot parse --cmd {cmd:?}: {reason}")]
@@ -33,52 +30,58 @@ pub enum PlanArgsError {
     /// A NUL byte in an argument.
     #[error("command argument {0:?} contains a NUL byte")]
     Nul(String),
+    /// `-w` that is not absolute.
+    #[error("invalid --workdir {0:?}: it must be an absolute path in the container")]
+    Workdir(String),
+    /// `--user ''` or a user with whitespace.
+    #[error("invalid --user {0:?}: expected a name or uid, optionally with :group")]
+    User(String),
+    /// `--label` without `KEY=`.
+    #[error("invalid --label {0:?}: expected KEY=VALUE")]
+    Label(String),
 }
 
-/// Parse every `--env` occurrence. Each may hold a comma-separated list; a comma starts a
-/// new variable only when what follows looks like `NAME=`, so `PATH=/a,/b` keeps its comma.
+/// `-e` items for `fcvm exec`, read with this host's environment.
 pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, PlanArgsError> {
-    let mut env = BTreeMap::new();
-    for item in items {
-        for part in split_env_list(item) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| PlanArgsError::EnvSyntax(part.clone()))?;
-            if name.is_empty() {
-                return Err(PlanArgsError::EnvSyntax(part.clone()));
-            }
-            if !is_env_name(name) {
-                return Err(PlanArgsError::EnvName(name.to_owned()));
-            }
-            if value.contains('\0') {
-                return Err(PlanArgsError::Nul(part.clone()));
-            }
-            env.insert(name.to_owned(), value.to_owned());
-        }
-    }
-    Ok(env)
+    Ok(env::container_env(&[], items, &env::ProcessEnv)?)
 }
 
-fn is_env_name(name: &str) -> bool {
-    !name.contains(['=', ',', '\0']) && !name.contains(char::is_whitespace)
+/// `--label KEY=VALUE` items.
+pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, PlanArgsError> {
+    items
+        .iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !item.contains('\0') => {
+                Ok((k.to_owned(), v.to_owned()))
+            }
+            _ => Err(PlanArgsError::Label(item.clone())),
+        })
+        .collect()
 }
 
-fn split_env_list(item: &str) -> Vec<String> {
-    let mut parts: Vec<String> = Vec::new();
-    for piece in item.split(',') {
-        let starts_new = match piece.split_once('=') {
-            Some((name, _)) => !name.is_empty() && is_env_name(name),
-            None => false,
-        };
-        match parts.last_mut() {
-            Some(last) if !starts_new => {
-                last.push(',');
-                last.push_str(piece);
-            }
-            _ => parts.push(piece.to_owned()),
+/// `-w`: absolute, as podman requires.
+pub fn workdir(w: Option<&str>) -> Result<Option<String>, PlanArgsError> {
+    match w {
+        Some(w) if !w.starts_with('/') || w.contains('\0') => {
+            Err(PlanArgsError::Workdir(w.to_owned()))
         }
+        w => Ok(w.map(str::to_owned)),
     }
-    parts
+}
+
+/// `--user`: a name or number, optionally `:group`; podman in the guest resolves it.
+pub fn user(u: Option<&str>) -> Result<Option<String>, PlanArgsError> {
+    match u {
+        Some(u)
+            if u.is_empty()
+                || u.starts_with(':')
+                || u.contains(char::is_whitespace)
+                || u.contains('\0') =>
+        {
+            Err(PlanArgsError::User(u.to_owned()))
+        }
+        u => Ok(u.map(str::to_owned)),
+    }
 }
 
 /// The command to run: the trailing arguments, or `--cmd` split like a shell would
@@ -123,6 +126,18 @@ pub struct PlanOptions {
     pub tty_size: Option<WindowSize>,
     /// Guest hostname.
     pub hostname: Option<String>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `-w`.
+    pub workdir: Option<String>,
+    /// `--entrypoint`.
+    pub entrypoint: Option<String>,
+    /// `--init`.
+    pub init: bool,
+    /// `--label`s.
+    pub labels: BTreeMap<String, String>,
+    /// `--privileged`.
+    pub privileged: bool,
 }
 
 /// The plan for `image` with `opts`.
@@ -136,56 +151,18 @@ pub fn build(image: ImageSource, opts: PlanOptions) -> Plan {
         .tty
         .then(|| opts.tty_size.unwrap_or(WindowSize { rows: 24, cols: 80 }));
     plan.hostname = opts.hostname;
+    plan.user = opts.user;
+    plan.workdir = opts.workdir;
+    plan.entrypoint = opts.entrypoint;
+    plan.init = opts.init;
+    plan.labels = opts.labels;
+    plan.privileged = opts.privileged;
     plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(items: &[&str]) -> Result<Vec<(String, String)>, PlanArgsError> {
-        let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
-        parse_env(&items).map(|m| m.into_iter().collect())
-    }
-
-    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn env_repeated_and_comma_lists() {
-        assert_eq!(
-            env(&["A=1", "B=2,C=3", "D="]).unwrap(),
-            kv(&[("A", "1"), ("B", "2"), ("C", "3"), ("D", "")])
-        );
-        assert_eq!(
-            env(&["PATH=/a,/b,X=y=z"]).unwrap(),
-            kv(&[("PATH", "/a,/b"), ("X", "y=z")])
-        );
-        assert_eq!(env(&["A=1", "A=2"]).unwrap(), kv(&[("A", "2")]));
-        // A comma not followed by NAME= belongs to the value.
-        assert_eq!(env(&["A=1,=2"]).unwrap(), kv(&[("A", "1,=2")]));
-        assert_eq!(
-            env(&["MSG=hello world"]).unwrap(),
-            kv(&[("MSG", "hello world")])
-        );
-    }
-
-    #[test]
-    fn env_rejects_bad_syntax() {
-        for bad in ["NOEQUALS", "=1", ",A=1"] {
-            assert!(
-                matches!(env(&[bad]), Err(PlanArgsError::EnvSyntax(_))),
-                "{bad}"
-            );
-        }
-        assert!(matches!(env(&["A B=1"]), Err(PlanArgsError::EnvName(_))));
-        let msg = env(&["NOEQUALS"]).unwrap_err().to_string();
-        assert!(msg.contains("NAME=VALUE"), "{msg}");
-    }
 
     #[test]
     fn trailing_command_or_cmd_string() {
@@ -218,7 +195,7 @@ mod tests {
             },
             PlanOptions {
                 cmd: Some(vec!["true".into()]),
-                env: parse_env(&["A=1".into()]).unwrap(),
+                env: [("A".to_owned(), "1".to_owned())].into(),
                 tty: true,
                 ..Default::default()
             },
@@ -234,5 +211,55 @@ mod tests {
         );
         assert_eq!(p.tty_size, None);
         assert_eq!(p.cmd, None);
+    }
+
+    #[test]
+    fn run_flags_travel_in_the_plan() {
+        let p = build(
+            ImageSource::Registry {
+                reference: "alpine".into(),
+            },
+            PlanOptions {
+                user: user(Some("1000:1000")).unwrap(),
+                workdir: workdir(Some("/tmp")).unwrap(),
+                entrypoint: Some("/bin/sh".into()),
+                init: true,
+                labels: parse_labels(&["a=1".into(), "b=x=y".into(), "c=".into()]).unwrap(),
+                privileged: true,
+                ..Default::default()
+            },
+        );
+        p.validate().unwrap();
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["user"], "1000:1000");
+        assert_eq!(json["workdir"], "/tmp");
+        assert_eq!(json["entrypoint"], "/bin/sh");
+        assert_eq!(json["init"], true);
+        assert_eq!(json["privileged"], true);
+        assert_eq!(json["labels"]["b"], "x=y");
+        assert_eq!(json["labels"]["c"], "");
+    }
+
+    #[test]
+    fn run_flags_are_checked_before_boot() {
+        assert_eq!(
+            workdir(Some("tmp")),
+            Err(PlanArgsError::Workdir("tmp".into()))
+        );
+        assert_eq!(workdir(None), Ok(None));
+        for bad in ["", ":1000", "a b"] {
+            assert_eq!(
+                user(Some(bad)),
+                Err(PlanArgsError::User(bad.into())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(user(Some("nobody")), Ok(Some("nobody".into())));
+        for bad in ["novalue", "=v"] {
+            assert_eq!(
+                parse_labels(&[bad.into()]),
+                Err(PlanArgsError::Label(bad.into()))
+            );
+        }
     }
 }
