@@ -17,6 +17,11 @@ mod reaper;
 mod vsock;
 
 fn main() {
+    // Answered before anything else, outside a VM too: `fcvm --version` asks it.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--version") {
+        println!("fc-agent {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     log::init();
     if std::process::id() != 1 {
         eprintln!("fc-agent: must run as PID 1 of a microVM (it mounts filesystems and powers off); refusing");

@@ -24,6 +24,11 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {
+            // Versions of the agent and Firecracker too, as found now; never an error.
+            print!("{}", cli::version::report(&fcvm::paths::Paths::from_env()));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(cli::usage_exit_code(&e, &argv));

@@ -109,3 +109,49 @@ fn bad_container_flags_exit_125_naming_the_bad_part_and_leave_nothing() {
     }
     env.assert_clean();
 }
+
+#[test]
+fn bash_completion_loads_and_completes_run_flags() {
+    let script = format!(
+        "source <({} completions bash) && complete -p fcvm && \
+         COMP_WORDS=(fcvm podman run --env-f) COMP_CWORD=3 COMP_LINE='fcvm podman run --env-f' \
+         COMP_POINT=23 && _fcvm fcvm --env-f run && echo \"reply: ${{COMPREPLY[*]}}\"",
+        env!("CARGO_BIN_EXE_fcvm")
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("-F _fcvm fcvm"), "{text}");
+    assert!(text.contains("reply: --env-file"), "{text}");
+}
+
+#[test]
+fn version_names_fcvm_the_agent_and_firecracker_and_never_fails() {
+    let env = TestEnv::new();
+    let out = env
+        .command()
+        .arg("--version")
+        .env("FCVM_FIRECRACKER_BIN", "/nope/firecracker")
+        .env("FCVM_AGENT_BIN", "/nope/fc-agent")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], format!("fcvm {}", env!("CARGO_PKG_VERSION")));
+    assert!(
+        lines[1].starts_with("agent: /nope/fc-agent (version unknown"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[2], "firecracker: not found (`fcvm setup firecracker`)",
+        "{text}"
+    );
+}

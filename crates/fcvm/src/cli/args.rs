@@ -47,6 +47,37 @@ pub enum Command {
     Snapshot(super::snapshot::SnapshotCommand),
     /// List and remove snapshots.
     Snapshots(super::snapshot::SnapshotsArgs),
+    /// Print a shell completion script (`source <(fcvm completions bash)`).
+    Completions(CompletionsArgs),
+    /// Write man pages (fcvm.1 and one per subcommand) into a directory.
+    Man(ManArgs),
+}
+
+/// `fcvm completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// Which shell.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells with completion scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    /// bash (`source <(fcvm completions bash)`, or into /etc/bash_completion.d/fcvm).
+    Bash,
+    /// zsh (into a directory of $fpath as `_fcvm`).
+    Zsh,
+    /// fish (into ~/.config/fish/completions/fcvm.fish).
+    Fish,
+}
+
+/// `fcvm man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write the pages to (created if missing), e.g. /usr/local/share/man/man1.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 /// `fcvm setup`.

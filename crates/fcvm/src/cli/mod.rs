@@ -3,6 +3,7 @@
 pub mod args;
 pub mod podman;
 pub mod snapshot;
+pub mod version;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -23,6 +24,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Some(dir) => Paths::new(dir),
         None => Paths::from_env(),
     };
+    // Generated from the grammar alone: no state is read or reaped.
+    match &cli.command {
+        Command::Completions(a) => return cmd_completions(a.shell),
+        Command::Man(a) => return cmd_man(&a.dir),
+        _ => {}
+    }
     reap_stale(&paths);
     match cli.command {
         Command::Setup(a) => cmd_setup(&paths, a.step),
@@ -34,7 +41,51 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Exec(a) => podman::exec(&paths, a).await,
         Command::Snapshot(c) => snapshot::snapshot(&paths, c).await,
         Command::Snapshots(c) => snapshot::snapshots(&paths, c).await,
+        Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
     }
+}
+
+/// The completion script for `shell`, generated from the clap grammar.
+pub fn completion_script(shell: args::CompletionShell) -> Vec<u8> {
+    use clap::CommandFactory;
+    let shell = match shell {
+        args::CompletionShell::Bash => clap_complete::Shell::Bash,
+        args::CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        args::CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "fcvm", &mut out);
+    out
+}
+
+fn cmd_completions(shell: args::CompletionShell) -> Result<ExitCode> {
+    std::io::stdout().write_all(&completion_script(shell))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Write `fcvm.1` and a page per subcommand (`fcvm-podman-run.1`, ...) into `dir`; returns
+/// fcvm's pages now in `dir`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)?;
+    let mut written: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("fcvm") && n.ends_with(".1"))
+        })
+        .collect();
+    written.sort();
+    Ok(written)
+}
+
+fn cmd_man(dir: &std::path::Path) -> Result<ExitCode> {
+    let pages = write_man_pages(dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    eprintln!("{} man pages in {}", pages.len(), dir.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Every command first cleans up after VMs whose owner died (e.g. a SIGKILLed fcvm).
@@ -335,5 +386,54 @@ mod tests {
         assert_eq!(code(&["fcvm", "ls", "--nope"]), 2);
         assert_eq!(code(&["fcvm", "podman", "run", "--help"]), 0);
         assert_eq!(code(&["fcvm", "--version"]), 0);
+    }
+
+    #[test]
+    fn completion_scripts_name_the_subcommands_and_run_flags() {
+        for shell in [
+            args::CompletionShell::Bash,
+            args::CompletionShell::Zsh,
+            args::CompletionShell::Fish,
+        ] {
+            let text = String::from_utf8(completion_script(shell)).unwrap();
+            for word in [
+                "podman",
+                "exec",
+                "snapshot",
+                "env-file",
+                "privileged",
+                "completions",
+            ] {
+                assert!(text.contains(word), "{shell:?} lacks {word}");
+            }
+            assert!(!text.contains("__resume-guard"), "{shell:?}");
+        }
+    }
+
+    #[test]
+    fn man_pages_for_fcvm_and_its_subcommands() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = write_man_pages(dir.path()).unwrap();
+        let names: Vec<String> = pages
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        for page in [
+            "fcvm.1",
+            "fcvm-podman-run.1",
+            "fcvm-exec.1",
+            "fcvm-snapshot-create.1",
+        ] {
+            assert!(names.contains(&page.to_string()), "{page} not in {names:?}");
+        }
+        let run = std::fs::read_to_string(dir.path().join("fcvm-podman-run.1")).unwrap();
+        assert!(
+            run.starts_with(".ie") || run.contains(".TH"),
+            "roff: {run:.200}"
+        );
+        assert!(
+            run.contains("env\\-file") || run.contains("env-file"),
+            "{run:.2000}"
+        );
     }
 }
