@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use crate::common::TestEnv;
 
 fn stderr_of(env: &TestEnv, args: &[&str]) -> (i32, String) {
@@ -154,4 +156,79 @@ fn version_names_fcvm_the_agent_and_firecracker_and_never_fails() {
         lines[2], "firecracker: not found (`fcvm setup firecracker`)",
         "{text}"
     );
+}
+
+#[test]
+fn ps_inspect_and_rm_of_container_vms() {
+    use fcvm::names::Name;
+    use fcvm::state::{new_vm_id, Health, Store, VmKind, VmRecord, VmStatus};
+    let env = TestEnv::new();
+    let store = Store::open(&fcvm::paths::Paths::new(env.base())).unwrap();
+    // A running container VM, owned by a process that stands in for its foreground fcvm.
+    let mut owner = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let record = |name: &str| {
+        let id = new_vm_id();
+        let mut r = VmRecord::new(
+            id.clone(),
+            Name::parse(name).unwrap(),
+            VmKind::Container,
+            env.base().join("vms").join(id),
+        );
+        r.image = Some("localhost/bb:1".into());
+        r
+    };
+    let mut web = record("web");
+    web.status = VmStatus::Running;
+    web.health = Health::Healthy;
+    web.owner = fcvm::process::ProcessRef::of_pid(owner.id()).unwrap();
+    store.create(&web).unwrap();
+    let mut broken = record("broken");
+    broken.status = VmStatus::Failed;
+    broken.error = Some("the guest agent did not connect".into());
+    store.create(&broken).unwrap();
+
+    let ps = env.ok(&["ps"]);
+    assert!(ps.contains("web") && ps.contains("Up "), "{ps}");
+    assert!(!ps.contains("broken"), "{ps}");
+    let all: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    let states: Vec<(String, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["Names"][0].to_string(), e["State"].to_string()))
+        .collect();
+    assert!(
+        states.contains(&("\"web\"".into(), "\"running\"".into())),
+        "{all}"
+    );
+    assert!(
+        states.contains(&("\"broken\"".into(), "\"failed\"".into())),
+        "{all}"
+    );
+
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "web"])).unwrap();
+    assert_eq!(inspect[0]["name"], "web");
+    assert_eq!(inspect[0]["id"], web.id.as_str());
+    let (code, err) = stderr_of(&env, &["inspect", "ghost"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ghost"), "{err}");
+
+    // A running one needs -f; an ended one goes at once.
+    let (code, err) = stderr_of(&env, &["rm", "web"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("it is running"), "{err}");
+    assert_eq!(env.ok(&["rm", "broken"]).trim(), "broken");
+    assert!(!env.ok(&["ps", "-a"]).contains("broken"));
+    assert_eq!(env.ok(&["rm", "-f", "-t", "0", "web"]).trim(), "web");
+    // -f stopped the stand-in owner.
+    let status = crate::common::wait_until(Duration::from_secs(10), "the owner to stop", || {
+        owner.try_wait().unwrap()
+    });
+    assert!(!status.success());
+    assert_eq!(env.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+    env.assert_clean();
 }

@@ -47,10 +47,58 @@ pub enum Command {
     Snapshot(super::snapshot::SnapshotCommand),
     /// List and remove snapshots.
     Snapshots(super::snapshot::SnapshotsArgs),
+    /// List container VMs as `podman ps` does (`fcvm ls` lists every VM).
+    Ps(PsArgs),
+    /// Print one VM's record as JSON (an array of one, as `podman inspect`).
+    Inspect(InspectArgs),
+    /// Remove container VMs that ended (failed ones are kept until then); -f stops running ones.
+    Rm(RmArgs),
     /// Print a shell completion script (`source <(fcvm completions bash)`).
     Completions(CompletionsArgs),
     /// Write man pages (fcvm.1 and one per subcommand) into a directory.
     Man(ManArgs),
+}
+
+/// `fcvm ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Also the ended ones (failed, exited).
+    #[arg(short, long)]
+    pub all: bool,
+    /// `table` (default) or `json`.
+    #[arg(long, value_enum, default_value_t = PsFormat::Table)]
+    pub format: PsFormat,
+}
+
+/// `fcvm ps --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PsFormat {
+    /// Aligned columns.
+    Table,
+    /// A JSON array (podman's key names: Id, Names, Image, State, Status, ExitCode, Created).
+    Json,
+}
+
+/// `fcvm inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `fcvm rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Stop running ones first.
+    #[arg(short, long)]
+    pub force: bool,
+    /// With -f: seconds the guest gets to shut down before the VM is killed.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub time: u64,
+    /// Container VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
 }
 
 /// `fcvm completions`.

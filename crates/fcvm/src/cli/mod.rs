@@ -41,8 +41,63 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Exec(a) => podman::exec(&paths, a).await,
         Command::Snapshot(c) => snapshot::snapshot(&paths, c).await,
         Command::Snapshots(c) => snapshot::snapshots(&paths, c).await,
+        Command::Ps(a) => cmd_ps(&paths, a),
+        Command::Inspect(a) => cmd_inspect(&paths, a),
+        Command::Rm(a) => cmd_rm(&paths, a).await,
         Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
     }
+}
+
+fn records(paths: &Paths) -> Result<Vec<crate::state::VmRecord>> {
+    Ok(if paths.state_dir().exists() {
+        Store::open(paths)?.list()?
+    } else {
+        vec![]
+    })
+}
+
+fn cmd_ps(paths: &Paths, a: args::PsArgs) -> Result<ExitCode> {
+    let entries = commands::ps::entries(&records(paths)?, a.all);
+    match a.format {
+        args::PsFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+        args::PsFormat::Table => print!("{}", commands::ps::table(&entries)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(paths: &Paths, a: args::InspectArgs) -> Result<ExitCode> {
+    let store = Store::open(paths)?;
+    let found = a
+        .names
+        .iter()
+        .map(|n| store.find_by_name(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    println!("{}", serde_json::to_string_pretty(&found)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_rm(paths: &Paths, a: args::RmArgs) -> Result<ExitCode> {
+    let store = Store::open(paths)?;
+    let mut failed = false;
+    for name in &a.names {
+        match commands::ps::rm(&store, name, a.force, Duration::from_secs(a.time)).await {
+            Ok(report) => {
+                for f in &report.teardown.failures {
+                    eprintln!("warning: {f}; the next fcvm command retries it");
+                }
+                println!("{name}");
+            }
+            Err(e) => {
+                eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The completion script for `shell`, generated from the clap grammar.

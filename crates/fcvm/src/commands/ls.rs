@@ -116,7 +116,8 @@ fn json_word<T: Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-fn age(ms: u64) -> String {
+/// An age in the largest whole unit: `42s`, `3m`, `5h`, `2d`.
+pub fn age(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0..=59 => format!("{s}s"),

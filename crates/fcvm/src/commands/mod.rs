@@ -3,4 +3,5 @@
 pub mod exec;
 pub mod ls;
 pub mod podman;
+pub mod ps;
 pub mod run;
