@@ -133,6 +133,39 @@ fn concurrent_creators_of_one_name_get_exactly_one_winner() {
     assert_eq!(store.list().unwrap().len(), 1);
 }
 
+/// As `podman run` without `--name` claims a name: draw, create, draw again on a clash.
+#[test]
+fn ten_concurrent_runs_without_a_name_all_get_distinct_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().to_owned()).unwrap();
+    let n = 10;
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                loop {
+                    let mut r = record("x");
+                    r.name = crate::names::generate();
+                    match store.create(&r) {
+                        Ok(_) => return r.name,
+                        Err(StoreError::NameTaken { .. }) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let names: std::collections::BTreeSet<Name> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(names.len(), n);
+    let stored: std::collections::BTreeSet<Name> =
+        store.list().unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(stored, names);
+}
+
 #[test]
 fn concurrent_updates_are_not_lost_and_files_never_torn() {
     let dir = tempfile::tempdir().unwrap();
