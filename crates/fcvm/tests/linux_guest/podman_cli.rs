@@ -121,28 +121,31 @@ impl Guest {
 }
 
 /// Run `cmd` to its end (bounded by [`READY`]: a whole cold run, boot to exit) and return
-/// (exit code, stdout, stderr).
+/// (exit code, stdout, stderr). Both pipes are drained while it runs, so a chatty fcvm never
+/// blocks on a full pipe; the reads are bounded too.
 fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        rx
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
     let status = wait_until(READY, what, || child.try_wait().unwrap());
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code(), out, err)
+    let read = |rx: std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("an output pipe stayed open 30 s after fcvm exited")
+    };
+    (status.code(), read(out), read(err))
 }
 
 /// The `key=value` lines of a container's output.
