@@ -23,6 +23,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Some(dir) => Paths::new(dir),
         None => Paths::from_env(),
     };
+    crate::vm::jail::set_opt_out(cli.no_jailer);
     reap_stale(&paths);
     match cli.command {
         Command::Setup(a) => cmd_setup(&paths, a.step),
