@@ -572,7 +572,7 @@ pub fn make_view_link(vm_dir: &Path) -> Result<(), JailError> {
     let parent = link.parent().expect("view dir has a parent");
     fs::create_dir_all(parent).map_err(io_err("create", parent))?;
     let depth = Path::new(rel).components().count() - 1;
-    let target: PathBuf = std::iter::repeat("..").take(depth).collect();
+    let target: PathBuf = std::iter::repeat_n("..", depth).collect();
     match std::os::unix::fs::symlink(&target, &link) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),

@@ -105,7 +105,7 @@ pub enum LaunchError {
     Spawn(#[from] SpawnError),
     /// The jail could not be prepared.
     #[error(transparent)]
-    Jail(#[from] JailError),
+    Jail(Box<JailError>),
     /// The VMM refused a call (the cause is part of the message, with the log's end).
     #[error("{step}: {cause}{log}")]
     Api {
@@ -124,6 +124,12 @@ pub enum LaunchError {
         /// Its state.
         state: super::handle::VmState,
     },
+}
+
+impl From<JailError> for LaunchError {
+    fn from(e: JailError) -> LaunchError {
+        LaunchError::Jail(Box::new(e))
+    }
 }
 
 /// The record of a VM about to be launched: claimed name, undo steps for what launch makes.
@@ -234,7 +240,7 @@ async fn build(handle: &mut VmHandle, plan: Option<JailPlan>) -> Result<(), Laun
     }
     let inputs = match &plan {
         Some(plan) => {
-            lend_written_drives(handle, &spec, plan)?;
+            lend_written_drives(handle, &spec, plan).map_err(|e| *e)?;
             stage_inputs(&spec, plan)?
         }
         None => Inputs::default(),
@@ -336,14 +342,14 @@ fn lend_written_drives(
     handle: &mut VmHandle,
     spec: &VmSpec,
     plan: &JailPlan,
-) -> Result<(), LaunchError> {
+) -> Result<(), Box<LaunchError>> {
     use std::os::unix::fs::MetadataExt;
     for d in spec
         .drives
         .iter()
         .filter(|d| d.copy_to.is_none() && !d.read_only)
     {
-        let meta = std::fs::metadata(&d.file).map_err(files("read", &d.file))?;
+        let meta = std::fs::metadata(&d.file).map_err(|e| Box::new(files("read", &d.file)(e)))?;
         if meta.uid() == plan.uid || meta.mode() & 0o006 == 0o006 {
             continue;
         }
@@ -352,9 +358,11 @@ fn lend_written_drives(
             uid: meta.uid(),
             gid: meta.gid(),
         };
-        handle.update(|r| r.cleanup.push(step))?;
+        handle
+            .update(|r| r.cleanup.push(step))
+            .map_err(|e| Box::new(e.into()))?;
         std::os::unix::fs::chown(&d.file, Some(plan.uid), Some(plan.uid))
-            .map_err(files("lend to the jailed VMM", &d.file))?;
+            .map_err(|e| Box::new(files("lend to the jailed VMM", &d.file)(e)))?;
     }
     Ok(())
 }
