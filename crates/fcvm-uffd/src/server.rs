@@ -203,6 +203,13 @@ impl PageServer {
         })?;
 
         let listener = bind_listener(&cfg.socket_path)?;
+        if cfg.peer_uids.is_some() {
+            // Peers are vetted by uid (SO_PEERCRED), so any may connect: jailed clones
+            // reach the socket as their own uids, through hard links in their chroots.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.socket_path, std::fs::Permissions::from_mode(0o666))
+                .map_err(ServerError::Start)?;
+        }
         let listener_ino = std::fs::metadata(&cfg.socket_path).map(|m| m.st_ino()).ok();
         let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
             .map_err(|e| ServerError::Start(e.into()))?;

@@ -125,8 +125,6 @@ async fn run(
     std::fs::create_dir_all(&record.runtime_dir)?;
     let socket = config.socket_path.clone();
     let server = PageServer::bind(config)?;
-    // Jailed clones connect as their own uid (the directory above keeps others out).
-    fsutil::set_mode(&socket, 0o666)?;
     let mut events = server.subscribe();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
