@@ -55,6 +55,11 @@ pub enum CleanupStep {
         /// The directory.
         path: PathBuf,
     },
+    /// Delete a persistent TAP in fcvm's own network namespace (made for a jailed VMM).
+    DeleteTap {
+        /// The TAP's name.
+        name: String,
+    },
     /// Give a file back to its owner (a drive lent to a jailed VMM's uid).
     RestoreOwner {
         /// The file.
@@ -114,6 +119,9 @@ impl CleanupStep {
                 fsutil::remove_dir_all_idempotent(path).map_err(|e| fail(e.to_string()))
             }
             CleanupStep::RemoveCgroup { path } => remove_cgroup(path).map_err(fail),
+            CleanupStep::DeleteTap { name } => {
+                crate::network::delete_tap(name).map_err(|e| fail(e.to_string()))
+            }
             CleanupStep::RestoreOwner { path, uid, gid } => {
                 match std::os::unix::fs::chown(path, Some(*uid), Some(*gid)) {
                     Ok(()) => Ok(()),

@@ -317,6 +317,25 @@ fn jailed_vmm_is_confined_and_leaves_nothing_and_no_jailer_still_works() {
     // Secrets on disk: the VM's directory and console log are its uid's alone.
     assert_eq!(mode_and_owner(&dir), (0o700, uid));
     assert_eq!(mode_and_owner(&dir.join("console.log")), (0o600, uid));
+    // A second jailed VM has another uid, which cannot read the first one's files.
+    detach(&env, "other", &["--boot-args", "probe.mem_mib=8"]);
+    let other = runtime(&env, "other")["jail"]["uid"].as_u64().unwrap() as u32;
+    assert_ne!(other, uid, "concurrent VMs get distinct uids");
+    let cat_as = |as_uid: u32| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("cat")
+            .arg(dir.join("console.log"))
+            .uid(as_uid)
+            .gid(as_uid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(cat_as(uid), "the VM's own uid reads its console log");
+    assert!(!cat_as(other), "another VM's uid cannot");
+    env.ok(&["stop", "other"]);
     // A snapshot of it is root's, 0600.
     env.ok(&["snapshot", "create", "jailed", "--tag", "js"]);
     let snap = env.base().join("snapshots/js");

@@ -241,6 +241,13 @@ async fn build(handle: &mut VmHandle, plan: Option<JailPlan>) -> Result<(), Laun
     let inputs = match &plan {
         Some(plan) => {
             lend_written_drives(handle, &spec, plan).map_err(|e| *e)?;
+            if let crate::network::NetworkAttachment::VmmTap { tap } = &spec.network {
+                // The jailed VMM may not create a TAP: fcvm makes it, for the VM's uid.
+                let step = CleanupStep::DeleteTap { name: tap.clone() };
+                handle.update(|r| r.cleanup.push(step))?;
+                crate::network::create_owned_tap(tap, plan.uid)
+                    .map_err(files("create the TAP", Path::new(tap)))?;
+            }
             stage_inputs(&spec, plan)?
         }
         None => Inputs::default(),
