@@ -45,6 +45,9 @@ pub enum HandshakeError {
     /// The server already serves its maximum number of clones.
     #[error("already serving the maximum of {max} clones; raise max_clones or stop some clones")]
     TooManyClones { max: usize },
+    /// The peer's uid (`SO_PEERCRED`) is neither ours, root's, nor in the allowed range.
+    #[error("peer uid {uid} is not allowed to be served (not root, not ours, not a jailed VM's)")]
+    PeerNotAllowed { uid: u32 },
     /// The peer closed the connection before sending anything.
     #[error("peer closed the socket before sending the handshake; was it a UFFD client?")]
     PeerClosed,

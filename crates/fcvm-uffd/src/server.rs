@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// this many pages (without waking anyone), so a guest walking its memory takes one
     /// fault per window instead of one per page. 1 disables it.
     pub fault_around_pages: u64,
+    /// Besides root and this process's uid, serve only peers (by `SO_PEERCRED`) whose uid
+    /// is in this inclusive range (the jailed VMMs' uids). None: anyone who can connect.
+    pub peer_uids: Option<(u32, u32)>,
 }
 
 /// Default fault-around window: 16 pages (64 KiB with 4 KiB pages).
@@ -71,6 +74,7 @@ impl ServerConfig {
             history_limit: 1024,
             event_capacity: 1024,
             fault_around_pages: DEFAULT_FAULT_AROUND_PAGES,
+            peer_uids: None,
         }
     }
 }
@@ -199,6 +203,13 @@ impl PageServer {
         })?;
 
         let listener = bind_listener(&cfg.socket_path)?;
+        if cfg.peer_uids.is_some() {
+            // Peers are vetted by uid (SO_PEERCRED), so any may connect: jailed clones
+            // reach the socket as their own uids, through hard links in their chroots.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.socket_path, std::fs::Permissions::from_mode(0o666))
+                .map_err(ServerError::Start)?;
+        }
         let listener_ino = std::fs::metadata(&cfg.socket_path).map(|m| m.st_ino()).ok();
         let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
             .map_err(|e| ServerError::Start(e.into()))?;
@@ -455,10 +466,9 @@ fn accept_loop(
 
 fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let accepted_at = SystemTime::now();
-    let pid = getsockopt(&stream, PeerCredentials)
-        .ok()
-        .map(|c| c.pid())
-        .filter(|p| *p > 0);
+    let cred = getsockopt(&stream, PeerCredentials).ok();
+    let pid = cred.map(|c| c.pid()).filter(|p| *p > 0);
+    let uid = cred.map(|c| c.uid());
     // Open the pidfd right away, before the pid could be reused. Our own pid (an in-process
     // peer, as in tests) is useless to watch, and sockets are enough there.
     let pidfd = pid
@@ -470,6 +480,14 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         st.accepted += 1;
         st.pending += 1;
         shared.active_changed(&st);
+        if let (Some((first, last)), Some(uid)) = (shared.cfg.peer_uids, uid) {
+            let me = nix::unistd::geteuid().as_raw();
+            if uid != 0 && uid != me && !(first..=last).contains(&uid) {
+                drop(st);
+                shared.reject(pid, HandshakeError::PeerNotAllowed { uid });
+                return;
+            }
+        }
         if st.active() > shared.cfg.max_clones {
             drop(st);
             shared.reject(

@@ -1,6 +1,7 @@
 //! Boot benchmark: `fcvm run --detach` of the probe guest, from command start to the first
-//! serial line, against bare Firecracker driven by a minimal client making the same API
-//! calls. Prints medians; never fails on speed.
+//! serial line, under the jailer (the default as root) and with `--no-jailer`, against bare
+//! Firecracker driven by a minimal client making the same API calls. Prints medians and the
+//! jailer's ratio; never fails on speed.
 //!
 //! Run: `cargo bench -p fcvm --bench boot` (needs root, /dev/kvm, FCVM_FIRECRACKER_BIN).
 //! `FCVM_BENCH_ROUNDS` sets the number of rounds (default 20).
@@ -38,11 +39,14 @@ fn main() {
 
     let mut bare = Vec::new();
     let mut ours = Vec::new();
+    let mut unjailed = Vec::new();
     for i in 0..rounds {
-        // Interleave the two so drift in machine load hits both alike.
+        // Interleave them so drift in machine load hits all alike.
         bare.push(rt.block_on(bare_boot(&firecracker, &kernel, base.path(), i)));
-        ours.push(fcvm_boot(&fcvm_bin, base.path(), i));
+        ours.push(fcvm_boot(&fcvm_bin, base.path(), i, &[]));
+        unjailed.push(fcvm_boot(&fcvm_bin, base.path(), i, &["--no-jailer"]));
     }
+    let u = median(&mut unjailed);
     let (b, o) = (median(&mut bare), median(&mut ours));
     println!("boot to first serial line, probe guest, {rounds} rounds (median, min, max):");
     println!(
@@ -54,9 +58,18 @@ fn main() {
         summary(&mut ours)
     );
     println!(
+        "  fcvm run --detach --no-jailer:     {}",
+        summary(&mut unjailed)
+    );
+    println!(
         "  overhead: {:+.1} ms ({:.3}x)",
         (o.as_secs_f64() - b.as_secs_f64()) * 1e3,
         o.as_secs_f64() / b.as_secs_f64()
+    );
+    println!(
+        "  jailer vs --no-jailer: {:+.1} ms ({:.3}x)",
+        (o.as_secs_f64() - u.as_secs_f64()) * 1e3,
+        o.as_secs_f64() / u.as_secs_f64()
     );
 }
 
@@ -142,11 +155,12 @@ async fn bare_boot(fc: &Path, kernel: &Path, base: &Path, i: usize) -> Duration 
     t
 }
 
-fn fcvm_boot(fcvm: &Path, base: &Path, i: usize) -> Duration {
+fn fcvm_boot(fcvm: &Path, base: &Path, i: usize, extra: &[&str]) -> Duration {
     let name = format!("bench{i}");
     let start = Instant::now();
     let status = Command::new(fcvm)
         .env("FCVM_BASE_DIR", base)
+        .args(extra)
         .args([
             "run",
             "--name",

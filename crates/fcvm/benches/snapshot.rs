@@ -282,6 +282,13 @@ async fn memory_figures(paths: &Paths, server_sock: &Path, tag: &str, ksm: bool)
     }
 }
 
+/// A server that jailed clones (the default as root) may connect to, as `fcvm snapshot
+/// serve` makes it.
+fn jailed_ok(mut cfg: fcvm_uffd::ServerConfig) -> fcvm_uffd::ServerConfig {
+    cfg.peer_uids = Some(fcvm::vm::jail::uid_range());
+    cfg
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let Some(fc) = std::env::var_os("FCVM_FIRECRACKER_BIN").map(PathBuf::from) else {
@@ -302,10 +309,10 @@ async fn main() {
     let fast = "probe.mem_mib=1 probe.tick_ms=5";
     make_source(base, "plain", "plain", "128", fast, &[]);
     make_source(base, "net", "net", "128", fast, &["--network", "tap"]);
-    let server = fcvm_uffd::PageServer::bind(fcvm_uffd::ServerConfig::new(
+    let server = fcvm_uffd::PageServer::bind(jailed_ok(fcvm_uffd::ServerConfig::new(
         base.join("p.sock"),
         paths.snapshot_dir("plain").join("memory.bin"),
-    ))
+    )))
     .unwrap();
     let me = ProcessRef::current();
     println!("== core restore: spawn -> load -> resume -> first serial line (128 MiB, 1 vCPU, {runs} runs, medians)");
@@ -379,10 +386,10 @@ async fn main() {
     }
 
     let server = std::sync::Arc::new(
-        fcvm_uffd::PageServer::bind(fcvm_uffd::ServerConfig::new(
+        fcvm_uffd::PageServer::bind(jailed_ok(fcvm_uffd::ServerConfig::new(
             base.join("n.sock"),
             paths.snapshot_dir("net").join("memory.bin"),
-        ))
+        )))
         .unwrap(),
     );
     let counts: Vec<usize> = std::env::var("FCVM_BENCH_PARALLEL")
@@ -448,10 +455,10 @@ async fn main() {
         "probe.mem_mib=448 probe.tick_ms=3000",
         &[],
     );
-    let _server = fcvm_uffd::PageServer::bind(fcvm_uffd::ServerConfig::new(
+    let _server = fcvm_uffd::PageServer::bind(jailed_ok(fcvm_uffd::ServerConfig::new(
         base.join("b.sock"),
         paths.snapshot_dir("big").join("memory.bin"),
-    ))
+    )))
     .unwrap();
     let saved: Vec<(&str, String)> = ["run", "pages_to_scan", "sleep_millisecs"]
         .into_iter()

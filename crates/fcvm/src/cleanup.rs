@@ -55,6 +55,25 @@ pub enum CleanupStep {
         /// The directory.
         path: PathBuf,
     },
+    /// Delete a persistent TAP in fcvm's own network namespace (made for a jailed VMM).
+    DeleteTap {
+        /// The TAP's name.
+        name: String,
+    },
+    /// Give a file back to its owner (a drive lent to a jailed VMM's uid).
+    RestoreOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+    },
+    /// Remove a (by then empty) cgroup directory with rmdir; a missing one is fine.
+    RemoveCgroup {
+        /// The cgroup's directory.
+        path: PathBuf,
+    },
 }
 
 /// A step that could not be completed.
@@ -99,6 +118,35 @@ impl CleanupStep {
             CleanupStep::RemoveDir { path } => {
                 fsutil::remove_dir_all_idempotent(path).map_err(|e| fail(e.to_string()))
             }
+            CleanupStep::RemoveCgroup { path } => remove_cgroup(path).map_err(fail),
+            CleanupStep::DeleteTap { name } => {
+                crate::network::delete_tap(name).map_err(|e| fail(e.to_string()))
+            }
+            CleanupStep::RestoreOwner { path, uid, gid } => {
+                match std::os::unix::fs::chown(path, Some(*uid), Some(*gid)) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(fail(e.to_string())),
+                }
+            }
+        }
+    }
+}
+
+/// rmdir a cgroup; a cgroup whose last task is still exiting is busy for a moment.
+fn remove_cgroup(path: &std::path::Path) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

@@ -98,6 +98,12 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// chmod `path` to `mode`.
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// Remove a directory tree, treating "already gone" as success.
 pub fn remove_dir_all_idempotent(path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(path) {

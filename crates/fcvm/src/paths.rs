@@ -12,6 +12,7 @@
 //! ├── vms/<vm-id>/                   per-VM runtime dir: API socket, vsock, console log, disks
 //! ├── snapshots/<tag>/               published snapshots
 //! ├── state/<vm-id>.json             one record per VM (see `state`)
+//! ├── jail/firecracker/<vm-id>/root  jailed VMs' chroot paths (see `vm::jail`); jail/uids: uid claims
 //! ├── cache/                         downloads (wheels, .deb files)
 //! └── tmp/                           scratch on the same filesystem, for write-then-rename
 //! ```
@@ -100,6 +101,11 @@ impl Paths {
     /// VM state records.
     pub fn state_dir(&self) -> PathBuf {
         self.base.join("state")
+    }
+
+    /// The jailer's `--chroot-base-dir` (and the uid claims).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.base.join("jail")
     }
 
     /// Download cache.

@@ -44,7 +44,14 @@ impl ProcessRef {
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL and wait for it to go.
+    /// A process that is PID 1 of its own PID namespace (a jailed Firecracker) ignores
+    /// SIGTERM sent from outside (it has no handler), so it gets SIGKILL at once.
     pub fn terminate(&self, grace: Duration) {
+        if self.is_namespace_init() {
+            self.signal(Signal::SIGKILL);
+            self.wait_gone(Duration::from_secs(5));
+            return;
+        }
         if !self.signal(Signal::SIGTERM) {
             return;
         }
@@ -53,6 +60,20 @@ impl ProcessRef {
         }
         self.signal(Signal::SIGKILL);
         self.wait_gone(Duration::from_secs(5));
+    }
+
+    /// Whether the process is PID 1 of a PID namespace below ours (`NSpid` ends in 1).
+    pub fn is_namespace_init(&self) -> bool {
+        let Ok(status) = fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|v| {
+                let ids: Vec<&str> = v.split_whitespace().collect();
+                ids.len() > 1 && ids.last() == Some(&"1")
+            })
     }
 
     /// Poll until the process is gone or `timeout` passes; returns whether it is gone.

@@ -106,6 +106,17 @@ async fn handshake(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
     Ok(stream)
 }
 
+/// Hand a listening socket to the owner of its directory, 0600: under the jailer the VM's
+/// runtime directory belongs to the VMM's uid, which must be able to connect to it.
+fn give_to_dir_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+    if dir.uid() != nix::unistd::geteuid().as_raw() {
+        std::os::unix::fs::chown(path, Some(dir.uid()), Some(dir.gid()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// A host listener for guest connections to one port.
 #[derive(Debug)]
 pub struct HostListener {
@@ -120,6 +131,10 @@ impl HostListener {
         let path = host_listener_path(uds, port);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|source| VsockError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        give_to_dir_owner(&path).map_err(|source| VsockError::Bind {
             path: path.clone(),
             source,
         })?;

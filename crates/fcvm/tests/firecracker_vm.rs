@@ -202,15 +202,24 @@ fn sigkill_of_foreground_fcvm_takes_firecracker_down_and_the_next_command_reaps(
         (v["status"] == "running")
             .then(|| serde_json::from_value::<ProcessRef>(v["vmm"].clone()).ok())?
     });
+    let jailed = runtime(&env, "victim")["jail"].is_object();
     wait_ticks(&env, "victim", 1);
     child.kill().unwrap(); // SIGKILL: fcvm gets no chance to clean up
     child.wait().unwrap();
+    if !jailed {
+        assert!(
+            vmm.wait_gone(Duration::from_secs(5)),
+            "firecracker outlived its fcvm"
+        );
+    }
+    // The record is stale now; any command reaps it and its files. A jailed Firecracker
+    // (PID 1 of its own namespace, its uid dropped, so no parent-death signal) is killed
+    // by that command.
+    assert!(env.ls().is_empty());
     assert!(
         vmm.wait_gone(Duration::from_secs(5)),
-        "firecracker outlived its fcvm"
+        "the reaper left firecracker running"
     );
-    // The record is stale now; any command reaps it and its files.
-    assert!(env.ls().is_empty());
     env.assert_clean();
 }
 
@@ -226,5 +235,151 @@ fn killed_detached_firecracker_is_reaped_by_the_next_command() {
     assert!(vmm.signal(nix::sys::signal::Signal::SIGKILL));
     assert!(vmm.wait_gone(Duration::from_secs(5)));
     assert!(env.ls().is_empty());
+    env.assert_clean();
+}
+
+fn uid_line(pid: u32) -> String {
+    read(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn mode_and_owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.mode() & 0o777, m.uid())
+}
+
+#[test]
+fn jailed_vmm_is_confined_and_leaves_nothing_and_no_jailer_still_works() {
+    use std::os::unix::fs::MetadataExt;
+    if firecracker_or_skip("jailed_vmm").is_none() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "the jailer needs root");
+        eprintln!("SKIPPED jailed_vmm: the jailer needs root");
+        return;
+    }
+    let env = TestEnv::new();
+    detach(&env, "jailed", &["--boot-args", "probe.mem_mib=8"]);
+    wait_ticks(&env, "jailed", 1);
+    let vm = runtime(&env, "jailed");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let jail = &vm["jail"];
+    assert!(jail.is_object(), "root runs go through the jailer: {vm}");
+    let uid = jail["uid"].as_u64().unwrap() as u32;
+    let (first, last) = fcvm::vm::jail::DEFAULT_UIDS;
+    assert!((first..=last).contains(&uid), "uid {uid} from the range");
+    let vmm: ProcessRef = serde_json::from_value(vm["vmm"].clone()).unwrap();
+    let dir = std::path::PathBuf::from(vm["runtime_dir"].as_str().unwrap());
+
+    // Its uid, its root (the runtime dir), its own PID namespace.
+    assert_eq!(
+        uid_line(vmm.pid),
+        format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")
+    );
+    let root = std::fs::metadata(format!("/proc/{}/root/", vmm.pid)).unwrap();
+    let rt = std::fs::metadata(&dir).unwrap();
+    assert_eq!(
+        (root.dev(), root.ino()),
+        (rt.dev(), rt.ino()),
+        "chroot is the runtime dir"
+    );
+    let status = read(std::path::Path::new(&format!("/proc/{}/status", vmm.pid)));
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "PID 1 of a new namespace: {nspid}"
+    );
+    // Its cgroup, with the memory limit.
+    let cgroups: Vec<std::path::PathBuf> = serde_json::from_value(jail["cgroups"].clone()).unwrap();
+    assert!(
+        !cgroups.is_empty(),
+        "this host has cgroup memory and cpu controllers"
+    );
+    let membership = read(std::path::Path::new(&format!("/proc/{}/cgroup", vmm.pid)));
+    assert!(membership.contains(&format!("/fcvm/{id}")), "{membership}");
+    let limit = jail["memory_limit"].as_u64().unwrap();
+    let mem_mib = vm["mem_mib"].as_u64().unwrap();
+    assert_eq!(limit, (mem_mib + fcvm::vm::jail::VMM_OVERHEAD_MIB) << 20);
+    let mem_cg = cgroups
+        .iter()
+        .find(|c| c.join("memory.max").exists() || c.join("memory.limit_in_bytes").exists())
+        .expect("a memory cgroup");
+    let set = ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(mem_cg.join(f)).ok())
+        .unwrap();
+    assert_eq!(set.trim().parse::<u64>().unwrap(), limit);
+    // Secrets on disk: the VM's directory and console log are its uid's alone.
+    assert_eq!(mode_and_owner(&dir), (0o700, uid));
+    assert_eq!(mode_and_owner(&dir.join("console.log")), (0o600, uid));
+    // A second jailed VM has another uid, which cannot read the first one's files.
+    detach(&env, "other", &["--boot-args", "probe.mem_mib=8"]);
+    let other = runtime(&env, "other")["jail"]["uid"].as_u64().unwrap() as u32;
+    assert_ne!(other, uid, "concurrent VMs get distinct uids");
+    let cat_as = |as_uid: u32| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("cat")
+            .arg(dir.join("console.log"))
+            .uid(as_uid)
+            .gid(as_uid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(cat_as(uid), "the VM's own uid reads its console log");
+    assert!(!cat_as(other), "another VM's uid cannot");
+    env.ok(&["stop", "other"]);
+    // A snapshot of it is root's, 0600.
+    env.ok(&["snapshot", "create", "jailed", "--tag", "js"]);
+    let snap = env.base().join("snapshots/js");
+    for f in std::fs::read_dir(&snap).unwrap().flatten() {
+        if f.file_name() == "memory" || f.file_name() == "vmstate" {
+            assert_eq!(mode_and_owner(&f.path()), (0o600, 0), "{:?}", f.path());
+        }
+    }
+    let peak = ["memory.peak", "memory.max_usage_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(mem_cg.join(f)).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(peak) = peak {
+        eprintln!(
+            "jailed VMM peak memory {} MiB for a {mem_mib} MiB guest (limit {} MiB)",
+            peak >> 20,
+            limit >> 20
+        );
+    }
+
+    env.ok(&["stop", "jailed"]);
+    assert!(vmm.wait_gone(Duration::from_secs(5)));
+    for c in &cgroups {
+        assert!(!c.exists(), "cgroup {c:?} left");
+    }
+    env.ok(&["snapshots", "rm", "js"]);
+    env.assert_clean();
+
+    // --no-jailer: Firecracker as root, no jail in the record.
+    env.ok(&[
+        "--no-jailer",
+        "run",
+        "--name",
+        "plain",
+        "--kernel",
+        "probe",
+        "--detach",
+        "--boot-args",
+        "probe.mem_mib=8",
+    ]);
+    let vm = runtime(&env, "plain");
+    assert!(vm["jail"].is_null(), "{vm}");
+    let vmm: ProcessRef = serde_json::from_value(vm["vmm"].clone()).unwrap();
+    assert_eq!(uid_line(vmm.pid), "Uid:\t0\t0\t0\t0");
+    env.ok(&["stop", "plain"]);
     env.assert_clean();
 }

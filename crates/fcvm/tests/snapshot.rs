@@ -649,7 +649,14 @@ fn setup_storage_gives_reflinks_and_clones_get_their_own_disk() {
         clone_detached(&env, "c", &["--snapshot", "withdisk"]);
         verify_clone(&env, "c", &model, w, 2);
         let c = vm(&env, "c");
-        let own = PathBuf::from(c["runtime_dir"].as_str().unwrap()).join("disk-rootfs.img");
+        // The clone's copy sits where the source VM's VMM saw its disk: a jailed source
+        // saw its in-place disk as the hard link `in/drive-rootfs` in its chroot.
+        let rel = if vm(&env, "c")["jail"].is_object() {
+            "in/drive-rootfs"
+        } else {
+            "disk-rootfs.img"
+        };
+        let own = PathBuf::from(c["runtime_dir"].as_str().unwrap()).join(rel);
         assert_eq!(std::fs::read(&own).unwrap(), vec![0x5au8; 1 << 20]);
         let cfg = std::process::Command::new("curl")
             .args([
@@ -662,7 +669,7 @@ fn setup_storage_gives_reflinks_and_clones_get_their_own_disk() {
         if let Ok(out) = cfg {
             let text = String::from_utf8_lossy(&out.stdout);
             if !text.is_empty() {
-                assert!(text.contains("/run/fcvm/vm/disk-rootfs.img"), "{text}");
+                assert!(text.contains(&format!("/run/fcvm/vm/{rel}")), "{text}");
             }
         }
         stop(&env, "c");

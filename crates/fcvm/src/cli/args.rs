@@ -12,6 +12,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "FCVM_BASE_DIR", value_name = "DIR")]
     pub base_dir: Option<PathBuf>,
 
+    /// Run Firecracker without its jailer even as root (warns; FCVM_NO_JAILER=1 too).
+    #[arg(long, global = true)]
+    pub no_jailer: bool,
+
     /// More logging (repeat for more); FCVM_LOG=debug works too.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

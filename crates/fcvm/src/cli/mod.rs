@@ -30,6 +30,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Man(a) => return cmd_man(&a.dir),
         _ => {}
     }
+    crate::vm::jail::set_opt_out(cli.no_jailer);
     reap_stale(&paths);
     match cli.command {
         Command::Setup(a) => cmd_setup(&paths, a.step),

@@ -158,9 +158,8 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_owned()),
         },
-        Launcher::Direct {
-            binary: firecracker.path,
-        },
+        Launcher::for_host(paths, firecracker.path)
+            .map_err(|e| RunError::Launch(Box::new(e.into())))?,
     );
     spec.guest = guest;
     spec.ksm = req.ksm;

@@ -77,7 +77,7 @@ impl Program {
         }
     }
 
-    fn env(self) -> &'static str {
+    pub(crate) fn env(self) -> &'static str {
         match self {
             Program::Firecracker => FIRECRACKER_ENV,
             Program::Jailer => JAILER_ENV,

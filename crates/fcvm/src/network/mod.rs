@@ -191,6 +191,54 @@ fn create_tap(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `_IOW('T', 204, int)`.
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+
+/// A persistent TAP named `name` in this namespace that only `uid` (or CAP_NET_ADMIN) may
+/// attach to: for a jailed VMM, which cannot create one itself.
+pub fn create_owned_tap(name: &str, uid: u32) -> io::Result<()> {
+    check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = ifreq_with_name(name);
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETOWNER takes an integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Remove the persistent TAP `name` from this namespace (a missing one is fine: attaching
+/// then makes a transient device that goes with the fd).
+pub fn delete_tap(name: &str) -> io::Result<()> {
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = ifreq_with_name(name);
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `ip link set <name> up` in the calling thread's namespace.
 fn set_up(name: &str) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the fd is owned by `sock` right after.

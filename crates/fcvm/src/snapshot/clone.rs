@@ -127,7 +127,7 @@ pub fn clone_spec(
     req: &CloneRequest,
     meta: &SnapshotMeta,
     snap_dir: &Path,
-    firecracker: PathBuf,
+    launcher: Launcher,
 ) -> Result<VmSpec, NameError> {
     let memory = match &req.memory {
         MemorySource::File => vm::MemorySource::File(snap_dir.join(MEMORY_FILE)),
@@ -150,9 +150,7 @@ pub fn clone_spec(
             vmstate: snap_dir.join(VMSTATE_FILE),
             memory,
         },
-        Launcher::Direct {
-            binary: firecracker,
-        },
+        launcher,
     );
     if req.name.is_none() {
         spec.name = Name::parse(&format!("{}-{}", req.tag, &spec.id[..6]))?;
@@ -199,7 +197,8 @@ pub async fn start_clone(paths: &Paths, req: &CloneRequest) -> Result<StartedClo
     let meta = snapshots.get(&req.tag)?;
     let snap_dir = snapshots.path(&req.tag);
     let firecracker = binary::find(Program::Firecracker, paths)?;
-    let spec = clone_spec(paths, req, &meta, &snap_dir, firecracker.path)?;
+    let launcher = Launcher::for_host(paths, firecracker.path).map_err(LaunchError::from)?;
+    let spec = clone_spec(paths, req, &meta, &snap_dir, launcher)?;
     let host = Host::new(Store::open(paths)?);
     let mut handle = launch(&host, spec).await?;
     handle.start().await?;

@@ -123,6 +123,81 @@ fn io(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CreateE
     move |source| CreateError::Io { step, path, source }
 }
 
+/// Where the VMM writes a snapshot's files: the staging paths themselves, or for a jailed
+/// VMM (which sees only its runtime dir) `snap/` in its runtime dir, moved to the staging
+/// paths once written. Either way they end up root's, mode 0600 (guest memory is secret).
+struct VmmOutput {
+    /// (host path the VMM writes, its path as the VMM sees it, final path)
+    files: Vec<(PathBuf, String, PathBuf)>,
+}
+
+impl VmmOutput {
+    fn new(record: &VmRecord, finals: &[&Path]) -> Result<VmmOutput, CreateError> {
+        let Some(jail) = &record.jail else {
+            return Ok(VmmOutput {
+                files: finals
+                    .iter()
+                    .map(|f| (f.to_path_buf(), f.display().to_string(), f.to_path_buf()))
+                    .collect(),
+            });
+        };
+        let dir = record.runtime_dir.join("snap");
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        crate::vm::jail::private_to(&dir, jail.uid)
+            .and_then(|()| {
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(|e| crate::vm::jail::JailError::Io {
+                        action: "chmod",
+                        path: dir.clone(),
+                        source: e,
+                    })
+            })
+            .map_err(|e| CreateError::Io {
+                step: "preparing",
+                path: dir.clone(),
+                source: std::io::Error::other(crate::report::chain(&e)),
+            })?;
+        let files = finals
+            .iter()
+            .map(|f| {
+                let name = f.file_name().expect("snapshot files have names");
+                let host = dir.join(name);
+                let _ = std::fs::remove_file(&host);
+                let vmm = format!("{VMM_VIEW_DIR}/snap/{}", name.to_string_lossy());
+                (host, vmm, f.to_path_buf())
+            })
+            .collect();
+        Ok(VmmOutput { files })
+    }
+
+    /// Remove what a jailed VMM left in its runtime dir (a partial file after a failure
+    /// would hold space there until the VM stops).
+    fn discard(&self) {
+        for (host, _, dst) in &self.files {
+            if host != dst {
+                let _ = std::fs::remove_file(host);
+            }
+        }
+    }
+
+    fn vmm_path(&self, i: usize) -> String {
+        self.files[i].1.clone()
+    }
+
+    /// Move what the VMM wrote to its final place, root's and 0600.
+    fn collect(&self) -> Result<(), CreateError> {
+        for (host, _, dst) in &self.files {
+            if host != dst {
+                std::fs::rename(host, dst).map_err(io("moving", host))?;
+            }
+            let me = nix::unistd::geteuid().as_raw();
+            std::os::unix::fs::chown(dst, Some(me), Some(me)).map_err(io("chown", dst))?;
+            crate::fsutil::set_mode(dst, 0o600).map_err(io("chmod", dst))?;
+        }
+        Ok(())
+    }
+}
+
 /// The host path of a file the VMM names by its view path (see [`VMM_VIEW_DIR`]).
 pub fn host_path(record: &VmRecord, vmm_path: &str) -> PathBuf {
     match Path::new(vmm_path).strip_prefix(VMM_VIEW_DIR) {
@@ -230,16 +305,17 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
         r.diff_parent = None;
     })?;
 
+    // A jailed VMM writes inside its chroot (its runtime dir); the files move here after.
+    let mem_target = if req.diff { &diff_file } else { &memory };
+    let written = VmmOutput::new(&record, &[&vmstate, mem_target])?;
     let paused_at = Instant::now();
     let paused = async {
         client.pause().await.map_err(api_err("pausing the VM"))?;
         fault_point("snapshot:after-pause");
         client
             .create_snapshot(&SnapshotCreateParams {
-                mem_file_path: if req.diff { &diff_file } else { &memory }
-                    .display()
-                    .to_string(),
-                snapshot_path: vmstate.display().to_string(),
+                mem_file_path: written.vmm_path(1),
+                snapshot_path: written.vmm_path(0),
                 snapshot_type: Some(if req.diff {
                     SnapshotType::Diff
                 } else {
@@ -248,10 +324,14 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             })
             .await
             .map_err(api_err("writing the snapshot"))?;
+        written.collect()?;
         fault_point("snapshot:after-memory");
         copy_disks(&record, &config.drives, &dir)
     }
     .await;
+    if paused.is_err() {
+        written.discard();
+    }
     let resumed = client.resume().await.map_err(api_err("resuming the VM"));
     let paused_for = paused_at.elapsed();
     if resumed.is_ok() {

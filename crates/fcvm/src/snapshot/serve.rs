@@ -75,7 +75,11 @@ pub async fn serve(
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(ServeError::SocketPath(socket));
     }
-    std::fs::create_dir_all(socket.parent().expect("has a parent"))?;
+    let socket_dir = socket.parent().expect("has a parent");
+    std::fs::create_dir_all(socket_dir)?;
+    // Only root passes this directory; a jailed clone reaches the socket through the hard
+    // link in its chroot, and the server checks its uid (SO_PEERCRED).
+    fsutil::set_mode(socket_dir, 0o700)?;
     let id = new_vm_id();
     let name = Name::parse(&name.unwrap_or_else(|| format!("serve-{tag}-{pid}")))?;
     let dir = paths.vm_dir(&id);
@@ -96,6 +100,7 @@ pub async fn serve(
     state.create(&record)?;
     let mut config = ServerConfig::new(&socket, snapshots.path(tag).join(MEMORY_FILE));
     config.fault_around_pages = fault_around_pages;
+    config.peer_uids = Some(crate::vm::jail::uid_range());
     let result = run(&state, &record, tag, config, log).await;
     match crate::cleanup::teardown(&state, &id, crate::cleanup::Disposition::Forget) {
         Ok(report) => {

@@ -173,6 +173,9 @@ pub struct VmRecord {
     /// Page servers: pages copied into clones so far.
     #[serde(default)]
     pub served_pages: Option<u64>,
+    /// The VMM runs under the jailer: its uid, chroot and cgroups.
+    #[serde(default)]
+    pub jail: Option<crate::vm::jail::JailInfo>,
 }
 
 impl VmRecord {
@@ -205,6 +208,7 @@ impl VmRecord {
             error: None,
             track_dirty_pages: false,
             cleanup: Vec::new(),
+            jail: None,
             diff_parent: None,
             snapshot_attempted: false,
             served_live: None,

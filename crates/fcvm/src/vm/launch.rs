@@ -32,6 +32,7 @@ use crate::state::{Store, StoreError, VmRecord, VmmKind};
 
 use super::api::ApiCall;
 use super::handle::VmHandle;
+use super::jail::{self, CgroupLayout, JailError, JailPlan, Stage};
 use super::spawn::{tail, DirectSpawner, SpawnError, SpawnOptions, Spawner};
 use super::spec::{Launcher, Lifetime, MemorySource, Source, VmSpec};
 
@@ -102,6 +103,9 @@ pub enum LaunchError {
     /// The VMM did not start.
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    /// The jail could not be prepared.
+    #[error(transparent)]
+    Jail(Box<JailError>),
     /// The VMM refused a call (the cause is part of the message, with the log's end).
     #[error("{step}: {cause}{log}")]
     Api {
@@ -122,6 +126,12 @@ pub enum LaunchError {
     },
 }
 
+impl From<JailError> for LaunchError {
+    fn from(e: JailError) -> LaunchError {
+        LaunchError::Jail(Box::new(e))
+    }
+}
+
 /// The record of a VM about to be launched: claimed name, undo steps for what launch makes.
 pub fn initial_record(spec: &VmSpec) -> VmRecord {
     let mut r = VmRecord::new(
@@ -131,7 +141,7 @@ pub fn initial_record(spec: &VmSpec) -> VmRecord {
         spec.paths.dir().to_owned(),
     );
     r.vmm_kind = match spec.launcher {
-        Launcher::Direct { .. } => VmmKind::Firecracker,
+        Launcher::Direct { .. } | Launcher::Jailer(_) => VmmKind::Firecracker,
     };
     r.guest = spec.guest;
     r.vcpus = spec.resources.vcpus;
@@ -163,14 +173,37 @@ pub fn initial_record(spec: &VmSpec) -> VmRecord {
 /// owns it: [`VmHandle::start`] boots it, and dropping the handle tears it down.
 pub async fn launch(host: &Host, spec: VmSpec) -> Result<VmHandle, LaunchError> {
     let t0 = Instant::now();
-    let record = initial_record(&spec);
-    for r in host.store.create(&record)? {
-        r.report.warn();
+    let mut record = initial_record(&spec);
+    let plan = match &spec.launcher {
+        Launcher::Jailer(cfg) => Some(JailPlan::claim(
+            cfg,
+            &spec.id,
+            spec.resources.mem_mib,
+            spec.resources.vcpus,
+            CgroupLayout::detect(),
+        )?),
+        Launcher::Direct { .. } => None,
+    };
+    if let Some(plan) = &plan {
+        if plan.cgroups.is_none() {
+            tracing::warn!("no cgroup memory and cpu controllers found: the jailed VM runs without a memory limit or CPU weight");
+        }
+        record.jail = Some(plan.info());
+        record.cleanup.extend(plan.undo_steps());
+    }
+    match host.store.create(&record) {
+        Ok(reports) => reports.iter().for_each(|r| r.report.warn()),
+        Err(e) => {
+            if let Some(plan) = &plan {
+                plan.release();
+            }
+            return Err(e.into());
+        }
     }
     tracing::debug!(vm = %spec.name, id = %spec.id, "recorded after {:?}", t0.elapsed());
     let mut handle = VmHandle::new(host.clone(), spec, record);
     handle.timings.record = t0.elapsed();
-    match build(&mut handle).await {
+    match build(&mut handle, plan).await {
         Ok(()) => {
             handle.configured();
             Ok(handle)
@@ -182,7 +215,7 @@ pub async fn launch(host: &Host, spec: VmSpec) -> Result<VmHandle, LaunchError> 
     }
 }
 
-async fn build(handle: &mut VmHandle) -> Result<(), LaunchError> {
+async fn build(handle: &mut VmHandle, plan: Option<JailPlan>) -> Result<(), LaunchError> {
     let host = handle.host().clone();
     let spec = handle.spec().clone();
     let t = Instant::now();
@@ -200,8 +233,25 @@ async fn build(handle: &mut VmHandle) -> Result<(), LaunchError> {
                 std::fs::create_dir_all(parent).map_err(files("create", parent))?;
             }
             crate::storage::clone_file(&d.file, &dst).map_err(files("copy", &d.file))?;
+            if let Some(plan) = &plan {
+                jail::private_to(&dst, plan.uid)?;
+            }
         }
     }
+    let inputs = match &plan {
+        Some(plan) => {
+            lend_written_drives(handle, &spec, plan).map_err(|e| *e)?;
+            if let crate::network::NetworkAttachment::VmmTap { tap } = &spec.network {
+                // The jailed VMM may not create a TAP: fcvm makes it, for the VM's uid.
+                let step = CleanupStep::DeleteTap { name: tap.clone() };
+                handle.update(|r| r.cleanup.push(step))?;
+                crate::network::create_owned_tap(tap, plan.uid)
+                    .map_err(files("create the TAP", Path::new(tap)))?;
+            }
+            stage_inputs(&spec, plan)?
+        }
+        None => Inputs::default(),
+    };
     handle.timings.files = t.elapsed();
     tracing::debug!(
         drives = spec.drives.len(),
@@ -210,14 +260,17 @@ async fn build(handle: &mut VmHandle) -> Result<(), LaunchError> {
     );
 
     let t = Instant::now();
-    let Launcher::Direct { binary } = &spec.launcher;
     let opts = SpawnOptions {
-        binary: binary.clone(),
+        binary: spec.launcher.firecracker().to_owned(),
         id: spec.id.clone(),
         vm_paths: spec.paths.clone(),
         netns: spec.network.netns().map(str::to_owned),
         die_with_parent: spec.lifetime == Lifetime::Foreground,
         ksm: spec.ksm,
+        jail: match (&spec.launcher, plan) {
+            (Launcher::Jailer(cfg), Some(plan)) => Some((cfg.clone(), plan)),
+            _ => None,
+        },
     };
     let vmm = host.spawner.spawn(&opts).await?;
     let process = vmm.process;
@@ -231,8 +284,8 @@ async fn build(handle: &mut VmHandle) -> Result<(), LaunchError> {
 
     let t = Instant::now();
     match &spec.source {
-        Source::Boot { .. } => configure_boot(handle, &spec).await?,
-        Source::Snapshot { .. } => restore(handle, &spec).await?,
+        Source::Boot { .. } => configure_boot(handle, &spec, &inputs).await?,
+        Source::Snapshot { .. } => restore(handle, &spec, &inputs).await?,
     }
     handle.timings.configure = t.elapsed();
     tracing::debug!("configured in {:?}", t.elapsed());
@@ -267,15 +320,117 @@ pub(crate) async fn call(
     })
 }
 
-/// The path the VMM sees for a drive (copies live in its view of the runtime dir).
-fn vmm_path(rel: Option<&PathBuf>, file: &Path) -> String {
-    match rel {
-        Some(rel) => VmPaths::vmm_view().dir().join(rel).display().to_string(),
-        None => file.display().to_string(),
+/// The paths a jailed VMM knows files from outside its runtime directory by (empty for a
+/// VMM that sees the host's files).
+#[derive(Debug, Default)]
+struct Inputs(std::collections::HashMap<PathBuf, String>);
+
+impl Inputs {
+    fn of(&self, host: &Path) -> String {
+        self.0
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| host.display().to_string())
+    }
+
+    /// The path the VMM sees for a drive (copies live in its view of the runtime dir).
+    fn drive(&self, rel: Option<&PathBuf>, file: &Path) -> String {
+        match rel {
+            Some(rel) => VmPaths::vmm_view().dir().join(rel).display().to_string(),
+            None => self.of(file),
+        }
     }
 }
 
-async fn configure_boot(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchError> {
+/// A drive the guest writes in place (`fcvm run --rootfs FILE`) must be writable by the
+/// jailed VMM's uid: it is lent to that uid for the VM's life, the owner restored at
+/// teardown (recorded before the chown).
+fn lend_written_drives(
+    handle: &mut VmHandle,
+    spec: &VmSpec,
+    plan: &JailPlan,
+) -> Result<(), Box<LaunchError>> {
+    use std::os::unix::fs::MetadataExt;
+    for d in spec
+        .drives
+        .iter()
+        .filter(|d| d.copy_to.is_none() && !d.read_only)
+    {
+        let meta = std::fs::metadata(&d.file).map_err(|e| Box::new(files("read", &d.file)(e)))?;
+        if meta.uid() == plan.uid || meta.mode() & 0o006 == 0o006 {
+            continue;
+        }
+        let step = CleanupStep::RestoreOwner {
+            path: d.file.clone(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        handle
+            .update(|r| r.cleanup.push(step))
+            .map_err(|e| Box::new(e.into()))?;
+        std::os::unix::fs::chown(&d.file, Some(plan.uid), Some(plan.uid))
+            .map_err(|e| Box::new(files("lend to the jailed VMM", &d.file)(e)))?;
+    }
+    Ok(())
+}
+
+/// Put what the jailed VMM must open from outside its runtime directory into it.
+fn stage_inputs(spec: &VmSpec, plan: &JailPlan) -> Result<Inputs, JailError> {
+    let dir = spec.paths.dir();
+    let mut map = std::collections::HashMap::new();
+    let mut stage = |what: &str, name: &str, src: &Path, how: Stage| -> Result<(), JailError> {
+        let p = jail::stage_input(dir, plan.uid, what, name, src, how)?;
+        map.insert(src.to_owned(), p);
+        Ok(())
+    };
+    match &spec.source {
+        Source::Boot { kernel, initrd, .. } => {
+            // Named as on the host, so the VM's configuration still says which kernel.
+            let name = |p: &Path, default: &str| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| default.to_owned())
+            };
+            stage(
+                "kernel",
+                &name(kernel, "kernel"),
+                kernel,
+                Stage::Link { write: false },
+            )?;
+            if let Some(initrd) = initrd {
+                let n = format!("initrd-{}", name(initrd, "initrd"));
+                stage("initrd", &n, initrd, Stage::Link { write: false })?;
+            }
+        }
+        Source::Snapshot { vmstate, memory } => {
+            stage("snapshot state", "vmstate", vmstate, Stage::Copy)?;
+            match memory {
+                MemorySource::File(f) => stage("snapshot memory", "memory", f, Stage::Copy)?,
+                MemorySource::Uffd { socket, .. } => {
+                    stage("page server socket", "uffd.sock", socket, Stage::Socket)?
+                }
+            }
+        }
+    }
+    for d in spec.drives.iter().filter(|d| d.copy_to.is_none()) {
+        let name = format!("drive-{}", d.id);
+        stage(
+            &format!("drive {}", d.id),
+            &name,
+            &d.file,
+            Stage::Link {
+                write: !d.read_only,
+            },
+        )?;
+    }
+    Ok(Inputs(map))
+}
+
+async fn configure_boot(
+    handle: &VmHandle,
+    spec: &VmSpec,
+    inputs: &Inputs,
+) -> Result<(), LaunchError> {
     let Source::Boot {
         kernel,
         initrd,
@@ -297,15 +452,15 @@ async fn configure_boot(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchEr
     )
     .await?;
     let boot = BootSource {
-        kernel_image_path: kernel.display().to_string(),
-        initrd_path: initrd.as_ref().map(|p| p.display().to_string()),
+        kernel_image_path: inputs.of(kernel),
+        initrd_path: initrd.as_ref().map(|p| inputs.of(p)),
         boot_args: Some(cmdline.clone()),
     };
     call(handle, "setting the kernel", ApiCall::BootSource(&boot)).await?;
     for d in &spec.drives {
         let drive = Drive::new(
             d.id.clone(),
-            vmm_path(d.copy_to.as_ref(), &d.file),
+            inputs.drive(d.copy_to.as_ref(), &d.file),
             d.root,
             d.read_only,
         );
@@ -345,22 +500,22 @@ async fn configure_boot(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchEr
     Ok(())
 }
 
-async fn restore(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchError> {
+async fn restore(handle: &VmHandle, spec: &VmSpec, inputs: &Inputs) -> Result<(), LaunchError> {
     let Source::Snapshot { vmstate, memory } = &spec.source else {
         unreachable!("checked by the caller")
     };
     let mem_backend = match memory {
         MemorySource::File(path) => MemBackend {
             backend_type: MemBackendType::File,
-            backend_path: path.display().to_string(),
+            backend_path: inputs.of(path),
         },
         MemorySource::Uffd { socket, .. } => MemBackend {
             backend_type: MemBackendType::Uffd,
-            backend_path: socket.display().to_string(),
+            backend_path: inputs.of(socket),
         },
     };
     let load = SnapshotLoadParams {
-        snapshot_path: vmstate.display().to_string(),
+        snapshot_path: inputs.of(vmstate),
         mem_backend,
         track_dirty_pages: spec.resources.track_dirty_pages.then_some(true),
         // Loaded paused: drives are repointed first, and `start` resumes.
@@ -370,7 +525,7 @@ async fn restore(handle: &VmHandle, spec: &VmSpec) -> Result<(), LaunchError> {
     for d in &spec.drives {
         let patch = PartialDrive {
             drive_id: d.id.clone(),
-            path_on_host: Some(vmm_path(d.copy_to.as_ref(), &d.file)),
+            path_on_host: Some(inputs.drive(d.copy_to.as_ref(), &d.file)),
             ..Default::default()
         };
         call(

@@ -8,6 +8,7 @@
 //! - `handle`: start, wait, shutdown, detach, and the `Drop` backstop.
 //! - `follow`: signals, events, the console loop.
 //! - `api`, `spawn`: the seams to the VMM (its API calls, its process), faked in tests.
+//! - `jail`: the jailer launcher (chroot, uid, cgroup, namespaces).
 //! - `stop`: `fcvm stop` of a VM owned by another process.
 //! - `config`: sizing limits; `console`: reading the console log.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod follow;
 pub mod handle;
+pub mod jail;
 pub mod launch;
 pub mod spawn;
 pub mod spec;

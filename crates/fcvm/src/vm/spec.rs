@@ -122,11 +122,40 @@ pub struct Mmds {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launcher {
     /// Run Firecracker directly (in a private mount namespace, see `paths::VMM_VIEW_DIR`).
-    /// The jailer will be a second variant.
     Direct {
         /// The Firecracker binary.
         binary: PathBuf,
     },
+    /// Run Firecracker under its jailer (see [`super::jail`]).
+    Jailer(super::jail::JailerConfig),
+}
+
+impl Launcher {
+    /// The default for this process: the jailer as root (unless `--no-jailer` or
+    /// `FCVM_NO_JAILER=1`, which warn), Firecracker directly otherwise.
+    pub fn for_host(
+        paths: &Paths,
+        firecracker: PathBuf,
+    ) -> Result<Launcher, super::jail::JailError> {
+        if super::jail::wanted() {
+            Ok(Launcher::Jailer(super::jail::JailerConfig::for_host(
+                paths,
+                &firecracker,
+            )?))
+        } else {
+            Ok(Launcher::Direct {
+                binary: firecracker,
+            })
+        }
+    }
+
+    /// The Firecracker binary.
+    pub fn firecracker(&self) -> &std::path::Path {
+        match self {
+            Launcher::Direct { binary } => binary,
+            Launcher::Jailer(cfg) => &cfg.firecracker,
+        }
+    }
 }
 
 /// Whose life the VM's life is.

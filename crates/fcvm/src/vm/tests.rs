@@ -82,7 +82,7 @@ impl Spawner for FakeSpawner {
             self.0.spawned.lock().unwrap().push(process);
             Ok(SpawnedVmm {
                 process,
-                child,
+                child: crate::vm::spawn::VmmChild::Direct(child),
                 api: Box::new(FakeApi(self.0.clone())),
                 api_ready_after: Duration::ZERO,
             })

@@ -121,6 +121,12 @@ impl TestEnv {
             "runtime dirs left: {:?}",
             self.vm_dirs()
         );
+        for sub in ["jail/firecracker", "jail/uids"] {
+            let left: Vec<_> = std::fs::read_dir(self.base().join(sub))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "jailer leftovers in {sub}: {left:?}");
+        }
     }
 }
 

@@ -43,11 +43,19 @@ pub enum MachineError {
     /// The probe kernel could not be written.
     #[error("cannot write the probe kernel")]
     Probe(#[source] std::io::Error),
+    /// The jailer is needed and unusable.
+    #[error(transparent)]
+    Jailer(#[from] crate::vm::jail::JailError),
 }
 
 /// Firecracker as `fcvm setup firecracker` installed it (or `FCVM_FIRECRACKER_BIN`).
 pub fn firecracker(paths: &Paths) -> Result<PathBuf, MachineError> {
     Ok(binary::find(Program::Firecracker, paths)?.path)
+}
+
+/// How the VMM is started: under the jailer as root (see [`crate::vm::jail`]).
+pub fn launcher(paths: &Paths) -> Result<crate::vm::Launcher, MachineError> {
+    Ok(crate::vm::Launcher::for_host(paths, firecracker(paths)?)?)
 }
 
 /// The guest kernel: `--kernel` (a path, or `probe` as for `fcvm run`), else the newest

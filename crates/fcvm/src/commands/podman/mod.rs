@@ -219,7 +219,7 @@ struct Prepared {
     name: Name,
     vcpus: u8,
     mem_mib: u32,
-    firecracker: PathBuf,
+    launcher: Launcher,
     kernel: PathBuf,
     rootfs: PathBuf,
     initrd: PathBuf,
@@ -326,12 +326,12 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     if let image::ImageRequest::Archive { file, .. } = &image_req {
         image::check_archive(file)?;
     }
-    let firecracker = machine::firecracker(paths)?;
+    let launcher = machine::launcher(paths)?;
     let kernel = machine::guest_kernel(paths, req.kernel.as_deref())?;
     let rootfs = machine::guest_rootfs(paths, req.rootfs.as_deref())?;
     let initrd = machine::agent_initrd(paths)?;
     tracing::debug!(
-        firecracker = %firecracker.display(),
+        firecracker = %launcher.firecracker().display(),
         kernel = %kernel.display(),
         rootfs = %rootfs.display(),
         initrd = %initrd.display(),
@@ -365,7 +365,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         name,
         vcpus,
         mem_mib,
-        firecracker,
+        launcher,
         kernel,
         rootfs,
         initrd,
@@ -393,9 +393,7 @@ fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
             initrd: Some(p.initrd.clone()),
             cmdline: p.cmdline.clone(),
         },
-        Launcher::Direct {
-            binary: p.firecracker.clone(),
-        },
+        p.launcher.clone(),
     );
     spec.guest = GuestKind::Agent;
     spec.labels.image = Some(p.image.display.clone());
