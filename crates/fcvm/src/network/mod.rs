@@ -18,6 +18,7 @@
 //! logic is tested without root.
 
 pub mod attachment;
+pub mod bridged;
 pub mod fake;
 
 pub use attachment::NetworkAttachment;
@@ -63,6 +64,33 @@ pub enum NetError {
     /// The helper thread panicked or could not start.
     #[error("network namespace helper thread failed: {0}")]
     Thread(String),
+    /// `ip` or `nft` failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output (or why it could not run).
+        stderr: String,
+    },
+    /// A sysctl could not be written.
+    #[error("cannot set {key}={value}{}", netns.as_deref().map(|n| format!(" in network namespace {n}")).unwrap_or_default())]
+    Sysctl {
+        /// The key, as a path under /proc/sys (`net/ipv4/ip_forward`).
+        key: String,
+        /// The value.
+        value: String,
+        /// The namespace (None: the host's).
+        netns: Option<String>,
+        /// Cause.
+        source: io::Error,
+    },
+    /// No pool slot left.
+    #[error(
+        "no bridged address left: {} VMs hold the whole pool {}/16",
+        bridged::POOL_SLOTS,
+        bridged::POOL_BASE
+    )]
+    PoolExhausted,
 }
 
 /// The namespace and TAP operations a VM's network needs, so that the logic using them can
@@ -72,6 +100,16 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError>;
     /// See [`delete_netns`].
     fn delete_netns(&self, name: &str) -> Result<(), NetError>;
+    /// Run `ip [-n NETNS] ARGS...`.
+    fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError>;
+    /// Write `value` to `/proc/sys/<key>` in namespace `netns` (None: the host's).
+    fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError>;
+    /// Load a ruleset with `nft -f -`.
+    fn nft_apply(&self, ruleset: &str) -> Result<(), NetError>;
+    /// Delete nftables table `ip <name>`; a missing table is success.
+    fn nft_delete_table(&self, name: &str) -> Result<(), NetError>;
+    /// Delete interface `name` in the host's namespace; a missing one is success.
+    fn delete_link(&self, name: &str) -> Result<(), NetError>;
 }
 
 /// The real kernel.
@@ -85,6 +123,88 @@ impl NetOps for HostNet {
     fn delete_netns(&self, name: &str) -> Result<(), NetError> {
         delete_netns(name)
     }
+    fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError> {
+        let mut full: Vec<&str> = Vec::new();
+        if let Some(ns) = netns {
+            full.extend(["-n", ns]);
+        }
+        full.extend(args);
+        run_program("ip", &full, None).map(drop)
+    }
+    fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
+        write_sysctl(netns, key, value).map_err(|source| NetError::Sysctl {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            netns: netns.map(str::to_owned),
+            source,
+        })
+    }
+    fn nft_apply(&self, ruleset: &str) -> Result<(), NetError> {
+        run_program("nft", &["-f", "-"], Some(ruleset)).map(drop)
+    }
+    fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
+        match run_program("nft", &["delete", "table", "ip", name], None) {
+            Err(NetError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+    fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        match run_program("ip", &["link", "del", name], None) {
+            Err(NetError::Command { stderr, .. }) if stderr.contains("Cannot find device") => {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+}
+
+/// Run `program args...` (found in PATH or sbin), feeding `stdin`; its stderr is the error.
+fn run_program(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let command = format!("{program} {}", args.join(" "));
+    let fail = |stderr: String| NetError::Command {
+        command: command.clone(),
+        stderr,
+    };
+    let path = bridged::find_program(program).ok_or_else(|| fail("not found in PATH".into()))?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `/proc/sys/net` shows the namespace of the thread that opens it, so a namespaced write
+/// happens on a throwaway thread that joined the namespace first.
+fn write_sysctl(netns: Option<&str>, key: &str, value: &str) -> io::Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    let value = value.to_owned();
+    let Some(ns) = netns else {
+        return fs::write(&path, value);
+    };
+    let ns = File::open(netns_path(ns))?;
+    std::thread::spawn(move || -> io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        fs::write(&path, value)
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread panicked"))?
 }
 
 /// `/run/netns/<name>`.
