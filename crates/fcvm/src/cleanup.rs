@@ -45,6 +45,16 @@ pub enum CleanupStep {
         /// Namespace name.
         name: String,
     },
+    /// Delete nftables table `ip <table>` (all of one VM's rules).
+    DeleteNftTable {
+        /// Table name.
+        table: String,
+    },
+    /// Delete a network interface in the host's namespace (a veth end).
+    DeleteLink {
+        /// Interface name.
+        name: String,
+    },
     /// Remove a file.
     RemoveFile {
         /// The file.
@@ -112,6 +122,12 @@ impl CleanupStep {
             CleanupStep::DeleteNetns { name } => net
                 .delete_netns(name)
                 .map_err(|e| fail(crate::report::chain(&e))),
+            CleanupStep::DeleteNftTable { table } => net
+                .nft_delete_table(table)
+                .map_err(|e| fail(crate::report::chain(&e))),
+            CleanupStep::DeleteLink { name } => net
+                .delete_link(name)
+                .map_err(|e| fail(crate::report::chain(&e))),
             CleanupStep::RemoveFile { path } => {
                 fsutil::remove_file_idempotent(path).map_err(|e| fail(e.to_string()))
             }
@@ -153,7 +169,15 @@ fn remove_cgroup(path: &std::path::Path) -> Result<(), String> {
 
 /// Run every step in order, continuing past failures, and return the failures.
 pub fn run_all(steps: &[CleanupStep], net: &dyn NetOps) -> Vec<CleanupError> {
-    steps.iter().filter_map(|s| s.run(net).err()).collect()
+    steps
+        .iter()
+        .filter_map(|s| {
+            let t = std::time::Instant::now();
+            let r = s.run(net);
+            tracing::debug!("teardown step {s:?} took {:?}", t.elapsed());
+            r.err()
+        })
+        .collect()
 }
 
 /// What becomes of the record after its steps ran.

@@ -88,6 +88,14 @@ pub struct PodmanRunArgs {
     /// Guest root filesystem image (default: `fcvm setup rootfs`'s; env FCVM_ROOTFS).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
+    /// Network: `none` (only the agent's metadata link), `bridged` (root: a veth pair to
+    /// the host, NAT, published ports); `rootless` is not built yet.
+    #[arg(long, value_enum, default_value_t = PodmanNetwork::None)]
+    pub network: PodmanNetwork,
+    /// Publish a container port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]; repeat it, or
+    /// join with commas (8080:80,8443:443). Needs --network bridged.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
     /// IMAGE, then the command and its arguments. IMAGE: a registry reference,
     /// `localhost/NAME:TAG` from this host's podman storage, or with --image-archive the
     /// reference to run from the archive. Everything after IMAGE is the command, its own
@@ -126,6 +134,17 @@ fn split_leading(words: &[String]) -> (Option<String>, Vec<String>) {
             (Some(first.clone()), rest.to_vec())
         }
     }
+}
+
+/// `fcvm podman run --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodmanNetwork {
+    /// No network beyond the agent's metadata link.
+    None,
+    /// Per-VM namespace, veth pair, NAT (root).
+    Bridged,
+    /// User-mode networking without root (not built yet).
+    Rootless,
 }
 
 /// `fcvm exec`.
@@ -215,6 +234,12 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         kernel: a.kernel,
         rootfs: a.rootfs,
         stop_timeout: Duration::from_secs(a.stop_timeout),
+        network: match a.network {
+            PodmanNetwork::None => podman::NetworkRequest::None,
+            PodmanNetwork::Bridged => podman::NetworkRequest::Bridged,
+            PodmanNetwork::Rootless => podman::NetworkRequest::Rootless,
+        },
+        publish: a.publish,
     };
     let outcome = match podman::run(paths, &req).await {
         Ok(o) => o,

@@ -44,6 +44,7 @@ pub fn table(entries: &[LsEntry]) -> String {
         "CPU".to_owned(),
         "MEM".to_owned(),
         "AGE".to_owned(),
+        "PORTS".to_owned(),
         "SOURCE".to_owned(),
     ]];
     let now = now_ms();
@@ -81,6 +82,7 @@ pub fn table(entries: &[LsEntry]) -> String {
                 "-".into()
             },
             age(now.saturating_sub(r.created_at_ms)),
+            ports(&r.network),
             source,
         ]);
     }
@@ -107,6 +109,19 @@ pub fn align_columns<R: AsRef<[String]>>(rows: &[R]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Published ports, `8080->80/tcp,...`, or `-`.
+fn ports(network: &crate::network::NetworkAttachment) -> String {
+    match network {
+        crate::network::NetworkAttachment::Bridged(b) if !b.publish.is_empty() => b
+            .publish
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".into(),
+    }
 }
 
 fn json_word<T: Serialize>(v: &T) -> String {
@@ -157,5 +172,35 @@ mod tests {
         assert_eq!(json["name"], "alpha");
         assert_eq!(json["pid"], std::process::id());
         assert_eq!(json["live"], true);
+    }
+
+    #[test]
+    fn bridged_network_shows_in_table_and_json() {
+        use crate::network::bridged::{parse_publish, BridgedNet};
+        let id = new_vm_id();
+        let mut a = VmRecord::new(
+            id.clone(),
+            Name::parse("web").unwrap(),
+            VmKind::Container,
+            "/x".into(),
+        );
+        a.network = crate::network::NetworkAttachment::Bridged(BridgedNet::new(
+            &id,
+            0,
+            "tap0",
+            vec![],
+            parse_publish(&["8080:80,53:53/udp".into()]).unwrap(),
+        ));
+        let all = entries(vec![a], None);
+        let text = table(&all);
+        assert!(text.lines().next().unwrap().contains("PORTS"));
+        assert!(text.contains("8080->80/tcp,53->53/udp"), "{text}");
+        let json = serde_json::to_value(&all[0]).unwrap();
+        let net = &json["network"];
+        assert_eq!(net["mode"], "bridged");
+        assert_eq!(net["host_addr"], "10.209.0.1");
+        assert_eq!(net["guest_addr"], "10.209.0.6");
+        assert_eq!(net["publish"][0]["host_port"], 8080);
+        assert_eq!(net["publish"][1]["protocol"], "udp");
     }
 }

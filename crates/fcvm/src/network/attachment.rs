@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::cleanup::CleanupStep;
 use crate::firecracker::models::NetworkInterface;
 
+use super::bridged::BridgedNet;
 use super::{NetError, NetOps};
 
 /// The guest interface every attached VM gets.
@@ -33,6 +34,9 @@ pub enum NetworkAttachment {
         /// TAP name (unique per VM, at most 15 bytes).
         tap: String,
     },
+    /// A TAP in the VM's own namespace, a veth pair to the host, NAT and published ports
+    /// (see [`super::bridged`]).
+    Bridged(BridgedNet),
 }
 
 impl NetworkAttachment {
@@ -55,6 +59,7 @@ impl NetworkAttachment {
     pub fn netns(&self) -> Option<&str> {
         match self {
             NetworkAttachment::NamespacedTap { netns, .. } => Some(netns),
+            NetworkAttachment::Bridged(b) => Some(&b.netns),
             _ => None,
         }
     }
@@ -66,6 +71,7 @@ impl NetworkAttachment {
             NetworkAttachment::NamespacedTap { tap, .. } | NetworkAttachment::VmmTap { tap } => {
                 Some(tap)
             }
+            NetworkAttachment::Bridged(b) => Some(&b.tap),
         }
     }
 
@@ -75,14 +81,47 @@ impl NetworkAttachment {
             NetworkAttachment::NamespacedTap { netns, .. } => vec![CleanupStep::DeleteNetns {
                 name: netns.clone(),
             }],
+            // The table first (no rule may outlive its addresses), then the veth (its route
+            // goes with it), then the namespace (TAP and the veth's other end).
+            NetworkAttachment::Bridged(b) => vec![
+                CleanupStep::DeleteNftTable {
+                    table: b.nft_table.clone(),
+                },
+                CleanupStep::DeleteLink {
+                    name: b.veth_host.clone(),
+                },
+                CleanupStep::DeleteNetns {
+                    name: b.netns.clone(),
+                },
+            ],
             _ => Vec::new(),
         }
     }
 
-    /// Make what fcvm must make before the VMM starts. On failure nothing is left.
-    pub fn create(&self, net: &dyn NetOps) -> Result<(), NetError> {
+    /// The guest's `ip=` configuration, when the host decides its address.
+    pub fn ip_config(&self) -> Option<fcvm_proto::boot::IpConfig> {
         match self {
-            NetworkAttachment::NamespacedTap { netns, tap } => net.create_netns(netns, Some(tap)),
+            NetworkAttachment::Bridged(b) => Some(b.ip_config()),
+            _ => None,
+        }
+    }
+
+    /// Make what fcvm must make before the VMM starts; `tap_owner` is the jailed VMM's uid,
+    /// which must be able to attach to the TAP. On failure nothing is left.
+    pub fn create(&self, net: &dyn NetOps, tap_owner: Option<u32>) -> Result<(), NetError> {
+        match self {
+            NetworkAttachment::NamespacedTap { netns, tap } => {
+                net.create_netns(netns, Some(tap), tap_owner)
+            }
+            NetworkAttachment::Bridged(b) => {
+                let made = create_bridged(b, net, tap_owner);
+                if made.is_err() {
+                    for step in self.undo_steps() {
+                        let _ = step.run(net);
+                    }
+                }
+                made
+            }
             _ => Ok(()),
         }
     }
@@ -92,7 +131,9 @@ impl NetworkAttachment {
     pub fn interface(&self, seed: &str) -> Option<NetworkInterface> {
         let tap = self.tap()?;
         let guest_mac = match self {
-            NetworkAttachment::NamespacedTap { .. } => Some(super::mac_for(seed)),
+            NetworkAttachment::NamespacedTap { .. } | NetworkAttachment::Bridged(_) => {
+                Some(super::mac_for(seed))
+            }
             _ => None,
         };
         Some(NetworkInterface {
@@ -102,6 +143,88 @@ impl NetworkAttachment {
             ..Default::default()
         })
     }
+}
+
+/// The steps of a bridged network, each timed in the debug log.
+fn create_bridged(
+    b: &BridgedNet,
+    net: &dyn NetOps,
+    tap_owner: Option<u32>,
+) -> Result<(), NetError> {
+    let ns = Some(b.netns.as_str());
+    let cidr = |a: std::net::Ipv4Addr| format!("{a}/30");
+    let step = |what: &str, f: &mut dyn FnMut() -> Result<(), NetError>| {
+        let t = std::time::Instant::now();
+        let r = f();
+        tracing::debug!(netns = %b.netns, "bridged setup: {what} took {:?}", t.elapsed());
+        r
+    };
+    step("namespace and TAP", &mut || {
+        net.create_netns(&b.netns, Some(&b.tap), tap_owner)
+    })?;
+    step("veth pair", &mut || {
+        net.ip(
+            None,
+            &[
+                "link",
+                "add",
+                &b.veth_host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                super::bridged::NS_VETH,
+                "netns",
+                &b.netns,
+            ],
+        )
+    })?;
+    step("addresses and routes", &mut || {
+        net.ip(
+            None,
+            &["addr", "add", &cidr(b.host_addr), "dev", &b.veth_host],
+        )?;
+        net.ip(None, &["link", "set", &b.veth_host, "up"])?;
+        net.ip(
+            ns,
+            &[
+                "addr",
+                "add",
+                &cidr(b.ns_addr()),
+                "dev",
+                super::bridged::NS_VETH,
+            ],
+        )?;
+        net.ip(ns, &["link", "set", super::bridged::NS_VETH, "up"])?;
+        net.ip(ns, &["addr", "add", &cidr(b.gateway), "dev", &b.tap])?;
+        net.ip(
+            ns,
+            &["route", "add", "default", "via", &b.host_addr.to_string()],
+        )?;
+        net.ip(
+            None,
+            &[
+                "route",
+                "add",
+                &cidr(b.guest_net()),
+                "via",
+                &b.ns_addr().to_string(),
+                "dev",
+                &b.veth_host,
+            ],
+        )
+    })?;
+    step("forwarding", &mut || {
+        net.sysctl(ns, "net/ipv4/ip_forward", "1")?;
+        net.sysctl(None, "net/ipv4/ip_forward", "1")?;
+        // DNAT of connections the host makes to 127.0.0.1 (published ports on localhost).
+        net.sysctl(
+            None,
+            &format!("net/ipv4/conf/{}/route_localnet", b.veth_host),
+            "1",
+        )
+    })?;
+    step("nftables table", &mut || net.nft_apply(&b.nft_ruleset()))
 }
 
 #[cfg(test)]
@@ -138,9 +261,93 @@ mod tests {
     fn create_goes_through_the_seam() {
         let net = super::super::fake::RecordingNet::default();
         NetworkAttachment::namespaced("abc", "tap0")
-            .create(&net)
+            .create(&net, None)
             .unwrap();
-        NetworkAttachment::vmm_tap("abc").create(&net).unwrap();
+        NetworkAttachment::vmm_tap("abc")
+            .create(&net, None)
+            .unwrap();
         assert_eq!(net.calls(), vec!["create_netns fcvm-abc tap0".to_owned()]);
+    }
+
+    fn bridged(id: &str) -> NetworkAttachment {
+        let publish = super::super::bridged::parse_publish(&["8080:80".into()]).unwrap();
+        NetworkAttachment::Bridged(BridgedNet::new(id, 2, "tap0", vec![], publish))
+    }
+
+    /// A jailed VMM has no CAP_NET_ADMIN: its TAP, in a namespace or bridged, is made for its
+    /// uid.
+    #[test]
+    fn the_tap_of_a_jailed_vmm_is_made_for_its_uid() {
+        for a in [
+            bridged("abc"),
+            NetworkAttachment::NamespacedTap {
+                netns: "fcvm-abc".into(),
+                tap: "tap0".into(),
+            },
+        ] {
+            let net = super::super::fake::RecordingNet::default();
+            a.create(&net, Some(2_000_001)).unwrap();
+            assert_eq!(net.calls()[0], "create_netns fcvm-abc tap0 owner=2000001");
+        }
+    }
+
+    #[test]
+    fn bridged_creates_in_order_and_records_its_undo() {
+        let net = super::super::fake::RecordingNet::default();
+        let a = bridged("abc");
+        a.create(&net, None).unwrap();
+        let calls = net.calls();
+        assert_eq!(calls[0], "create_netns fcvm-abc tap0");
+        assert_eq!(
+            calls[1],
+            "ip link add vhabc type veth peer name veth0 netns fcvm-abc"
+        );
+        assert!(calls.contains(&"ip addr add 10.209.0.17/30 dev vhabc".to_owned()));
+        assert!(calls.contains(&"ip -n fcvm-abc addr add 10.209.0.21/30 dev tap0".to_owned()));
+        assert!(calls.contains(&"ip route add 10.209.0.20/30 via 10.209.0.18 dev vhabc".to_owned()));
+        assert!(calls.contains(&"sysctl fcvm-abc net/ipv4/ip_forward=1".to_owned()));
+        assert_eq!(calls.last().unwrap(), "nft_apply table ip fcvm-abc");
+        assert_eq!(
+            a.undo_steps(),
+            vec![
+                CleanupStep::DeleteNftTable {
+                    table: "fcvm-abc".into()
+                },
+                CleanupStep::DeleteLink {
+                    name: "vhabc".into()
+                },
+                CleanupStep::DeleteNetns {
+                    name: "fcvm-abc".into()
+                },
+            ]
+        );
+        let ip = a.ip_config().unwrap();
+        assert_eq!(ip.address.to_string(), "10.209.0.22");
+        assert_eq!(ip.gateway.unwrap().to_string(), "10.209.0.21");
+        assert!(a.interface("abc").unwrap().guest_mac.is_some());
+        // The record keeps all of it.
+        let back: NetworkAttachment =
+            serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn a_failed_bridged_step_undoes_what_was_made() {
+        for fail in ["ip link add", "ip -n", "sysctl", "nft_apply"] {
+            let net = super::super::fake::RecordingNet::default();
+            net.fail_once(fail);
+            assert!(bridged("abc").create(&net, None).is_err(), "{fail}");
+            let calls = net.calls();
+            let n = calls.len();
+            assert_eq!(
+                &calls[n - 3..],
+                [
+                    "nft_delete_table fcvm-abc",
+                    "delete_link vhabc",
+                    "delete_netns fcvm-abc"
+                ],
+                "after {fail}: {calls:?}"
+            );
+        }
     }
 }

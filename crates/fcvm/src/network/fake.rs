@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use super::{NetError, NetOps};
 
-/// Records calls as `"create_netns NAME TAP"` / `"delete_netns NAME"`.
+/// Records calls as `"create_netns NAME TAP"`, `"delete_netns NAME"`, `"ip [-n NS] ARGS"`,
+/// `"sysctl NS|- KEY=VALUE"`, `"nft_apply table ip NAME"`, `"nft_delete_table NAME"`,
+/// `"delete_link NAME"`.
 #[derive(Debug, Default)]
 pub struct RecordingNet {
     calls: Mutex<Vec<String>>,
@@ -45,10 +47,43 @@ impl RecordingNet {
 }
 
 impl NetOps for RecordingNet {
-    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError> {
-        self.call(format!("create_netns {name} {}", tap.unwrap_or("-")), name)
+    fn create_netns(
+        &self,
+        name: &str,
+        tap: Option<&str>,
+        tap_owner: Option<u32>,
+    ) -> Result<(), NetError> {
+        let owner = tap_owner.map(|u| format!(" owner={u}")).unwrap_or_default();
+        self.call(
+            format!("create_netns {name} {}{owner}", tap.unwrap_or("-")),
+            name,
+        )
     }
     fn delete_netns(&self, name: &str) -> Result<(), NetError> {
         self.call(format!("delete_netns {name}"), name)
+    }
+    fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError> {
+        let ns = netns.map(|n| format!("-n {n} ")).unwrap_or_default();
+        self.call(format!("ip {ns}{}", args.join(" ")), netns.unwrap_or("-"))
+    }
+    fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
+        self.call(
+            format!("sysctl {} {key}={value}", netns.unwrap_or("-")),
+            netns.unwrap_or("-"),
+        )
+    }
+    fn nft_apply(&self, ruleset: &str) -> Result<(), NetError> {
+        let table = ruleset
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches(" {");
+        self.call(format!("nft_apply {table}"), table)
+    }
+    fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
+        self.call(format!("nft_delete_table {name}"), name)
+    }
+    fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        self.call(format!("delete_link {name}"), name)
     }
 }

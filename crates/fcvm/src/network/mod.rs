@@ -18,6 +18,7 @@
 //! logic is tested without root.
 
 pub mod attachment;
+pub mod bridged;
 pub mod fake;
 
 pub use attachment::NetworkAttachment;
@@ -63,15 +64,57 @@ pub enum NetError {
     /// The helper thread panicked or could not start.
     #[error("network namespace helper thread failed: {0}")]
     Thread(String),
+    /// `ip` or `nft` failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output (or why it could not run).
+        stderr: String,
+    },
+    /// A sysctl could not be written.
+    #[error("cannot set {key}={value}{}", netns.as_deref().map(|n| format!(" in network namespace {n}")).unwrap_or_default())]
+    Sysctl {
+        /// The key, as a path under /proc/sys (`net/ipv4/ip_forward`).
+        key: String,
+        /// The value.
+        value: String,
+        /// The namespace (None: the host's).
+        netns: Option<String>,
+        /// Cause.
+        source: io::Error,
+    },
+    /// No pool slot left.
+    #[error(
+        "no bridged address left: {} VMs hold the whole pool {}/16",
+        bridged::POOL_SLOTS,
+        bridged::POOL_BASE
+    )]
+    PoolExhausted,
 }
 
 /// The namespace and TAP operations a VM's network needs, so that the logic using them can
 /// be tested with a recording fake (youki's syscall seam).
 pub trait NetOps: Send + Sync + std::fmt::Debug {
     /// See [`create_netns`].
-    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError>;
+    fn create_netns(
+        &self,
+        name: &str,
+        tap: Option<&str>,
+        tap_owner: Option<u32>,
+    ) -> Result<(), NetError>;
     /// See [`delete_netns`].
     fn delete_netns(&self, name: &str) -> Result<(), NetError>;
+    /// Run `ip [-n NETNS] ARGS...`.
+    fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError>;
+    /// Write `value` to `/proc/sys/<key>` in namespace `netns` (None: the host's).
+    fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError>;
+    /// Load a ruleset with `nft -f -`.
+    fn nft_apply(&self, ruleset: &str) -> Result<(), NetError>;
+    /// Delete nftables table `ip <name>`; a missing table is success.
+    fn nft_delete_table(&self, name: &str) -> Result<(), NetError>;
+    /// Delete interface `name` in the host's namespace; a missing one is success.
+    fn delete_link(&self, name: &str) -> Result<(), NetError>;
 }
 
 /// The real kernel.
@@ -79,12 +122,99 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
 pub struct HostNet;
 
 impl NetOps for HostNet {
-    fn create_netns(&self, name: &str, tap: Option<&str>) -> Result<(), NetError> {
-        create_netns(name, tap)
+    fn create_netns(
+        &self,
+        name: &str,
+        tap: Option<&str>,
+        tap_owner: Option<u32>,
+    ) -> Result<(), NetError> {
+        create_netns(name, tap, tap_owner)
     }
     fn delete_netns(&self, name: &str) -> Result<(), NetError> {
         delete_netns(name)
     }
+    fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError> {
+        let mut full: Vec<&str> = Vec::new();
+        if let Some(ns) = netns {
+            full.extend(["-n", ns]);
+        }
+        full.extend(args);
+        run_program("ip", &full, None).map(drop)
+    }
+    fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
+        write_sysctl(netns, key, value).map_err(|source| NetError::Sysctl {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            netns: netns.map(str::to_owned),
+            source,
+        })
+    }
+    fn nft_apply(&self, ruleset: &str) -> Result<(), NetError> {
+        run_program("nft", &["-f", "-"], Some(ruleset)).map(drop)
+    }
+    fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
+        match run_program("nft", &["delete", "table", "ip", name], None) {
+            Err(NetError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+    fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        match run_program("ip", &["link", "del", name], None) {
+            Err(NetError::Command { stderr, .. }) if stderr.contains("Cannot find device") => {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+}
+
+/// Run `program args...` (found in PATH or sbin), feeding `stdin`; its stderr is the error.
+fn run_program(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let command = format!("{program} {}", args.join(" "));
+    let fail = |stderr: String| NetError::Command {
+        command: command.clone(),
+        stderr,
+    };
+    let path = bridged::find_program(program).ok_or_else(|| fail("not found in PATH".into()))?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `/proc/sys/net` shows the namespace of the thread that opens it, so a namespaced write
+/// happens on a throwaway thread that joined the namespace first.
+fn write_sysctl(netns: Option<&str>, key: &str, value: &str) -> io::Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    let value = value.to_owned();
+    let Some(ns) = netns else {
+        return fs::write(&path, value);
+    };
+    let ns = File::open(netns_path(ns))?;
+    std::thread::spawn(move || -> io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        fs::write(&path, value)
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread panicked"))?
 }
 
 /// `/run/netns/<name>`.
@@ -106,8 +236,9 @@ fn check_name(name: &str) -> Result<(), NetError> {
 }
 
 /// Create network namespace `name` and, when `tap` is given, a persistent TAP device of
-/// that name inside it, up. On failure nothing is left behind.
-pub fn create_netns(name: &str, tap: Option<&str>) -> Result<(), NetError> {
+/// that name inside it, up; `tap_owner` is the uid of a jailed VMM, which may attach to it
+/// without CAP_NET_ADMIN. On failure nothing is left behind.
+pub fn create_netns(name: &str, tap: Option<&str>, tap_owner: Option<u32>) -> Result<(), NetError> {
     check_name(name)?;
     if let Some(t) = tap {
         if t.len() >= IFNAMSIZ {
@@ -132,7 +263,7 @@ pub fn create_netns(name: &str, tap: Option<&str>) -> Result<(), NetError> {
     let tap = tap.map(str::to_owned);
     let result = std::thread::Builder::new()
         .name("fcvm-netns".into())
-        .spawn(move || in_new_netns(&target, tap.as_deref()))
+        .spawn(move || in_new_netns(&target, tap.as_deref(), tap_owner))
         .map_err(|e| NetError::Thread(e.to_string()))?
         .join()
         .map_err(|_| NetError::Thread("panicked".into()))?;
@@ -144,7 +275,11 @@ pub fn create_netns(name: &str, tap: Option<&str>) -> Result<(), NetError> {
 }
 
 /// Runs on a throwaway thread: after `unshare` this thread alone is in the new namespace.
-fn in_new_netns(target: &Path, tap: Option<&str>) -> Result<(), (&'static str, io::Error)> {
+fn in_new_netns(
+    target: &Path,
+    tap: Option<&str>,
+    tap_owner: Option<u32>,
+) -> Result<(), (&'static str, io::Error)> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| ("unshare(CLONE_NEWNET)", e.into()))?;
     nix::mount::mount(
@@ -156,7 +291,7 @@ fn in_new_netns(target: &Path, tap: Option<&str>) -> Result<(), (&'static str, i
     )
     .map_err(|e| ("bind-mount the namespace", io::Error::from(e)))?;
     if let Some(tap) = tap {
-        create_tap(tap).map_err(|e| ("create the TAP device", e))?;
+        create_tap(tap, tap_owner).map_err(|e| ("create the TAP device", e))?;
         set_up(tap).map_err(|e| ("bring the TAP device up", e))?;
     }
     set_up("lo").map_err(|e| ("bring lo up", e))?;
@@ -172,8 +307,12 @@ fn ifreq_with_name(name: &str) -> libc::ifreq {
     req
 }
 
-/// A persistent TAP named `name` in the calling thread's namespace.
-fn create_tap(name: &str) -> io::Result<()> {
+/// `_IOW('T', 204, int)`.
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+
+/// A persistent TAP named `name` in the calling thread's namespace. With `owner`, only that
+/// uid (or CAP_NET_ADMIN) may attach to it: for a jailed VMM, which cannot create one itself.
+fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -183,6 +322,12 @@ fn create_tap(name: &str) -> io::Result<()> {
     // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
+    }
+    if let Some(uid) = owner {
+        // SAFETY: TUNSETOWNER takes an integer argument.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     // SAFETY: TUNSETPERSIST takes an integer argument.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
@@ -191,32 +336,11 @@ fn create_tap(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// `_IOW('T', 204, int)`.
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-
 /// A persistent TAP named `name` in this namespace that only `uid` (or CAP_NET_ADMIN) may
 /// attach to: for a jailed VMM, which cannot create one itself.
 pub fn create_owned_tap(name: &str, uid: u32) -> io::Result<()> {
     check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = ifreq_with_name(name);
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: TUNSETOWNER takes an integer argument.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    create_tap(name, Some(uid))
 }
 
 /// Remove the persistent TAP `name` from this namespace (a missing one is fine: attaching
@@ -335,11 +459,11 @@ mod tests {
             return;
         }
         let name = format!("fcvm-ut-{}", std::process::id());
-        create_netns(&name, Some("tap0")).unwrap();
+        create_netns(&name, Some("tap0"), None).unwrap();
         assert!(netns_path(&name).exists());
         assert!(interface_in_netns(&name, "tap0").unwrap());
         assert!(matches!(
-            create_netns(&name, None),
+            create_netns(&name, None, None),
             Err(NetError::Exists(_))
         ));
         delete_netns(&name).unwrap();

@@ -21,6 +21,9 @@ use super::record::{VmRecord, VmStatus};
 /// Failure of a store operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Every bridged address is held by a VM.
+    #[error(transparent)]
+    AddressPool(#[from] crate::network::NetError),
     /// A filesystem operation failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
@@ -114,13 +117,20 @@ impl Store {
     /// reaped first so that the name of a crashed VM can be reused at once; a failed VM
     /// holds no name (its record, if nothing is left to undo, is replaced).
     pub fn create(&self, record: &VmRecord) -> Result<Vec<Reaped>, StoreError> {
+        self.create_with(&mut record.clone(), |_, _| Ok(()))
+    }
+
+    /// [`Store::create`], letting `decide` fill in what must not collide between VMs (a
+    /// network address) from every other record, under the same lock as the write.
+    pub fn create_with(
+        &self,
+        record: &mut VmRecord,
+        decide: impl FnOnce(&[VmRecord], &mut VmRecord) -> Result<(), StoreError>,
+    ) -> Result<Vec<Reaped>, StoreError> {
         let reaped = self.reap_stale()?;
         let _lock = self.lock()?;
-        for other in self
-            .read_all()?
-            .into_iter()
-            .filter(|r| r.name == record.name)
-        {
+        let all = self.read_all()?;
+        for other in all.iter().filter(|r| r.name == record.name).cloned() {
             if other.status == VmStatus::Failed && other.cleanup.is_empty() {
                 // Shown until replaced: nothing is left to undo.
                 self.remove_locked(&other.id)?;
@@ -135,6 +145,7 @@ impl Store {
                 pid,
             });
         }
+        decide(&all, record)?;
         self.write_locked(record)?;
         Ok(reaped)
     }

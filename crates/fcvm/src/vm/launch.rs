@@ -26,7 +26,7 @@ use crate::firecracker::models::{
     SnapshotLoadParams, Vsock,
 };
 use crate::firecracker::TransportError;
-use crate::network::{attachment::GUEST_IFACE, HostNet, NetError, NetOps};
+use crate::network::{attachment::GUEST_IFACE, HostNet, NetError, NetOps, NetworkAttachment};
 use crate::paths::VmPaths;
 use crate::state::{Store, StoreError, VmRecord, VmmKind};
 
@@ -116,6 +116,9 @@ pub enum LaunchError {
         /// The end of the VMM's log.
         log: LogTail,
     },
+    /// The kernel command line cannot carry the guest's network configuration.
+    #[error(transparent)]
+    Cmdline(#[from] fcvm_proto::cmdline::BuildError),
     /// `start` on a VM that is not configured.
     #[error("VM {name} cannot be started: it is {state:?}")]
     State {
@@ -171,7 +174,7 @@ pub fn initial_record(spec: &VmSpec) -> VmRecord {
 
 /// Record, create and configure the VM of `spec` (steps 1–5 above). The returned handle
 /// owns it: [`VmHandle::start`] boots it, and dropping the handle tears it down.
-pub async fn launch(host: &Host, spec: VmSpec) -> Result<VmHandle, LaunchError> {
+pub async fn launch(host: &Host, mut spec: VmSpec) -> Result<VmHandle, LaunchError> {
     let t0 = Instant::now();
     let mut record = initial_record(&spec);
     let plan = match &spec.launcher {
@@ -191,8 +194,14 @@ pub async fn launch(host: &Host, spec: VmSpec) -> Result<VmHandle, LaunchError> 
         record.jail = Some(plan.info());
         record.cleanup.extend(plan.undo_steps());
     }
-    match host.store.create(&record) {
-        Ok(reports) => reports.iter().for_each(|r| r.report.warn()),
+    let created = host.store.create_with(&mut record, |all, r| {
+        if let NetworkAttachment::Bridged(b) = &mut r.network {
+            b.assign(crate::network::bridged::free_slot(all).ok_or(NetError::PoolExhausted)?);
+        }
+        Ok(())
+    });
+    match created {
+        Ok(reaped) => reaped.iter().for_each(|r| r.report.warn()),
         Err(e) => {
             if let Some(plan) = &plan {
                 plan.release();
@@ -200,9 +209,25 @@ pub async fn launch(host: &Host, spec: VmSpec) -> Result<VmHandle, LaunchError> 
             return Err(e.into());
         }
     }
+    // The guest learns the address just decided from its kernel command line.
+    spec.network = record.network.clone();
+    let mut cmdline_error = None;
+    if let (Some(ip), Source::Boot { cmdline, .. }) = (spec.network.ip_config(), &mut spec.source) {
+        match fcvm_proto::cmdline::CmdlineBuilder::parse(cmdline)
+            .ip(&ip)
+            .build()
+        {
+            Ok(line) => *cmdline = line,
+            Err(e) => cmdline_error = Some(e),
+        }
+    }
     tracing::debug!(vm = %spec.name, id = %spec.id, "recorded after {:?}", t0.elapsed());
     let mut handle = VmHandle::new(host.clone(), spec, record);
     handle.timings.record = t0.elapsed();
+    if let Some(e) = cmdline_error {
+        handle.abort();
+        return Err(LaunchError::Cmdline(e));
+    }
     match build(&mut handle, plan).await {
         Ok(()) => {
             handle.configured();
@@ -219,7 +244,8 @@ async fn build(handle: &mut VmHandle, plan: Option<JailPlan>) -> Result<(), Laun
     let host = handle.host().clone();
     let spec = handle.spec().clone();
     let t = Instant::now();
-    spec.network.create(host.net.as_ref())?;
+    spec.network
+        .create(host.net.as_ref(), plan.as_ref().map(|p| p.uid))?;
     handle.timings.network = t.elapsed();
     tracing::debug!(network = ?spec.network, "network ready in {:?}", t.elapsed());
 

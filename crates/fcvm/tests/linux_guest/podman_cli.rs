@@ -24,7 +24,7 @@ use crate::common::{firecracker_or_skip, scratch_root, wait_until, TestEnv};
 /// another emulated host on 2 cores.
 const READY: Duration = Duration::from_secs(300);
 
-struct Guest {
+pub(super) struct Guest {
     kernel: PathBuf,
     rootfs: PathBuf,
     archive: PathBuf,
@@ -32,7 +32,7 @@ struct Guest {
 }
 
 /// What a Linux guest needs, or None after a loud SKIPPED (a failure under CI).
-fn guest_or_skip(test: &str) -> Option<Guest> {
+pub(super) fn guest_or_skip(test: &str) -> Option<Guest> {
     firecracker_or_skip(test)?;
     let skip = |why: String| {
         if std::env::var_os("CI").is_some() {
@@ -87,7 +87,7 @@ fn guest_or_skip(test: &str) -> Option<Guest> {
 }
 
 impl Guest {
-    fn run(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
+    pub(super) fn run(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
         let mut cmd = env.command();
         cmd.args(["podman", "run", "--name", name])
             .args(flags)
@@ -156,7 +156,7 @@ fn report(out: &str) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-fn wait_healthy(env: &TestEnv, name: &str) {
+pub(super) fn wait_healthy(env: &TestEnv, name: &str) {
     wait_until(READY, "the container to be ready", || {
         env.ls()
             .into_iter()
@@ -165,7 +165,7 @@ fn wait_healthy(env: &TestEnv, name: &str) {
     });
 }
 
-fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+pub(super) fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
     wait_until(Duration::from_secs(180), what, || child.try_wait().unwrap())
 }
 

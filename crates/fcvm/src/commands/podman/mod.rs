@@ -119,6 +119,39 @@ pub struct PodmanRunRequest {
     /// `--stop-timeout`: from the request to stop (a signal to fcvm) to the kill. Zero means
     /// [`STOP_GRACE`] (so `Default` keeps podman's 10 s).
     pub stop_timeout: Duration,
+    /// `--network`.
+    pub network: NetworkRequest,
+    /// `--publish` occurrences.
+    pub publish: Vec<String>,
+}
+
+/// `--network` of `podman run`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NetworkRequest {
+    /// Only the agent's metadata link (a TAP the VMM makes).
+    #[default]
+    None,
+    /// See [`crate::network::bridged`].
+    Bridged,
+    /// Not built yet: refused.
+    Rootless,
+}
+
+/// A refused `--network`/`--publish`.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkArgsError {
+    /// A bad publish spec.
+    #[error(transparent)]
+    Publish(#[from] crate::network::bridged::PublishError),
+    /// Bridged cannot work here.
+    #[error(transparent)]
+    Unavailable(#[from] crate::network::bridged::BridgedUnavailable),
+    /// Rootless mode is not built yet.
+    #[error("--network rootless is not yet supported; use --network bridged (as root) or none")]
+    RootlessNotYet,
+    /// Ports without a network that can carry them.
+    #[error("--publish needs --network bridged")]
+    PublishWithoutNetwork,
 }
 
 /// Why `fcvm podman run` failed.
@@ -136,6 +169,9 @@ pub enum PodmanError {
     /// Bad container arguments.
     #[error(transparent)]
     Args(#[from] plan::PlanArgsError),
+    /// Bad network arguments.
+    #[error(transparent)]
+    Network(#[from] NetworkArgsError),
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
@@ -227,6 +263,37 @@ struct Prepared {
     plan: fcvm_proto::plan::Plan,
     cmdline: String,
     stop_timeout: Duration,
+    network: PreparedNetwork,
+}
+
+/// The network decided in step 1 (addresses come at launch, under the store lock).
+enum PreparedNetwork {
+    None,
+    Bridged {
+        dns: Vec<std::net::Ipv4Addr>,
+        publish: Vec<crate::network::bridged::PortMapping>,
+    },
+}
+
+/// Check `--network` and `--publish` (bad specs, ports in use, a host that cannot do it).
+fn prepare_network(req: &PodmanRunRequest) -> Result<PreparedNetwork, NetworkArgsError> {
+    use crate::network::bridged;
+    let publish = bridged::parse_publish(&req.publish)?;
+    match req.network {
+        NetworkRequest::Rootless => Err(NetworkArgsError::RootlessNotYet),
+        NetworkRequest::None if !publish.is_empty() => Err(NetworkArgsError::PublishWithoutNetwork),
+        NetworkRequest::None => Ok(PreparedNetwork::None),
+        NetworkRequest::Bridged => {
+            for p in &publish {
+                bridged::check_free(p)?;
+            }
+            bridged::check_host()?;
+            Ok(PreparedNetwork::Bridged {
+                dns: bridged::host_dns(),
+                publish,
+            })
+        }
+    }
 }
 
 /// Step timings for [`TIMINGS_ENV`]; each step is also a debug log line.
@@ -318,6 +385,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let (vcpus, mem_mib) = validate_sizing(req.vcpus, req.mem_mib)?;
     let env = env::container_env(&req.env_files, &req.env, &env::ProcessEnv)
         .map_err(plan::PlanArgsError::from)?;
+    let network = prepare_network(req)?;
     let cmd = plan::command(&req.command, req.cmd.as_deref())?;
     let user = plan::user(req.user.as_deref())?;
     let workdir = plan::workdir(req.workdir.as_deref())?;
@@ -373,6 +441,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         plan,
         cmdline,
         stop_timeout: req.stop_timeout,
+        network,
     })
 }
 
@@ -413,7 +482,19 @@ fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
             read_only: true,
         });
     }
-    spec.network = NetworkAttachment::vmm_tap(&spec.id);
+    spec.network = match &p.network {
+        PreparedNetwork::None => NetworkAttachment::vmm_tap(&spec.id),
+        // Slot 0 until launch takes a free one under the store lock.
+        PreparedNetwork::Bridged { dns, publish } => {
+            NetworkAttachment::Bridged(crate::network::bridged::BridgedNet::new(
+                &spec.id,
+                0,
+                crate::network::DEFAULT_TAP,
+                dns.clone(),
+                publish.clone(),
+            ))
+        }
+    };
     spec.vsock = true;
     spec.mmds = Some(Mmds {
         version: MmdsVersion::V2,
