@@ -526,6 +526,7 @@ async fn follow(
                     let _ = vm.update(|r| r.health = Health::Healthy);
                 }
                 Some(Status::Error(text)) => end.guest_error = Some(text),
+                Some(Status::ImageReady { .. } | Status::Proceed(_)) => {}
                 Some(Status::Exit(code)) => {
                     timeline.mark("exit-status");
                     end.exit_code = Some(code);
