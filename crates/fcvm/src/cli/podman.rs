@@ -58,6 +58,9 @@ pub struct PodmanRunArgs {
     /// Guest root filesystem image (default: `fcvm setup rootfs`'s; env FCVM_ROOTFS).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
+    /// Boot cold: neither restore nor create an image cache entry (env FCVM_NO_SNAPSHOT=1).
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// Image: a registry reference, `localhost/NAME:TAG` from this host's podman storage,
     /// or with --image-archive the reference to run from the archive.
     #[arg(required_unless_present = "image_archive")]
@@ -115,6 +118,7 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         kernel: a.kernel,
         rootfs: a.rootfs,
         stop_timeout: Duration::from_secs(a.stop_timeout),
+        no_snapshot: a.no_snapshot,
     };
     let outcome = match podman::run(paths, &req).await {
         Ok(o) => o,
