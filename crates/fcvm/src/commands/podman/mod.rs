@@ -288,7 +288,7 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
         }
     }
     let mut gate = match decision {
-        cached::Decision::Create(c) => Gate::Create(c),
+        cached::Decision::Create(c) => Gate::Create(Box::new(c)),
         cached::Decision::Cold(why) => {
             eprintln!("fcvm: cold ({why})");
             Gate::Cold
@@ -356,7 +356,7 @@ enum Gate {
     /// Nothing: the plan does not ask the agent to wait.
     Cold,
     /// Snapshot at ImageReady.
-    Create(cached::Creator),
+    Create(Box<cached::Creator>),
     /// A restored VM: its agent must report ImageReady before `deadline`.
     Restored {
         key: String,
