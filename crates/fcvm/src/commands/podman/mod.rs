@@ -504,22 +504,7 @@ async fn attach_and_follow(
     vm.start().await?;
     timeline.mark("instance-started");
 
-    let stop_grace = if p.stop_timeout.is_zero() {
-        STOP_GRACE
-    } else {
-        p.stop_timeout
-    };
-    let end = follow(
-        vm,
-        &mut session,
-        paths,
-        p,
-        stop_grace,
-        timeline,
-        signals,
-        gate,
-    )
-    .await;
+    let end = follow(vm, &mut session, paths, p, timeline, signals, gate).await;
     if let Some(why) = end.restore_failed {
         vm.kill();
         return Err(PodmanError::CacheRestore { why });
@@ -678,12 +663,16 @@ async fn follow(
     session: &mut session::Session,
     paths: &Paths,
     p: &Prepared,
-    stop_grace: Duration,
     timeline: &mut Timeline,
     signals: &mut Signals,
     gate: &mut Gate,
 ) -> End {
     let plan = &p.plan;
+    let stop_grace = if p.stop_timeout.is_zero() {
+        STOP_GRACE
+    } else {
+        p.stop_timeout
+    };
     let mut end = End {
         exit_code: None,
         guest_error: None,
