@@ -11,7 +11,7 @@ use anyhow::Context;
 use fcvm_proto::boot::Cmdline;
 use fcvm_proto::frame::read_frame;
 use fcvm_proto::plan::Plan;
-use fcvm_proto::status::Status;
+use fcvm_proto::status::{read_status, Status};
 use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -25,6 +25,8 @@ const AGENT_FAILURE: i32 = 125;
 const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the plan.
 const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the host's status listener after a restore reset the connection.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Status port connection; a missing host only costs the messages.
 #[derive(Clone, Default)]
@@ -34,11 +36,21 @@ impl StatusSink {
     fn send(&self, s: &Status) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = g.as_mut() {
-            if let Err(e) = c.write_all(s.to_line().as_bytes()) {
+            if let Err(e) = c.write_all(&s.encode()) {
                 crate::info!("status port write failed: {e}");
                 *g = None;
             }
         }
+    }
+
+    /// A reading handle on the current connection, if there is one.
+    fn reader(&self) -> Option<Conn> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().and_then(|c| c.try_clone().ok())
+    }
+
+    fn replace(&self, conn: Option<Conn>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = conn;
     }
 
     fn fail(&self, e: &anyhow::Error) {
@@ -120,6 +132,13 @@ fn run_container(
     let plan = setup_guest(cmdline, vsock)?;
     let image = container::prepare_image(&plan)?;
     crate::info!("image ready: {image}");
+    let plan = if plan.await_proceed {
+        let plan = await_proceed(vsock, status, &image)?;
+        net::set_hostname(plan.hostname.as_deref().unwrap_or("fcvm"))?;
+        plan
+    } else {
+        plan
+    };
 
     let output = FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?);
     let input = if plan.interactive || plan.tty {
@@ -176,6 +195,39 @@ fn run_container(
     crate::info!("container exited with {code}");
     status.send(&Status::Exit(code));
     Ok(())
+}
+
+/// Reports the image and waits for the host's go-ahead and the run's own plan. The host
+/// may snapshot the VM meanwhile; in a VM restored from that snapshot the connection reads
+/// as reset, so the agent connects again and repeats the report, and the host answers with
+/// its run's plan.
+fn await_proceed(vsock: Vsock, status: &StatusSink, image: &str) -> anyhow::Result<Plan> {
+    let digest = container::image_id(image)?;
+    loop {
+        status.send(&Status::ImageReady {
+            digest: digest.clone(),
+        });
+        if let Some(mut conn) = status.reader() {
+            loop {
+                match read_status(&mut conn) {
+                    Ok(Some(Status::Proceed(plan))) => {
+                        crate::info!("proceeding");
+                        return Ok(*plan);
+                    }
+                    Ok(Some(other)) => crate::info!("ignoring status message {other:?}"),
+                    Ok(None) => break,
+                    Err(e) => {
+                        crate::info!("status connection lost ({e}): reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        let conn = vsock
+            .connect(STATUS_PORT, RECONNECT_TIMEOUT)
+            .context("cannot reconnect to the host's status port")?;
+        status.replace(Some(conn));
+    }
 }
 
 /// Reports `ready` once conmon says the container has started (`READY=1` on the notify socket).

@@ -42,6 +42,16 @@ pub enum ImageError {
     /// `podman load` succeeded but named no image and the plan gave none.
     #[error("podman load -i {0} reported no image name and the plan gives no reference")]
     NoName(String),
+    /// `podman image inspect` failed.
+    #[error("podman image inspect {image} failed (exit {code}): {stderr}")]
+    Inspect {
+        /// Image.
+        image: String,
+        /// Exit code.
+        code: i32,
+        /// podman's error output.
+        stderr: String,
+    },
     /// `podman pull` failed.
     #[error("podman pull {reference} failed (exit {code}): {stderr}")]
     Pull {
@@ -90,6 +100,27 @@ pub fn prepare_image(plan: &Plan) -> Result<String, ImageError> {
             Ok(reference.clone())
         }
     }
+}
+
+/// The image id (`sha256:<hex>`) of a loaded image, as podman reports it.
+pub fn image_id(image: &str) -> Result<String, ImageError> {
+    let out = reaper::run(
+        Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", image]),
+    )
+    .map_err(ImageError::Spawn)?;
+    let id = out.stdout.trim();
+    if out.code != 0 || id.is_empty() {
+        return Err(ImageError::Inspect {
+            image: image.to_owned(),
+            code: out.code,
+            stderr: out.stderr.trim().to_owned(),
+        });
+    }
+    Ok(if id.contains(':') {
+        id.to_owned()
+    } else {
+        format!("sha256:{id}")
+    })
 }
 
 /// The first image name in `podman load` output (`Loaded image: NAME` or `Loaded image(s): A,B`).

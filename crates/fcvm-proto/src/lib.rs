@@ -7,7 +7,7 @@
 //! - [`boot`]: kernel command-line keys the agent reads (`root=`, `ip=`, `fcvm.debug=`).
 //! - [`cmdline`]: building that command line on the host, and the guest device paths.
 //! - [`plan`]: the run plan the host puts in MMDS and the agent executes.
-//! - [`status`]: the line protocol on the status port (`ready`, `exit:<code>`, `error:<msg>`).
+//! - [`status`]: typed, versioned messages on the status port (Ready, Exit, Error, ImageReady, Proceed).
 //! - [`frame`]: the versioned binary framing used for container output, stdin/TTY and exec.
 //! - [`exec`]: the exec request carried in the first frame of an exec connection.
 //! - [`initrd`]: the newc cpio format of the agent initrd (written by the host, unpacked by the guest kernel).
@@ -20,13 +20,16 @@
 //!  PUT /mmds {"latest":{"container-plan":{..}}}
 //!  InstanceStart ------------------------------------> boot, mounts, cgroups, network
 //!                                                      GET MMDS plan, load/pull image
+//!             <-------- ImageReady{digest} (4999) ---- only when plan.await_proceed: waits
+//!             --------> Proceed{plan} (4999) --------- (the host snapshots before; a restored
+//!                                                      VM reconnects, says ImageReady again)
 //!  <uds>_4997 <-------- connect (output frames) ------
 //!  <uds>_4996 <-------- connect (input frames)  ------ only when plan.interactive || plan.tty
-//!  <uds>_4999 <-------- "ready\n" -------------------- container started, exec server up
+//!  <uds>_4999 <-------- Ready ------------------------ container started, exec server up
 //!             <-------- Stdout/Stderr frames (4997)
 //!             --------> Stdin/Eof/Resize/Signal (4996)
 //!             <-------- output connection closed ----- all output flushed
-//!             <-------- "exit:<code>\n" (4999) ------
+//!             <-------- Exit{code} (4999) ------------
 //!                                                      poweroff: the VMM process exits
 //! ```
 

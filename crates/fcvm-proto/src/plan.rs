@@ -109,6 +109,12 @@ pub struct Plan {
     /// Shared directories (placeholder; the agent rejects a non-empty list for now).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// Once the image is loaded, report [`crate::status::Status::ImageReady`] and wait for
+    /// [`crate::status::Status::Proceed`], whose plan replaces this one (the host snapshots the
+    /// VM in between for its image cache; a VM restored from that snapshot reconnects and
+    /// gets its own run's plan).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub await_proceed: bool,
 }
 
 /// Why a plan is invalid.
@@ -177,6 +183,7 @@ impl Plan {
             labels: BTreeMap::new(),
             privileged: false,
             volumes: Vec::new(),
+            await_proceed: false,
         }
     }
 

@@ -15,6 +15,10 @@
 //! VMM start, agent boot, `podman load`, `podman run`, poweroff, cleanup. The breakdown comes
 //! from fcvm's own step marks (FCVM_PODMAN_TIMINGS) and the agent's console timestamps. Each
 //! fcvm run is followed by a bare run, so drift in the machine's load hits both alike.
+//!
+//! First, the image cache: one miss, then `BENCH_CACHE_RUNS` (default 3) cold runs
+//! (`--no-snapshot`) and cache hits interleaved, command -> first output line side by side.
+//! `BENCH_CACHE_ONLY=1` stops after that section. The other sections run cold.
 
 mod podman_bare;
 
@@ -67,9 +71,12 @@ fn main() {
         "1",
     )
     .expect("build the busybox test image");
+    // Cold unless a section turns the image cache on (`cached`).
     let cmd = |args: &[&str]| {
         let mut c = Command::new(&fcvm);
-        c.args(args).env("FCVM_BASE_DIR", base.path());
+        c.args(args)
+            .env("FCVM_BASE_DIR", base.path())
+            .env("FCVM_NO_SNAPSHOT", "1");
         c
     };
     let run_args = |name: &str, tail: &[&str]| -> Vec<String> {
@@ -85,6 +92,11 @@ fn main() {
         v.extend(tail.iter().map(|s| s.to_string()));
         v
     };
+
+    image_cache(&cmd, &run_args, cache_runs());
+    if std::env::var_os("BENCH_CACHE_ONLY").is_some() {
+        return;
+    }
 
     let bare_inputs = podman_bare::Inputs {
         firecracker: std::env::var_os("FCVM_FIRECRACKER_BIN").unwrap().into(),
@@ -255,6 +267,101 @@ fn main() {
         "  in the VM (--vm)                {:8.1} ms",
         median(&mut rtt_vm)
     );
+}
+
+/// Runs per side of the image cache section (`BENCH_CACHE_RUNS`, default 3).
+fn cache_runs() -> usize {
+    std::env::var("BENCH_CACHE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// One `podman run`: (command -> first output line, command -> exit, stderr).
+fn timed_run(mut c: Command) -> (f64, f64, String) {
+    let start = Instant::now();
+    let mut child = c
+        .env("FCVM_PODMAN_TIMINGS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let first = start.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success() && line == "hello\n", "run failed: {st}\n{err}");
+    (ms(first), ms(start.elapsed()), err)
+}
+
+/// The image cache: one miss (boot + snapshot), then cold runs (`--no-snapshot`) and hits
+/// interleaved, `runs` of each; command -> first output line, medians side by side.
+fn image_cache(
+    cmd: &dyn Fn(&[&str]) -> Command,
+    run_args: &dyn Fn(&str, &[&str]) -> Vec<String>,
+    runs: usize,
+) {
+    let cached = |name: &str| {
+        let args = run_args(name, &["echo", "hello"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut c = cmd(&args);
+        c.env_remove("FCVM_NO_SNAPSHOT");
+        c
+    };
+    let (miss_first, miss_exit, err) = timed_run(cached("miss"));
+    assert!(err.contains("fcvm: cache created"), "{err}");
+    let snapshot_step = breakdown(&err)
+        .into_iter()
+        .find(|(k, _)| k.contains("cache-snapshot"));
+    let (mut cold, mut hit, mut cold_exit, mut hit_exit) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut hit_steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for i in 0..runs {
+        let args = run_args(&format!("cold{i}"), &["echo", "hello"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (f, e, err) = timed_run(cmd(&args));
+        assert!(err.contains("fcvm: cold"), "{err}");
+        cold.push(f);
+        cold_exit.push(e);
+        let (f, e, err) = timed_run(cached(&format!("hit{i}")));
+        assert!(err.contains("fcvm: cache hit"), "{err}");
+        hit.push(f);
+        hit_exit.push(e);
+        for (k, v) in breakdown(&err) {
+            match hit_steps.iter_mut().find(|(name, _)| *name == k) {
+                Some((_, vs)) => vs.push(v),
+                None => hit_steps.push((k, vec![v])),
+            }
+        }
+    }
+    let (c, h) = (median(&mut cold), median(&mut hit));
+    let (ce, he) = (median(&mut cold_exit), median(&mut hit_exit));
+    println!("image cache (podman run of the busybox archive, `echo hello`), median of {runs}:");
+    println!("                                  cold (--no-snapshot)   cache hit   cold/hit");
+    println!(
+        "  command -> first output line  {c:12.1} ms {h:12.1} ms   {:.2}x",
+        c / h
+    );
+    println!(
+        "  command -> exit               {ce:12.1} ms {he:12.1} ms   {:.2}x",
+        ce / he
+    );
+    println!(
+        "  the miss that created the entry: first line {miss_first:.1} ms, exit {miss_exit:.1} ms{}",
+        snapshot_step.map_or(String::new(), |(k, v)| format!(" ({k} at {v:.1} ms)"))
+    );
+    println!("  cache hit breakdown (median of each step):");
+    for (k, mut v) in hit_steps {
+        println!("    {k:<40} {:8.1} ms", median(&mut v));
+    }
 }
 
 fn ms(d: Duration) -> f64 {

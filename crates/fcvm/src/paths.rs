@@ -108,6 +108,11 @@ impl Paths {
         self.base.join("jail")
     }
 
+    /// The image cache of container VMs (snapshots taken once the image is loaded).
+    pub fn image_cache_dir(&self) -> PathBuf {
+        self.base.join("image-cache")
+    }
+
     /// Download cache.
     pub fn cache_dir(&self) -> PathBuf {
         self.base.join("cache")

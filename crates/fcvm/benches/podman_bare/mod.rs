@@ -5,7 +5,7 @@
 //! and output ports, a config file and the plan document, then
 //! `firecracker --no-api --config-file CFG --metadata PLAN.json` (the VM boots at once, MMDS
 //! preloaded with the plan; Firecracker creates the TAP, which goes with it). The client reads
-//! the output frames and the status lines, then waits for Firecracker to exit (the agent resets
+//! the output frames and the status messages, then waits for Firecracker to exit (the agent resets
 //! the VM, `reboot=k`) and removes the VM's directory. No API socket, no state store, no fcvm
 //! process.
 //!
@@ -14,7 +14,6 @@
 //! Everything on the wire is fcvm-proto's.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use fcvm_proto::frame::{read_frame, Frame};
 use fcvm_proto::plan::{ImageSource, Plan};
-use fcvm_proto::status::{Status, MAX_STATUS_LINE};
+use fcvm_proto::status::{read_status, Status};
 use fcvm_proto::vsock::{host_listener_path, GUEST_CID, OUTPUT_PORT, STATUS_PORT};
 
 /// How long one run may take before it counts as hung.
@@ -158,20 +157,9 @@ pub fn run(
         let Ok((conn, _)) = status_l.accept() else {
             return;
         };
-        let mut r = BufReader::new(conn);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match (&mut r)
-                .take(MAX_STATUS_LINE as u64)
-                .read_until(b'\n', &mut line)
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if let Ok(s) = Status::parse(&String::from_utf8_lossy(&line)) {
-                let _ = tx.send(Event::Status(Instant::now(), s));
-            }
+        let mut r = conn;
+        while let Ok(Some(s)) = read_status(&mut r) {
+            let _ = tx.send(Event::Status(Instant::now(), s));
         }
     });
 
@@ -224,7 +212,7 @@ pub fn run(
             Event::FirstStdout(t, bytes) => first = Some((t, bytes)),
             Event::Status(t, Status::Exit(code)) => exit = Some((t, code)),
             Event::Status(_, Status::Error(e)) => return Err(failure(dir, &e)),
-            Event::Status(_, Status::Ready) => {}
+            Event::Status(_, _) => {}
             Event::OutputClosed => output_closed = true,
         }
     }

@@ -16,7 +16,7 @@ use crate::paths::Paths;
 #[derive(Debug, Subcommand)]
 pub enum PodmanCommand {
     /// Run a container in a new microVM, in the foreground; exits with the container's code.
-    Run(PodmanRunArgs),
+    Run(Box<PodmanRunArgs>),
 }
 
 /// `fcvm podman run`.
@@ -96,6 +96,9 @@ pub struct PodmanRunArgs {
     /// join with commas (8080:80,8443:443). Needs --network bridged.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Boot cold: neither restore nor create an image cache entry (env FCVM_NO_SNAPSHOT=1).
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// IMAGE, then the command and its arguments. IMAGE: a registry reference,
     /// `localhost/NAME:TAG` from this host's podman storage, or with --image-archive the
     /// reference to run from the archive. Everything after IMAGE is the command, its own
@@ -207,7 +210,7 @@ impl ExecArgs {
 /// Dispatch `fcvm podman`.
 pub async fn podman(paths: &Paths, cmd: PodmanCommand) -> Result<ExitCode> {
     match cmd {
-        PodmanCommand::Run(a) => run(paths, a).await,
+        PodmanCommand::Run(a) => run(paths, *a).await,
     }
 }
 
@@ -240,6 +243,7 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
             PodmanNetwork::Rootless => podman::NetworkRequest::Rootless,
         },
         publish: a.publish,
+        no_snapshot: a.no_snapshot,
     };
     let outcome = match podman::run(paths, &req).await {
         Ok(o) => o,
@@ -294,7 +298,7 @@ mod tests {
     fn run_args(args: &[&str]) -> PodmanRunArgs {
         let argv = ["fcvm", "podman", "run"].iter().chain(args);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Podman(PodmanCommand::Run(a)) => a,
+            Command::Podman(PodmanCommand::Run(a)) => *a,
             other => panic!("{other:?}"),
         }
     }

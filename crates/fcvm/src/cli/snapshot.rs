@@ -9,6 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cleanup::{CleanupStep, Disposition};
 use crate::paths::Paths;
+use crate::snapshot::cache::{CacheEntryInfo, ImageCache};
 use crate::snapshot::clone::{self, CloneRequest, MemorySource};
 use crate::snapshot::create::{self, CreateRequest};
 use crate::snapshot::{self, guard, serve, SnapshotStore};
@@ -138,12 +139,16 @@ pub enum SnapshotsCommand {
         /// The snapshot.
         tag: String,
     },
-    /// Remove leftovers of interrupted creates; with --unused, also every snapshot that no
-    /// live server, clone or VM (as Diff parent) uses.
+    /// Remove leftovers of interrupted creates and the image cache's entries (all not in
+    /// use, or with --cache-idle those unused for that long); with --unused, also every
+    /// snapshot that no live server, clone or VM (as Diff parent) uses.
     Prune {
         /// Also remove unused snapshots.
         #[arg(long)]
         unused: bool,
+        /// Remove only cache entries not used for this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        cache_idle: Option<u64>,
     },
 }
 
@@ -181,13 +186,29 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", table(&list, &users));
+                let cache = ImageCache::open(paths)?.list()?;
+                if !cache.is_empty() {
+                    println!("\nimage cache (fcvm podman run):");
+                    print!("{}", cache_table(&cache, crate::state::now_ms()));
+                }
             }
         }
         SnapshotsCommand::Rm { tag } => {
             snapshot::remove(paths, &tag)?;
             eprintln!("removed snapshot {tag}");
         }
-        SnapshotsCommand::Prune { unused } => {
+        SnapshotsCommand::Prune { unused, cache_idle } => {
+            let removed = ImageCache::open(paths)?.prune(cache_idle.map(Duration::from_secs))?;
+            eprintln!(
+                "removed {} image cache entr{}{}",
+                removed.len(),
+                if removed.len() == 1 { "y" } else { "ies" },
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", removed.join(", "))
+                }
+            );
             let p = snapshot::prune(paths, unused)?;
             eprintln!(
                 "removed {} unfinished snapshot dir(s){}",
@@ -205,6 +226,22 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The image cache's entries: key, image, size on disk, last use (ago).
+fn cache_table(entries: &[CacheEntryInfo], now_ms: u64) -> String {
+    let mut rows = vec![["KEY", "IMAGE", "DIGEST", "ON-DISK", "LAST-USE"].map(str::to_owned)];
+    for e in entries {
+        let ago = now_ms.saturating_sub(e.last_used_ms) / 1000;
+        rows.push([
+            e.key.clone(),
+            e.image.clone(),
+            e.digest.chars().take(19).collect(),
+            mib(e.allocated_bytes),
+            format!("{ago} s ago"),
+        ]);
+    }
+    crate::commands::ls::align_columns(&rows)
 }
 
 fn mib(bytes: u64) -> String {
@@ -240,6 +277,7 @@ async fn cmd_create(paths: &Paths, a: CreateArgs) -> Result<ExitCode> {
         vm: a.vm,
         tag: a.tag,
         diff: a.diff,
+        extra_files: Vec::new(),
     };
     let out = create::create(paths, &req).await?;
     for w in &out.warnings {
@@ -464,6 +502,37 @@ async fn follow_clone(started: clone::StartedClone, mut signals: Signals) -> Res
 mod tests {
     use super::*;
     use crate::names::Name;
+
+    #[test]
+    fn the_cache_table_shows_key_image_size_and_last_use() {
+        let e = CacheEntryInfo {
+            key: "0123456789abcdef0123456789abcdef".into(),
+            image: "localhost/busybox:1".into(),
+            digest: "sha256:0123456789abcdef0123".into(),
+            allocated_bytes: 3 << 20,
+            apparent_bytes: 512 << 20,
+            created_at_ms: 1_000,
+            last_used_ms: 10_000,
+            path: "/x".into(),
+        };
+        let t = cache_table(&[e], 70_000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2, "{t}");
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "0123456789abcdef0123456789abcdef",
+                "localhost/busybox:1",
+                "sha256:0123456789ab",
+                "3.0M",
+                "60",
+                "s",
+                "ago"
+            ]
+        );
+        assert!(lines[0].starts_with("KEY"));
+    }
 
     #[test]
     fn a_draining_server_refuses_clones_naming_itself() {

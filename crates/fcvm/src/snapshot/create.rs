@@ -58,6 +58,9 @@ pub struct CreateRequest {
     pub tag: String,
     /// Diff instead of Full.
     pub diff: bool,
+    /// More files (name, content) written into the snapshot directory before it is
+    /// published (the image cache's `cache.json`).
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 /// What was made.
@@ -206,8 +209,18 @@ pub fn host_path(record: &VmRecord, vmm_path: &str) -> PathBuf {
     }
 }
 
-/// Take a snapshot of a running VM.
+/// Take a snapshot of a running VM into `snapshots/`.
 pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome, CreateError> {
+    create_in(paths, &SnapshotStore::open(paths)?, req).await
+}
+
+/// Take a snapshot of a running VM into `snapshots` (the named snapshots, or the image
+/// cache's store).
+pub async fn create_in(
+    paths: &Paths,
+    snapshots: &SnapshotStore,
+    req: &CreateRequest,
+) -> Result<CreateOutcome, CreateError> {
     let state = Store::open(paths)?;
     let record = state.find_by_name(&req.vm)?;
     if record.kind == VmKind::PageServer || !record.is_live() {
@@ -231,7 +244,6 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
     };
     let client = FirecrackerClient::new(&api);
 
-    let snapshots = SnapshotStore::open(paths)?;
     let _lock = snapshots.lock()?;
     snapshots.sweep_stale_staging()?;
     snapshots.sweep_removals()?;
@@ -345,13 +357,7 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
 
     let mut diff_dirty_bytes = None;
     if req.diff {
-        let dirty = merge_diff(
-            &snapshots,
-            parent.as_deref(),
-            &diff_file,
-            &memory,
-            mem_bytes,
-        )?;
+        let dirty = merge_diff(snapshots, parent.as_deref(), &diff_file, &memory, mem_bytes)?;
         diff_dirty_bytes = Some(dirty);
         if let Some(w) = diff_warning(dirty, mem_bytes) {
             warnings.push(w);
@@ -402,6 +408,10 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
         &serde_json::to_vec_pretty(&meta).expect("serialises"),
     )
     .map_err(io("writing", &meta_path))?;
+    for (name, bytes) in &req.extra_files {
+        let path = dir.join(name);
+        write_synced(&path, bytes).map_err(io("writing", &path))?;
+    }
     fault_point("snapshot:before-publish");
     let path = snapshots.publish(staging, &req.tag)?;
     state.update(&record.id, |r| r.diff_parent = Some(req.tag.clone()))?;

@@ -6,6 +6,7 @@
 //! - `serve`: `fcvm snapshot serve`, a `fcvm_uffd::PageServer` recorded in state.
 //! - `clone`: `fcvm snapshot run`, restoring a fresh Firecracker from a snapshot.
 //! - `guard`: resumes a paused source VM if its creator dies.
+//! - `cache`: the image cache of container VMs (`fcvm podman run`), in `image-cache/`.
 //!
 //! Layout of one snapshot, `snapshots/<tag>/`: `memory.bin` (always complete), `vmstate.bin`,
 //! `disk-<drive>.img` (reflinks), `snapshot.json`.
@@ -19,6 +20,7 @@
 //! memory is reported (lost dirty bits are a known KVM issue on some hosts), and so is one
 //! above 90 % (UFFD-restored clones report every served page dirty).
 
+pub mod cache;
 pub mod clone;
 pub mod create;
 pub mod guard;

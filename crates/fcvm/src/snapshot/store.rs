@@ -111,7 +111,11 @@ impl Drop for Staging {
 impl SnapshotStore {
     /// Open (creating) `snapshots/`.
     pub fn open(paths: &Paths) -> Result<SnapshotStore, StoreError> {
-        let dir = paths.snapshots_dir();
+        SnapshotStore::at(paths.snapshots_dir())
+    }
+
+    /// Open (creating) a store of the same layout in `dir` (the image cache's).
+    pub fn at(dir: PathBuf) -> Result<SnapshotStore, StoreError> {
         fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
         Ok(SnapshotStore { dir })
     }

@@ -67,6 +67,9 @@ impl TestEnv {
         // Guests boot 10-50 times slower inside the emulated KVM host, five at once slower
         // still: give the agent more than the 90 s a user's `podman run` waits.
         cmd.env("FCVM_AGENT_TIMEOUT", "400");
+        // Container tests boot cold, as they were written: a cache snapshot per run would add
+        // seconds each in the emulated host. The image cache's own tests remove this.
+        cmd.env("FCVM_NO_SNAPSHOT", "1");
         cmd
     }
 

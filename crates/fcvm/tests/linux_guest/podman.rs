@@ -334,6 +334,50 @@ impl Env {
         self.output(&self.run_args(name, extra, cmd), b"")
     }
 
+    /// A run with the image cache on (the other tests turn it off), and more environment.
+    fn run_cached(
+        &self,
+        name: &str,
+        extra: &[&str],
+        cmd: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Output {
+        let args = self.run_args(name, extra, cmd);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut c = self.command(&args);
+        c.env_remove("FCVM_NO_SNAPSHOT")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().expect("run fcvm");
+        wait_output(child, &format!("fcvm {args:?}"))
+    }
+
+    /// The image cache's entry directories.
+    fn cache_entries(&self) -> Vec<PathBuf> {
+        let dir = self.env.base().join("image-cache");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'));
+        v
+    }
+
+    /// Hidden entries of the image cache other than the per-key lock files (staging dirs of
+    /// unfinished entries, leftovers of removals).
+    fn cache_leftovers(&self) -> Vec<PathBuf> {
+        let dir = self.env.base().join("image-cache");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.starts_with('.') && !n.ends_with(".lock")
+        });
+        v
+    }
+
     /// Starts fcvm in the background with debug logging: its stdout is read line by line with
     /// a bound, its stderr kept (every launch step with its time) for failure messages.
     fn spawn(&self, args: &[String]) -> Spawned {
@@ -412,6 +456,14 @@ impl Env {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         for l in mounts.lines().filter(|l| l.contains(&base)) {
             left.push(format!("mount {l}"));
+        }
+        if let Ok(rd) = std::fs::read_dir("/run/netns") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("fcvm-") {
+                    left.push(format!("network namespace {name}"));
+                }
+            }
         }
         if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
             for e in rd.flatten() {
@@ -609,9 +661,29 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The container's stderr (fcvm adds nothing to it on a successful run).
+/// Whether a stderr line is fcvm's notice about the image cache (`fcvm: cold (...)`,
+/// `fcvm: cache hit ...`, `fcvm: cache created ...`, the warning of a failed restore).
+fn is_cache_notice(line: &str) -> bool {
+    line.starts_with("fcvm: cold (")
+        || line.starts_with("fcvm: cache ")
+        || (line.starts_with("fcvm: warning: cache entry ") && line.contains("failed to restore"))
+}
+
+/// The container's stderr: fcvm adds only its image cache notice on a successful run.
 fn container_stderr(o: &Output) -> String {
     text(&o.stderr)
+        .split_inclusive('\n')
+        .filter(|l| !is_cache_notice(l))
+        .collect()
+}
+
+/// fcvm's image cache notices in a run's stderr.
+fn cache_notices(o: &Output) -> Vec<String> {
+    text(&o.stderr)
+        .lines()
+        .filter(|l| is_cache_notice(l))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -1153,5 +1225,151 @@ fn an_agent_that_never_connects_fails_clearly_and_leaves_nothing() {
     assert!(err.contains("did not connect within 30 s"), "{err}");
     assert!(err.contains("FCVM_AGENT_TIMEOUT"), "{err}");
     assert!(o.stdout.is_empty());
+    env.assert_nothing_left();
+}
+
+/// The image cache on the real path: a miss boots cold and snapshots once the image is
+/// loaded; hits restore it and run with their own settings (name, env, command: applied after
+/// the restore); a corrupt entry is removed and the run boots cold with a warning; `fcvm
+/// snapshots` lists the entry and `prune` removes it.
+#[test]
+fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_back() {
+    let Some(env) = Env::new("image_cache_miss_then_hits") else {
+        return;
+    };
+    let script = "echo \"$G $(hostname)\"; exit 3";
+    let miss = env.run_cached("cache-a", &["-e", "G=one"], &["sh", "-c", script], &[]);
+    assert_eq!(miss.status.code(), Some(3), "{}", text(&miss.stderr));
+    assert_eq!(text(&miss.stdout), "one cache-a\n");
+    let notices = cache_notices(&miss);
+    assert!(
+        notices.len() == 1 && notices[0].starts_with("fcvm: cache created"),
+        "{}",
+        text(&miss.stderr)
+    );
+    assert_eq!(container_stderr(&miss), "");
+    assert_eq!(env.cache_entries().len(), 1);
+    env.assert_nothing_left();
+
+    // The same run again: restored, same output and exit code.
+    let hit = env.run_cached("cache-a", &["-e", "G=one"], &["sh", "-c", script], &[]);
+    assert_eq!(hit.status.code(), Some(3), "{}", text(&hit.stderr));
+    assert_eq!(text(&hit.stdout), "one cache-a\n");
+    let notices = cache_notices(&hit);
+    assert!(
+        notices.len() == 1 && notices[0].starts_with("fcvm: cache hit"),
+        "{}",
+        text(&hit.stderr)
+    );
+    env.assert_nothing_left();
+
+    // Another name, environment and command hit the same entry and get their own settings.
+    let other = env.run_cached(
+        "cache-b",
+        &["-e", "G=two"],
+        &["sh", "-c", "echo \"$G $(hostname)\"; echo err >&2; exit 5"],
+        &[],
+    );
+    assert_eq!(other.status.code(), Some(5), "{}", text(&other.stderr));
+    assert_eq!(text(&other.stdout), "two cache-b\n");
+    assert_eq!(container_stderr(&other), "err\n");
+    assert!(
+        cache_notices(&other)[0].starts_with("fcvm: cache hit"),
+        "{}",
+        text(&other.stderr)
+    );
+    assert_eq!(env.cache_entries().len(), 1);
+    let listed = text(&env.command(&["snapshots"]).output().unwrap().stdout);
+    let key = env.cache_entries()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        listed.contains(&key) && listed.contains(IMAGE_REF),
+        "{listed}"
+    );
+    env.assert_nothing_left();
+
+    // A corrupt entry: the restore fails, the entry is removed, the run boots cold (and
+    // makes a new entry).
+    let vmstate = env.cache_entries()[0].join("vmstate.bin");
+    std::fs::write(&vmstate, b"not a vmstate").unwrap();
+    let fallback = env.run_cached("cache-c", &["-e", "G=three"], &["sh", "-c", script], &[]);
+    assert_eq!(
+        fallback.status.code(),
+        Some(3),
+        "{}",
+        text(&fallback.stderr)
+    );
+    assert_eq!(text(&fallback.stdout), "three cache-c\n");
+    let notices = cache_notices(&fallback);
+    assert!(
+        notices.len() == 2
+            && notices[0].contains("failed to restore")
+            && notices[1].starts_with("fcvm: cache created"),
+        "{}",
+        text(&fallback.stderr)
+    );
+    assert_ne!(std::fs::read(&vmstate).unwrap(), b"not a vmstate");
+    env.assert_nothing_left();
+
+    let pruned = env.command(&["snapshots", "prune"]).output().unwrap();
+    assert!(pruned.status.success(), "{}", text(&pruned.stderr));
+    assert!(
+        text(&pruned.stderr).contains("removed 1 image cache entry"),
+        "{}",
+        text(&pruned.stderr)
+    );
+    assert!(env.cache_entries().is_empty());
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
+}
+
+/// `--no-snapshot` boots cold and makes no entry; fcvm SIGKILLed while the cache snapshot
+/// is written leaves no entry (and the VM goes with it); the next run creates the entry.
+#[test]
+fn image_cache_no_snapshot_is_cold_and_a_killed_snapshot_leaves_no_entry() {
+    let Some(env) = Env::new("image_cache_no_snapshot") else {
+        return;
+    };
+    let cold = env.run_cached(
+        "nocache",
+        &["--no-snapshot"],
+        &["sh", "-c", "echo cold; exit 4"],
+        &[],
+    );
+    assert_eq!(cold.status.code(), Some(4), "{}", text(&cold.stderr));
+    assert_eq!(text(&cold.stdout), "cold\n");
+    assert_eq!(cache_notices(&cold), ["fcvm: cold (--no-snapshot)"]);
+    assert!(env.cache_entries().is_empty());
+    env.assert_nothing_left();
+
+    let killed = env.run_cached(
+        "killed",
+        &[],
+        &["sh", "-c", "echo never"],
+        &[("FCVM_FAULT", "snapshot:after-memory")],
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(libc::SIGKILL),
+        "{}",
+        text(&killed.stderr)
+    );
+    assert_eq!(text(&killed.stdout), "");
+    // The next fcvm command reaps the dead run's VM; no entry was published.
+    let listed = env.command(&["snapshots"]).output().unwrap();
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let _ = env.command(&["ls"]).output().unwrap();
+    assert!(env.cache_entries().is_empty(), "{:?}", env.cache_entries());
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
     env.assert_nothing_left();
 }

@@ -13,7 +13,12 @@
 //!    (Ctrl+Alt+Del: SIGTERM to the container, a second one kills it), and stop the VM by
 //!    force if it does not end. With `-t` but no `-i`, SIGINT is forwarded to the container.
 //! 5. Tear down through the handle (`cleanup::teardown`).
+//!
+//! Between 1 and 2 the image cache decides whether the VM boots cold, boots and is
+//! snapshotted once its image is loaded, or is restored from such a snapshot (see
+//! [`cached`]).
 
+pub mod cached;
 pub mod env;
 pub mod image;
 pub mod machine;
@@ -119,6 +124,8 @@ pub struct PodmanRunRequest {
     /// `--stop-timeout`: from the request to stop (a signal to fcvm) to the kill. Zero means
     /// [`STOP_GRACE`] (so `Default` keeps podman's 10 s).
     pub stop_timeout: Duration,
+    /// `--no-snapshot`: boot cold, neither using nor creating an image cache entry.
+    pub no_snapshot: bool,
     /// `--network`.
     pub network: NetworkRequest,
     /// `--publish` occurrences.
@@ -214,6 +221,13 @@ pub enum PodmanError {
     /// Installing signal handlers failed.
     #[error("cannot handle signals")]
     Signals(#[source] std::io::Error),
+    /// A cache entry did not restore into a working VM (that VM is gone again; the run
+    /// falls back to a cold boot, so this never reaches the user).
+    #[error("the cache entry did not restore: {why}")]
+    CacheRestore {
+        /// What went wrong.
+        why: String,
+    },
 }
 
 impl PodmanError {
@@ -346,10 +360,37 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     timeline.mark("checked");
 
     let host = Host::new(Store::open(paths)?);
+    let mut decision = cached::decide(paths, req.no_snapshot, &prepared);
+    if let cached::Decision::Hit(entry) = decision {
+        let key = entry.key.clone();
+        match run_hit(&host, paths, &prepared, entry, &mut timeline, &mut signals).await {
+            Err(PodmanError::CacheRestore { why }) => {
+                eprintln!(
+                    "fcvm: warning: cache entry {} failed to restore ({why}); removed it, booting cold",
+                    cached::short(&key)
+                );
+                cached::discard(paths, &key);
+                decision = cached::decide(paths, req.no_snapshot, &prepared);
+            }
+            other => return other,
+        }
+    }
+    let mut gate = match decision {
+        cached::Decision::Create(c) => Gate::Create(Box::new(c)),
+        cached::Decision::Cold(why) => {
+            eprintln!("fcvm: cold ({why})");
+            Gate::Cold
+        }
+        // A restore failed twice in a row: do not loop.
+        cached::Decision::Hit(_) => {
+            eprintln!("fcvm: cold (the cache entry cannot be used)");
+            Gate::Cold
+        }
+    };
     // The store claims names atomically: a generated name another VM holds is drawn again.
     let mut attempts = 1;
     let mut vm = loop {
-        match launch(&host, spec_for(paths, &prepared)).await {
+        match launch(&host, spec_for(paths, &prepared, &gate)).await {
             Err(LaunchError::Store(StoreError::NameTaken { .. }))
                 if req.name.is_none() && attempts < NAME_ATTEMPTS =>
             {
@@ -361,7 +402,15 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     };
     tracing::info!("VM {}", prepared.name);
     timeline.mark("configured");
-    let result = attach_and_follow(&mut vm, &prepared, &mut timeline, &mut signals).await;
+    let result = attach_and_follow(
+        &mut vm,
+        paths,
+        &prepared,
+        &mut timeline,
+        &mut signals,
+        &mut gate,
+    )
+    .await;
     if std::env::var_os(TIMINGS_ENV).is_some() {
         timeline.print(&vm.paths().console_log());
     }
@@ -376,6 +425,58 @@ impl Prepared {
         self.name = name;
     }
 }
+
+/// A cache hit: restore the entry, hand the agent this run's plan, follow the container.
+async fn run_hit(
+    host: &Host,
+    paths: &Paths,
+    p: &Prepared,
+    entry: crate::snapshot::cache::Entry,
+    timeline: &mut Timeline,
+    signals: &mut Signals,
+) -> Result<PodmanOutcome, PodmanError> {
+    let key = entry.key.clone();
+    let mut vm = launch(host, cached::hit_spec(paths, p, &entry))
+        .await
+        .map_err(|e| PodmanError::CacheRestore {
+            why: crate::report::chain(&e),
+        })?;
+    timeline.mark("restored");
+    let mut gate = Gate::Restored {
+        key: key.clone(),
+        deadline: tokio::time::Instant::now() + RESTORE_AGENT_TIMEOUT,
+        ready: false,
+    };
+    let result = attach_and_follow(&mut vm, paths, p, timeline, signals, &mut gate).await;
+    if std::env::var_os(TIMINGS_ENV).is_some() {
+        timeline.print(&vm.paths().console_log());
+    }
+    vm.finish(Disposition::Forget).warn();
+    // Held for the whole run: prune skips an entry in use.
+    drop(entry);
+    if result.is_ok() {
+        cached::touch(paths, &key);
+    }
+    result
+}
+
+/// What the image cache does in this run, as the status messages see it.
+enum Gate {
+    /// Nothing: the plan does not ask the agent to wait.
+    Cold,
+    /// Snapshot at ImageReady.
+    Create(Box<cached::Creator>),
+    /// A restored VM: its agent must report ImageReady before `deadline`.
+    Restored {
+        key: String,
+        deadline: tokio::time::Instant,
+        ready: bool,
+    },
+}
+
+/// How long a restored VM's agent has to reconnect and report (seconds on bare metal is
+/// already slow: it is a resume, not a boot).
+const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanError> {
     let name = match &req.name {
@@ -446,8 +547,10 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
 }
 
 /// The container VM: a private copy of the rootfs, the image archive read-only, a TAP the
-/// VMM makes itself (it carries MMDS), the vsock, and the plan in MMDS.
-fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
+/// VMM makes itself (it carries MMDS), the vsock, and the plan in MMDS. A VM that creates
+/// a cache entry has its TAP in a namespace of its own instead (so its restores can have
+/// the same), and its plan makes the agent wait for the snapshot.
+fn spec_for(paths: &Paths, p: &Prepared, gate: &Gate) -> VmSpec {
     let mut spec = VmSpec::new(
         paths,
         p.name.clone(),
@@ -482,10 +585,15 @@ fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
             read_only: true,
         });
     }
-    spec.network = match &p.network {
-        PreparedNetwork::None => NetworkAttachment::vmm_tap(&spec.id),
+    let mut plan = p.plan.clone();
+    if matches!(gate, Gate::Create(_)) {
+        plan.await_proceed = true;
+    }
+    spec.network = match (&p.network, gate) {
+        (PreparedNetwork::None, Gate::Create(_)) => cached::network(&spec.id),
+        (PreparedNetwork::None, _) => NetworkAttachment::vmm_tap(&spec.id),
         // Slot 0 until launch takes a free one under the store lock.
-        PreparedNetwork::Bridged { dns, publish } => {
+        (PreparedNetwork::Bridged { dns, publish }, _) => {
             NetworkAttachment::Bridged(crate::network::bridged::BridgedNet::new(
                 &spec.id,
                 0,
@@ -498,16 +606,18 @@ fn spec_for(paths: &Paths, p: &Prepared) -> VmSpec {
     spec.vsock = true;
     spec.mmds = Some(Mmds {
         version: MmdsVersion::V2,
-        data: p.plan.mmds_document(),
+        data: plan.mmds_document(),
     });
     spec
 }
 
 async fn attach_and_follow(
     vm: &mut VmHandle,
+    paths: &Paths,
     p: &Prepared,
     timeline: &mut Timeline,
     signals: &mut Signals,
+    gate: &mut Gate,
 ) -> Result<PodmanOutcome, PodmanError> {
     let with_input = p.plan.interactive || p.plan.tty;
     let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
@@ -527,12 +637,11 @@ async fn attach_and_follow(
     vm.start().await?;
     timeline.mark("instance-started");
 
-    let stop_grace = if p.stop_timeout.is_zero() {
-        STOP_GRACE
-    } else {
-        p.stop_timeout
-    };
-    let end = follow(vm, &mut session, &p.plan, stop_grace, timeline, signals).await;
+    let end = follow(vm, &mut session, paths, p, timeline, signals, gate).await;
+    if let Some(why) = end.restore_failed {
+        vm.kill();
+        return Err(PodmanError::CacheRestore { why });
+    }
     session.stop_input();
     // All output is written before fcvm exits: the agent closes the output stream first.
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
@@ -593,6 +702,56 @@ pub fn exit_code(container: Option<i32>, interrupted: Option<i32>, stopped: bool
     }
 }
 
+/// The agent has the image loaded and waits: snapshot it for the cache when this run creates
+/// the entry, then send the run's plan.
+async fn image_ready(
+    vm: &VmHandle,
+    session: &session::Session,
+    paths: &Paths,
+    p: &Prepared,
+    timeline: &mut Timeline,
+    gate: &mut Gate,
+    digest: &str,
+) {
+    timeline.mark("image-ready");
+    match gate {
+        Gate::Create(creator) if !creator.done() => {
+            let t = Instant::now();
+            let name = vm.record().name.to_string();
+            match creator
+                .snapshot(paths, &name, &p.image.display, digest)
+                .await
+            {
+                Ok(out) => eprintln!(
+                    "fcvm: cache created (entry {}, {} MiB, VM paused {} ms, {:.1} s in all)",
+                    cached::short(&creator.key),
+                    out.meta.memory_allocated_bytes >> 20,
+                    out.paused_for.as_millis(),
+                    t.elapsed().as_secs_f64()
+                ),
+                Err(e) => eprintln!(
+                    "fcvm: warning: the cache snapshot failed ({}); the container runs without it",
+                    crate::report::chain(&e)
+                ),
+            }
+            timeline.mark("cache-snapshot");
+        }
+        Gate::Restored { key, ready, .. } if !*ready => {
+            *ready = true;
+            eprintln!("fcvm: cache hit (entry {})", cached::short(key));
+        }
+        _ => {}
+    }
+    let mut go = p.plan.clone();
+    go.await_proceed = false;
+    if let Err(e) = session.send_status(&Status::Proceed(Box::new(go))).await {
+        tracing::warn!(
+            "cannot send the plan to the agent: {}",
+            crate::report::chain(&e)
+        );
+    }
+}
+
 /// What a signal to fcvm does to the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalAction {
@@ -618,6 +777,8 @@ struct End {
     interrupted: Option<i32>,
     /// The agent never connected within this long; the VM was killed.
     agent_silent: Option<Duration>,
+    /// A restored VM did not come back to a waiting agent (why).
+    restore_failed: Option<String>,
 }
 
 /// How long the agent may take to connect: [`AGENT_TIMEOUT_ENV`] seconds, or the default.
@@ -634,16 +795,24 @@ fn agent_timeout() -> Duration {
 async fn follow(
     vm: &mut VmHandle,
     session: &mut session::Session,
-    plan: &fcvm_proto::plan::Plan,
-    stop_grace: Duration,
+    paths: &Paths,
+    p: &Prepared,
     timeline: &mut Timeline,
     signals: &mut Signals,
+    gate: &mut Gate,
 ) -> End {
+    let plan = &p.plan;
+    let stop_grace = if p.stop_timeout.is_zero() {
+        STOP_GRACE
+    } else {
+        p.stop_timeout
+    };
     let mut end = End {
         exit_code: None,
         guest_error: None,
         interrupted: None,
         agent_silent: None,
+        restore_failed: None,
     };
     let agent_wait = agent_timeout();
     let agent_deadline = tokio::time::Instant::now() + agent_wait;
@@ -661,6 +830,10 @@ async fn follow(
                     let _ = vm.update(|r| r.health = Health::Healthy);
                 }
                 Some(Status::Error(text)) => end.guest_error = Some(text),
+                Some(Status::ImageReady { digest }) => {
+                    image_ready(vm, session, paths, p, timeline, gate, &digest).await;
+                }
+                Some(Status::Proceed(_)) => {}
                 Some(Status::Exit(code)) => {
                     timeline.mark("exit-status");
                     end.exit_code = Some(code);
@@ -677,11 +850,24 @@ async fn follow(
                         escalate = true;
                     }
                 },
-                Event::Exited(_) | Event::MemorySourceLost(_) => return end,
+                Event::Exited(_) | Event::MemorySourceLost(_) => {
+                    if matches!(gate, Gate::Restored { ready: false, .. }) && end.interrupted.is_none() {
+                        end.restore_failed = Some("the VM stopped right after the restore".into());
+                    }
+                    return end;
+                }
             },
             _ = tick.tick() => {
                 let now = tokio::time::Instant::now();
-                if session.agent_connected.get().is_none() && now >= agent_deadline {
+                if let Gate::Restored { deadline, ready: false, .. } = gate {
+                    if now >= *deadline && end.interrupted.is_none() {
+                        end.restore_failed = Some(format!(
+                            "its agent did not report within {} s",
+                            RESTORE_AGENT_TIMEOUT.as_secs()
+                        ));
+                        return end;
+                    }
+                } else if session.agent_connected.get().is_none() && now >= agent_deadline {
                     tracing::debug!("the agent did not connect within {agent_wait:?}: killing the VM");
                     end.agent_silent = Some(agent_wait);
                     vm.kill();

@@ -1,5 +1,5 @@
-//! The host end of a running container: status lines, output frames and input frames over
-//! the hybrid vsock listeners.
+//! The host end of a running container: status messages (both ways), output frames and input
+//! frames over the hybrid vsock listeners.
 //!
 //! Output goes to fcvm's own stdout and stderr, kept apart, and nothing else is ever
 //! written to stdout, so `fcvm podman run ... > file` captures exactly the container's
@@ -11,9 +11,11 @@ use std::time::Instant;
 
 use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
 use fcvm_proto::frame::Frame;
-use fcvm_proto::status::{Status, MAX_STATUS_LINE};
+use fcvm_proto::status::tokio_io::{read_status, write_status};
+use fcvm_proto::status::Status;
 use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -56,8 +58,11 @@ pub struct InputMode {
 
 /// Tasks relaying one container's streams.
 pub struct Session {
-    /// Status messages in order; closed when the agent closes the status connection.
+    /// Status messages in order, from every status connection the agent makes (it
+    /// reconnects after a snapshot restore).
     pub status: mpsc::UnboundedReceiver<Status>,
+    /// The write side of the agent's latest status connection.
+    status_writer: Arc<tokio::sync::Mutex<Option<OwnedWriteHalf>>>,
     /// Ends when the agent closes the output connection (all output written).
     pub output: JoinHandle<()>,
     input: Option<JoinHandle<()>>,
@@ -79,10 +84,16 @@ impl Session {
         } = listeners;
         let agent_connected = Arc::new(OnceLock::new());
         let connected = agent_connected.clone();
+        let status_writer = Arc::new(tokio::sync::Mutex::new(None));
+        let writer = status_writer.clone();
         tokio::spawn(async move {
-            if let Ok(conn) = status_l.accept().await {
+            while let Ok(conn) = status_l.accept().await {
                 let _ = connected.set(Instant::now());
-                read_status(conn, tx).await;
+                let (r, w) = conn.into_split();
+                *writer.lock().await = Some(w);
+                if !relay_status(r, &tx).await {
+                    return;
+                }
             }
         });
         let first_output = Arc::new(OnceLock::new());
@@ -102,11 +113,23 @@ impl Session {
         });
         Session {
             status,
+            status_writer,
             output,
             input,
             signals,
             first_output,
             agent_connected,
+        }
+    }
+
+    /// Send a message to the agent on its latest status connection.
+    pub async fn send_status(&self, s: &Status) -> Result<(), fcvm_proto::status::StatusError> {
+        match self.status_writer.lock().await.as_mut() {
+            Some(w) => write_status(w, s).await,
+            None => Err(fcvm_proto::status::StatusError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the agent has no status connection",
+            ))),
         }
     }
 
@@ -131,21 +154,19 @@ impl Drop for Session {
     }
 }
 
-async fn read_status(conn: UnixStream, tx: mpsc::UnboundedSender<Status>) {
-    // Bounded lines: a confused peer cannot make us buffer without limit.
-    let mut reader = BufReader::new(conn);
-    let mut line = Vec::new();
+/// Forward one connection's messages; false once nobody listens any more.
+async fn relay_status(mut conn: OwnedReadHalf, tx: &mpsc::UnboundedSender<Status>) -> bool {
     loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_STATUS_LINE as u64);
-        match limited.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        // Unknown lines are ignored so the agent can add messages later.
-        if let Ok(s) = Status::parse(&String::from_utf8_lossy(&line)) {
-            if tx.send(s).is_err() {
-                return;
+        match read_status(&mut conn).await {
+            Ok(Some(s)) => {
+                if tx.send(s).is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::debug!("status connection ended: {}", crate::report::chain(&e));
+                return true;
             }
         }
     }

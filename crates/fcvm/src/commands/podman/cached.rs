@@ -1,0 +1,243 @@
+//! The image cache in `fcvm podman run` (the cache itself, its key and its locking are in
+//! [`crate::snapshot::cache`]).
+//!
+//! - **Miss** (this run claims the key): the VM boots cold with `await_proceed` in its plan,
+//!   in its own network namespace ([`CACHE_TAP`]). Once the agent reports ImageReady, the
+//!   host takes a Full snapshot into the cache (published atomically), then sends Proceed
+//!   with the plan and the container starts. stderr: `cache created`.
+//! - **Hit**: the entry is restored (File backend) through the lifecycle owner; the restored
+//!   agent finds its status connection reset, reconnects, reports ImageReady again and gets
+//!   this run's plan (name, hostname, env, command, terminal) in Proceed. stderr:
+//!   `cache hit`. An entry that does not restore (load refused, VM gone, agent silent) is
+//!   removed and the run boots cold with a warning; nothing of the container has run then.
+//! - **Cold**: `--no-snapshot`, `FCVM_NO_SNAPSHOT=1`, a registry image, or another run busy
+//!   creating the entry (this run does not wait for it). stderr: `cold (why)`.
+
+use std::path::{Path, PathBuf};
+
+use crate::network::NetworkAttachment;
+use crate::paths::{Paths, VMM_VIEW_DIR};
+use crate::snapshot::cache::{
+    self, CacheMeta, Claim, Entry, FileIdentity, ImageCache, KeyInputs, CACHE_FILE, CACHE_FORMAT,
+    CACHE_TAP, NETWORK_MODE,
+};
+use crate::snapshot::create::{create_in, CreateError, CreateOutcome, CreateRequest};
+use crate::snapshot::meta::{MEMORY_FILE, VMSTATE_FILE};
+use crate::state::{GuestKind, VmKind};
+use crate::vm::{self, DriveSpec, Resources, VmSpec};
+
+use super::Prepared;
+
+/// What this run does with the cache.
+#[derive(Debug)]
+pub enum Decision {
+    /// Boot without the cache; the text says why.
+    Cold(String),
+    /// Boot, snapshot once the image is loaded.
+    Create(Creator),
+    /// Restore this entry.
+    Hit(Entry),
+}
+
+/// The run that creates an entry: it holds the key's lock until done.
+#[derive(Debug)]
+pub struct Creator {
+    cache: ImageCache,
+    /// The key.
+    pub key: String,
+    inputs: KeyInputs,
+    lock: Option<crate::fsutil::FileLock>,
+}
+
+impl Creator {
+    /// Whether the snapshot was attempted already (an agent that reconnects reports the
+    /// image again; it is snapshotted once).
+    pub fn done(&self) -> bool {
+        self.lock.is_none()
+    }
+
+    /// Snapshot VM `vm` into the cache as this key, then release the key's lock.
+    pub async fn snapshot(
+        &mut self,
+        paths: &Paths,
+        vm: &str,
+        image: &str,
+        digest: &str,
+    ) -> Result<CreateOutcome, CreateError> {
+        let meta = CacheMeta {
+            key: self.key.clone(),
+            image: image.to_owned(),
+            digest: digest.to_owned(),
+            inputs: self.inputs.clone(),
+        };
+        let req = CreateRequest {
+            vm: vm.to_owned(),
+            tag: self.key.clone(),
+            diff: false,
+            extra_files: vec![(
+                CACHE_FILE.to_owned(),
+                serde_json::to_vec_pretty(&meta).expect("serialises"),
+            )],
+        };
+        let out = create_in(paths, self.cache.store(), &req).await;
+        self.lock = None;
+        out
+    }
+}
+
+/// The key inputs of a run; `None` for images that are not cached (registry pulls).
+pub(super) fn key_inputs(p: &Prepared) -> Result<Option<KeyInputs>, crate::fsutil::PathIoError> {
+    let Some(archive) = &p.image.drive else {
+        return Ok(None);
+    };
+    Ok(Some(KeyInputs {
+        format: CACHE_FORMAT,
+        fcvm_version: env!("CARGO_PKG_VERSION").to_owned(),
+        image: p.image.source.clone(),
+        image_file: FileIdentity::of(archive)?,
+        kernel: FileIdentity::of(&p.kernel)?,
+        rootfs: FileIdentity::of(&p.rootfs)?,
+        agent_initrd: FileIdentity::of(&p.initrd)?,
+        firecracker: FileIdentity::of(p.launcher.firecracker())?,
+        boot_args: p.cmdline.clone(),
+        vcpus: p.vcpus,
+        mem_mib: p.mem_mib,
+        network: NETWORK_MODE.to_owned(),
+    }))
+}
+
+/// Decide what this run does. Cache trouble never fails the run: it boots cold.
+pub(super) fn decide(paths: &Paths, no_snapshot: bool, p: &Prepared) -> Decision {
+    if no_snapshot {
+        return Decision::Cold("--no-snapshot".into());
+    }
+    if cache::disabled_by_env() {
+        return Decision::Cold(format!("{} is set", cache::NO_SNAPSHOT_ENV));
+    }
+    // A restored guest keeps the address it was given at boot: a bridged VM's comes from a
+    // pool slot of its own, which a snapshot cannot carry to another run (yet).
+    if !matches!(p.network, super::PreparedNetwork::None) {
+        return Decision::Cold("the image cache covers --network none only, for now".into());
+    }
+    match try_decide(paths, p) {
+        Ok(d) => d,
+        Err(e) => Decision::Cold(format!(
+            "the image cache is unusable: {}",
+            crate::report::chain(&e)
+        )),
+    }
+}
+
+fn try_decide(paths: &Paths, p: &Prepared) -> Result<Decision, crate::snapshot::StoreError> {
+    let Some(inputs) = key_inputs(p)? else {
+        return Ok(Decision::Cold(
+            "registry images are not cached: their digest is known only after the pull".into(),
+        ));
+    };
+    let key = inputs.key();
+    let cache = ImageCache::open(paths)?;
+    // Twice: an entry published between the lookup and the claim is restored too.
+    for _ in 0..2 {
+        if let Some(entry) = cache.lookup(&key)? {
+            return Ok(Decision::Hit(entry));
+        }
+        match cache.claim(&key)? {
+            Claim::Create(lock) => {
+                return Ok(Decision::Create(Creator {
+                    cache,
+                    key,
+                    inputs,
+                    lock: Some(lock),
+                }))
+            }
+            Claim::Busy => {
+                return Ok(Decision::Cold(format!(
+                    "another run is creating cache entry {}; not waiting for it",
+                    short(&key)
+                )))
+            }
+            Claim::Published => continue,
+        }
+    }
+    Ok(Decision::Cold(format!(
+        "cache entry {} keeps changing",
+        short(&key)
+    )))
+}
+
+/// Remove an entry that failed to restore; a failure to remove is only reported.
+pub fn discard(paths: &Paths, key: &str) {
+    let removed = ImageCache::open(paths).and_then(|c| c.remove(key));
+    if let Err(e) = removed {
+        eprintln!(
+            "fcvm: warning: cannot remove cache entry {key}: {}",
+            crate::report::chain(&e)
+        );
+    }
+}
+
+/// Note a hit.
+pub fn touch(paths: &Paths, key: &str) {
+    if let Ok(c) = ImageCache::open(paths) {
+        c.touch(key);
+    }
+}
+
+/// The first 12 digits of a key, for messages.
+pub fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
+/// The network of a VM that makes or restores a cache entry: its own namespace with the TAP
+/// name the snapshot records.
+pub fn network(id: &str) -> NetworkAttachment {
+    NetworkAttachment::namespaced(id, CACHE_TAP)
+}
+
+/// The spec of a VM restored from `entry` for the run `p`.
+pub(super) fn hit_spec(paths: &Paths, p: &Prepared, entry: &Entry) -> VmSpec {
+    let meta = &entry.meta;
+    let mut spec = VmSpec::new(
+        paths,
+        p.name.clone(),
+        VmKind::Container,
+        Resources {
+            vcpus: meta.vcpus,
+            mem_mib: meta.mem_mib,
+            track_dirty_pages: false,
+        },
+        vm::Source::Snapshot {
+            vmstate: entry.dir.join(VMSTATE_FILE),
+            memory: vm::MemorySource::File(entry.dir.join(MEMORY_FILE)),
+        },
+        // The jailer's chroot shows the VMM the same paths as a direct launch, so an entry
+        // made either way restores either way.
+        p.launcher.clone(),
+    );
+    spec.guest = GuestKind::Agent;
+    spec.labels.kernel = Some(p.kernel.clone());
+    spec.labels.image = Some(p.image.display.clone());
+    spec.network = network(&spec.id);
+    spec.drives = meta
+        .drives
+        .iter()
+        .map(|d| {
+            // The rootfs lived in the creator's runtime dir: this VM gets its own copy at
+            // the same place in its own. A read-only drive (the image archive) is used
+            // from the entry in place.
+            let copy_to = match Path::new(&d.path_on_host).strip_prefix(VMM_VIEW_DIR) {
+                Ok(rel) => Some(rel.to_owned()),
+                Err(_) if d.is_read_only => None,
+                Err(_) => Some(PathBuf::from(&d.file)),
+            };
+            DriveSpec {
+                id: d.drive_id.clone(),
+                file: entry.dir.join(&d.file),
+                copy_to,
+                root: d.is_root_device,
+                read_only: d.is_read_only,
+            }
+        })
+        .collect();
+    spec
+}
