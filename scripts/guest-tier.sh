@@ -28,8 +28,18 @@ filter=${2:-linux_guest::}
 logs=$(mktemp -d /tmp/guest-tier.XXXXXX)
 deadline=$((SECONDS + budget))
 
-# `--list` prints "NAME: test" for every test, ignored ones included.
-mapfile -t tests < <("$bin" --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
+# `--list` prints "NAME: test" for every test, ignored ones included. Through files, not a
+# process substitution: the emulated host has no /dev/fd.
+if ! "$bin" --list "$filter" >"$logs/list" 2>"$logs/list.err"; then
+    echo "error: cannot list the tests of $bin:" >&2
+    cat "$logs/list.err" >&2
+    exit 1
+fi
+sed -n 's/: test$//p' "$logs/list" >"$logs/names"
+tests=()
+while IFS= read -r name; do
+    tests+=("$name")
+done <"$logs/names"
 if [ "${#tests[@]}" -eq 0 ]; then
     echo "error: no test matches '$filter' in $bin" >&2
     exit 1

@@ -48,6 +48,19 @@ pub fn mount_system() -> Result<(), String> {
         "gid=5,mode=620,ptmxmode=666",
     )?;
     m("shm", "/dev/shm", "tmpfs", nosuid, "mode=1777")?;
+    // What udev or systemd would make: without /dev/fd, bash's `<(...)` fails inside.
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        match std::os::unix::fs::symlink(target, link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("linking {link} to {target}: {e}")),
+        }
+    }
     m("run", "/run", "tmpfs", nosuid, "mode=0755")?;
     // /tmp and /var/tmp stay part of the root overlay: the host's files there are visible (a
     // checkout or a test binary under /tmp must run inside too) and writes land in L1's RAM.

@@ -199,6 +199,7 @@ echo "foo: $FOO bar: $BAR"
 echo "secret: ${{SECRET_X-unset}}"
 echo "pwd: $(pwd)"
 echo "uid: $(id -u)"
+echo "process-substitution: $(bash -c 'cat <(echo works)')"
 "#,
         rw = rw.display(),
         ro = ro.display(),
@@ -233,6 +234,8 @@ echo "uid: $(id -u)"
     let expect = [
         "tmp-read: tmp-from-host",
         "tmp-write: ok",
+        // bash's <(...) needs /dev/fd: scripts run inside must work as on the host.
+        "process-substitution: works",
         "rw-write: ok",
         "ro-read: from-host",
         "ro-write: refused",
