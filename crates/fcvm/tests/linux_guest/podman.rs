@@ -919,7 +919,8 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
     assert!(o.stdout.is_empty());
 
     for (extra, needle) in [
-        (&["--env", "NOEQUALS"][..], "expected NAME=VALUE"),
+        // (`--env NAME` alone takes the host's value, as podman's does: not an error.)
+        (&["--env-file", "/nope/env"][..], "--env-file /nope/env"),
         (&["--env", "=1"][..], "expected NAME=VALUE"),
         (&["--cpu", "0"][..], "--cpu 0 is out of range"),
         (&["--cmd", "echo"][..], "not both"),
