@@ -850,7 +850,7 @@ fn ctrl_c_stops_the_container_and_sigkill_leaves_nothing_after_next_command() {
     );
     env.assert_nothing_left();
 
-    // SIGKILL of fcvm: the VMM dies with it; the next fcvm command reaps the record.
+    // SIGKILL of fcvm: without the jailer the VMM dies with it; the next fcvm command reaps.
     let mut vm = env.spawn(&env.run_args("kk", &[], &["sleep", "300"]));
     let rec = env.wait_healthy("kk");
     let vmm_pid = rec["vmm"]["pid"].as_u64().expect("VMM pid recorded");
