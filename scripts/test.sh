@@ -44,5 +44,5 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
 left=$((budget_total - SECONDS))
-FCVM_TESTHOST_TIMEOUT=$((left + 120)) on_real_kvm bash "$PWD/scripts/guest-tier.sh" --budget "$left" "$integration" "$@"
+bash scripts/guest-tier.sh --budget "$left" --each-on-real-kvm "$integration" "$@"
 echo "$(stamp)== done"
