@@ -307,12 +307,9 @@ fn ifreq_with_name(name: &str) -> libc::ifreq {
     req
 }
 
-/// `_IOW('T', 204, int)`.
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-
-/// A persistent TAP named `name` in the calling thread's namespace. With `owner`, only that
-/// uid (or CAP_NET_ADMIN) may attach to it: for a jailed VMM, which cannot create one itself.
-fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
+/// `/dev/net/tun` attached to the TAP `name` (made if missing): what both creating a
+/// persistent TAP and removing one start from.
+fn open_tap(name: &str) -> io::Result<std::fs::File> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -323,6 +320,16 @@ fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(tun)
+}
+
+/// `_IOW('T', 204, int)`.
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+
+/// A persistent TAP named `name` in the calling thread's namespace. With `owner`, only that
+/// uid (or CAP_NET_ADMIN) may attach to it: for a jailed VMM, which cannot create one itself.
+fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
+    let tun = open_tap(name)?;
     if let Some(uid) = owner {
         // SAFETY: TUNSETOWNER takes an integer argument.
         if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
@@ -346,16 +353,7 @@ pub fn create_owned_tap(name: &str, uid: u32) -> io::Result<()> {
 /// Remove the persistent TAP `name` from this namespace (a missing one is fine: attaching
 /// then makes a transient device that goes with the fd).
 pub fn delete_tap(name: &str) -> io::Result<()> {
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = ifreq_with_name(name);
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let tun = open_tap(name)?;
     // SAFETY: TUNSETPERSIST takes an integer argument.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong) } < 0 {
         return Err(io::Error::last_os_error());
