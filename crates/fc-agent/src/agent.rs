@@ -118,6 +118,11 @@ fn setup_guest(cmdline: &Cmdline, vsock: Vsock) -> anyhow::Result<Plan> {
     net::configure(cmdline.ip()?.as_ref())?;
     let plan = mmds::fetch(PLAN_TIMEOUT)?;
     crate::info!("plan fetched");
+    // The plan (environment included) is the agent's alone: the container shares this
+    // network namespace, so MMDS is closed to everything here before the container exists.
+    // The host also empties MMDS once the agent reports, against a container that goes round
+    // the route with a raw socket.
+    net::close_mmds()?;
     net::set_hostname(plan.hostname.as_deref().unwrap_or("fcvm"))?;
     exec::serve(vsock)?;
     Ok(plan)
@@ -153,7 +158,10 @@ fn run_container(
     let notify = UnixDatagram::bind(container::NOTIFY_SOCKET_PATH)
         .context("cannot bind the container start notification socket")?;
     let mut cmd = Command::new("podman");
+    // podman hands its own proxy variables to the container (its `--http-proxy` default),
+    // so giving them to podman is what gives them to the container too.
     cmd.args(container::run_args(&plan, &image))
+        .envs(&plan.proxy)
         .env("NOTIFY_SOCKET", container::NOTIFY_SOCKET_PATH);
     let mode = StdioMode {
         tty: plan.tty,

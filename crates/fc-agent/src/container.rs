@@ -88,8 +88,12 @@ pub fn prepare_image(plan: &Plan) -> Result<String, ImageError> {
             if exists.code == 0 {
                 return Ok(reference.clone());
             }
-            let out = reaper::run(Command::new("podman").args(["pull", "-q", reference]))
-                .map_err(ImageError::Spawn)?;
+            let out = reaper::run(
+                Command::new("podman")
+                    .args(["pull", "-q", reference])
+                    .envs(&plan.proxy),
+            )
+            .map_err(ImageError::Spawn)?;
             if out.code != 0 {
                 return Err(ImageError::Pull {
                     reference: reference.clone(),

@@ -93,6 +93,21 @@ fn ip_commands(ipcfg: Option<&IpConfig>, has_nic: bool) -> Vec<Vec<String>> {
     cmds
 }
 
+/// Makes MMDS unreachable from the guest once the plan is read: a `prohibit` route in place of
+/// the one [`configure`] added (connections then fail at once with EACCES). Changing it takes
+/// CAP_NET_ADMIN, which a container has only with `--privileged`.
+pub fn close_mmds() -> Result<(), NetError> {
+    let args = close_mmds_command();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ip(&args)
+}
+
+fn close_mmds_command() -> Vec<String> {
+    ["route", "replace", "prohibit", &format!("{MMDS_ADDR}/32")]
+        .map(str::to_owned)
+        .to_vec()
+}
+
 /// `/etc/resolv.conf` for the DNS servers of `ip=`.
 fn resolv_conf(c: &IpConfig) -> String {
     c.dns.iter().map(|d| format!("nameserver {d}\n")).collect()
@@ -150,6 +165,11 @@ mod tests {
             ]
         );
         assert_eq!(resolv_conf(&parsed), "nameserver 10.0.2.3\n");
+        // Once the plan is read, the same prefix becomes a prohibit route.
+        assert_eq!(
+            close_mmds_command().join(" "),
+            "route replace prohibit 169.254.169.254/32"
+        );
     }
 
     /// Without `ip=` (MMDS only) the NIC still gets the link-local address MMDS needs.

@@ -115,6 +115,32 @@ pub struct Plan {
     /// gets its own run's plan).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub await_proceed: bool,
+    /// The host's proxy settings ([`PROXY_VARIABLES`] that were set where fcvm ran): the
+    /// agent gives them to the guest's podman, which uses them for pulls and, as podman does
+    /// by default (`--http-proxy`), passes them into the container; a `-e` of the same name
+    /// wins there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proxy: BTreeMap<String, String>,
+}
+
+/// The proxy variables carried from the host to the guest, in both cases, as the original
+/// tool and podman's `--http-proxy` handle them.
+pub const PROXY_VARIABLES: [&str; 6] = [
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
+
+/// The [`PROXY_VARIABLES`] among `vars` (for example `std::env::vars()`), empty ones dropped.
+pub fn proxy_settings(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    vars.into_iter()
+        .filter(|(k, v)| !v.is_empty() && PROXY_VARIABLES.contains(&k.as_str()))
+        .collect()
 }
 
 /// Why a plan is invalid.
@@ -146,7 +172,10 @@ pub enum PlanError {
     /// A label with an empty key, or `=` or NUL in its key, or NUL in its value.
     #[error("Plan has a label with an empty key, '=' or NUL in its key, or NUL in its value")]
     BadLabel,
-    /// Volumes requested but not implemented.
+    /// A proxy setting that is not one of [`PROXY_VARIABLES`].
+    #[error("Plan proxy setting {0:?} is not a proxy variable (http_proxy, https_proxy, no_proxy, in either case)")]
+    NotProxy(String),
+    /// Volumes are not supported yet.
     #[error("Volumes are not supported by this agent yet")]
     VolumesUnsupported,
 }
@@ -184,6 +213,7 @@ impl Plan {
             privileged: false,
             volumes: Vec::new(),
             await_proceed: false,
+            proxy: BTreeMap::new(),
         }
     }
 
@@ -222,6 +252,14 @@ impl Plan {
             }
         }
         validate_env(&self.env)?;
+        validate_env(&self.proxy)?;
+        if let Some(k) = self
+            .proxy
+            .keys()
+            .find(|k| !PROXY_VARIABLES.contains(&k.as_str()))
+        {
+            return Err(PlanError::NotProxy(k.clone()));
+        }
         if self
             .labels
             .iter()
@@ -244,6 +282,31 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the six proxy variables cross, empty ones do not; anything else in the proxy map
+    /// is refused by the agent.
+    #[test]
+    fn proxy_settings_are_the_six_variables_and_nothing_else() {
+        let host = [
+            ("http_proxy", "http://10.0.0.1:3128"),
+            ("HTTPS_PROXY", "http://10.0.0.1:3129"),
+            ("no_proxy", "localhost,10.0.0.0/8"),
+            ("NO_PROXY", ""),
+            ("ftp_proxy", "http://x"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let got = proxy_settings(host);
+        assert_eq!(
+            got.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["HTTPS_PROXY", "http_proxy", "no_proxy"]
+        );
+        let mut p = archive_plan();
+        p.proxy = got;
+        assert_eq!(p.validate(), Ok(()));
+        p.proxy.insert("LD_PRELOAD".into(), "/x.so".into());
+        assert_eq!(p.validate(), Err(PlanError::NotProxy("LD_PRELOAD".into())));
+    }
 
     fn archive_plan() -> Plan {
         let mut p = Plan::new(ImageSource::Archive {

@@ -381,9 +381,15 @@ impl Env {
     /// Starts fcvm in the background with debug logging: its stdout is read line by line with
     /// a bound, its stderr kept (every launch step with its time) for failure messages.
     fn spawn(&self, args: &[String]) -> Spawned {
+        self.spawn_with_env(args, &[])
+    }
+
+    /// [`Self::spawn`] with extra variables in fcvm's environment.
+    fn spawn_with_env(&self, args: &[String], vars: &[(&str, &str)]) -> Spawned {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = self
             .command(&args)
+            .envs(vars.iter().copied())
             .env("FCVM_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1128,18 +1134,26 @@ fn tty_full_screen_arrows_and_resize() {
 }
 
 /// What only a real guest has: its own kernel sized by `--cpu`/`--mem`, cgroup v2, MMDS V2
-/// answered by Firecracker over the TAP (a token is required), real AF_VSOCK (exec is host to
-/// guest, the output streams guest to host), and a kernel panic ending the run cleanly.
+/// answered by Firecracker over the TAP (a token is required) and closed to the guest once the
+/// agent has its plan, real AF_VSOCK (exec is host to guest, the output streams guest to host),
+/// the host's proxy variables in the container, and a kernel panic ending the run cleanly.
 #[test]
 fn real_guest_sizing_cgroup_v2_mmds_v2_and_panic() {
     let Some(env) = Env::new("real_guest") else {
         return;
     };
-    let mut vm = env.spawn(&env.run_args(
-        "rg",
-        &["--cpu", "2", "--mem", "768"],
-        &["sh", "-c", "echo started; sleep 300"],
-    ));
+    let mut vm = env.spawn_with_env(
+        &env.run_args(
+            "rg",
+            &["--cpu", "2", "--mem", "768"],
+            &["sh", "-c", "echo started; sleep 300"],
+        ),
+        &[
+            ("http_proxy", "http://10.9.9.9:3128"),
+            ("NO_PROXY", "localhost,10.0.0.0/8"),
+            ("ftp_proxy", "http://not-carried"),
+        ],
+    );
     env.wait_healthy("rg");
     let vm_sh = |script: &str| {
         let o = env.exec(&["--name", "rg", "--vm", "--", "bash", "-c", script], b"");
@@ -1166,10 +1180,45 @@ fn real_guest_sizing_cgroup_v2_mmds_v2_and_panic() {
         "guest kernel {guest_release}"
     );
 
+    // The host's proxy settings reach the container (through the guest's podman); other
+    // variables do not.
+    let o = env.exec(&["--name", "rg", "--", "env"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let container_env = text(&o.stdout);
+    assert!(
+        container_env.contains("http_proxy=http://10.9.9.9:3128\n")
+            && container_env.contains("NO_PROXY=localhost,10.0.0.0/8\n"),
+        "container env: {container_env}"
+    );
+    assert!(
+        !container_env.contains("ftp_proxy"),
+        "container env: {container_env}"
+    );
+
+    // MMDS is closed to the container (it shares the guest's network) and to the guest...
+    let o = env.exec(
+        &[
+            "--name",
+            "rg",
+            "--",
+            "sh",
+            "-c",
+            "echo | nc -w 3 169.254.169.254 80; echo rc=$?",
+        ],
+        b"",
+    );
+    let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        out.contains("rc=1") && out.contains("ermission denied"),
+        "MMDS from the container: {out}"
+    );
+    // ... and even root in the guest who reopens the route finds no plan there any more: the
+    // host emptied MMDS once the agent reported.
     let mmds = vm_sh(
         // Firecracker's MMDS keeps the connection open after answering: read for 2 s, not
         // to EOF.
-        r#"req() { exec 3<>/dev/tcp/169.254.169.254/80; printf "$1" >&3; timeout 2 cat <&3; exec 3<&-; }
+        r#"ip route replace 169.254.169.254/32 dev eth0
+req() { exec 3<>/dev/tcp/169.254.169.254/80; printf "$1" >&3; timeout 2 cat <&3; exec 3<&-; }
 t=$(req 'PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' | tail -n1)
 echo "token-len=${#t}"
 req 'GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' | head -n1
@@ -1185,7 +1234,11 @@ req "GET /latest/container-plan HTTP/1.1\r\nHost: x\r\nX-metadata-token: $t\r\nA
         "no token: {}",
         lines[1]
     );
-    assert!(lines[2].starts_with("HTTP/1.1 200"), "token: {}", lines[2]);
+    assert!(
+        lines[2].starts_with("HTTP/1.1 404"),
+        "token, after the agent read its plan: {}",
+        lines[2]
+    );
 
     // A guest kernel panic (panic=1 reboots, Firecracker exits): the run fails with the
     // console's last lines in the message, and nothing is left. fcvm's kernel has no magic

@@ -523,6 +523,11 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
             init: req.init,
             labels,
             privileged: req.privileged,
+            // vars_os: `vars()` panics on a variable that is not UTF-8.
+            proxy: fcvm_proto::plan::proxy_settings(
+                std::env::vars_os()
+                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            ),
         },
     );
     plan.validate()?;
@@ -791,6 +796,16 @@ fn agent_timeout() -> Duration {
         .unwrap_or(AGENT_CONNECT_TIMEOUT)
 }
 
+/// Replaces MMDS's contents with an empty document. A failure is only logged: the agent's
+/// prohibit route already keeps the container away from MMDS.
+async fn empty_mmds(vm: &VmHandle) {
+    let Some(api) = vm.api() else { return };
+    let empty = serde_json::json!({});
+    if let Err(e) = api.call(crate::vm::api::ApiCall::MmdsData(&empty)).await {
+        tracing::warn!("cannot empty MMDS after the agent read its plan: {e}");
+    }
+}
+
 /// Wait for the container's exit status, handling signals and a VMM that dies.
 async fn follow(
     vm: &mut VmHandle,
@@ -821,10 +836,19 @@ async fn follow(
     let mut next_stage_at: Option<tokio::time::Instant> = None;
     let mut status_open = true;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
+    // Whether MMDS still holds this run's plan (a restored VM's MMDS holds none).
+    let mut plan_in_mmds = vm.spec().mmds.is_some();
     loop {
         let mut escalate = false;
         tokio::select! {
-            st = session.status.recv(), if status_open => match st {
+            st = session.status.recv(), if status_open => {
+            // Every frame comes after the agent read its plan: MMDS is emptied then, so no
+            // process in the guest can read it later (the agent has also closed the route).
+            if st.is_some() && plan_in_mmds {
+                plan_in_mmds = false;
+                empty_mmds(vm).await;
+            }
+            match st {
                 Some(Status::Ready) => {
                     timeline.mark("ready");
                     let _ = vm.update(|r| r.health = Health::Healthy);
@@ -840,7 +864,7 @@ async fn follow(
                     return end;
                 }
                 None => status_open = false,
-            },
+            }},
             ev = vm.next_event(signals) => match ev {
                 Event::Signal(sig) => match signal_action(sig, plan.tty, plan.interactive) {
                     SignalAction::Forward => session.send_signal(sig),

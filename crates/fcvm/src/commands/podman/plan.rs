@@ -138,6 +138,8 @@ pub struct PlanOptions {
     pub labels: BTreeMap<String, String>,
     /// `--privileged`.
     pub privileged: bool,
+    /// The host's proxy variables (see [`fcvm_proto::plan::proxy_settings`]).
+    pub proxy: BTreeMap<String, String>,
 }
 
 /// The plan for `image` with `opts`.
@@ -157,6 +159,7 @@ pub fn build(image: ImageSource, opts: PlanOptions) -> Plan {
     plan.init = opts.init;
     plan.labels = opts.labels;
     plan.privileged = opts.privileged;
+    plan.proxy = opts.proxy;
     plan
 }
 
