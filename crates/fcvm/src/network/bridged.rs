@@ -351,8 +351,10 @@ impl BridgedNet {
 }
 
 /// The lowest pool slot no record holds (any status: a failed VM's leftovers may still hold
-/// its veth). Called under the store lock, with every record.
-pub fn free_slot(records: &[VmRecord]) -> Option<u32> {
+/// its veth) and no network of the host's overlaps (`host_nets`, from [`host_networks`]: a
+/// host that already uses part of 10.209.0.0/16, say over a VPN, keeps it). Called under the
+/// store lock, with every record.
+pub fn free_slot(records: &[VmRecord], host_nets: &[(Ipv4Addr, u8)]) -> Option<u32> {
     let used: std::collections::HashSet<u32> = records
         .iter()
         .filter_map(|r| match &r.network {
@@ -360,7 +362,46 @@ pub fn free_slot(records: &[VmRecord]) -> Option<u32> {
             _ => None,
         })
         .collect();
-    (0..POOL_SLOTS).find(|s| !used.contains(s))
+    (0..POOL_SLOTS).find(|s| {
+        !used.contains(s)
+            && !host_nets
+                .iter()
+                .any(|&(net, len)| overlaps(block(*s), 29, u32::from(net), len))
+    })
+}
+
+/// Whether the prefixes `a/a_len` and `b/b_len` share an address.
+fn overlaps(a: u32, a_len: u8, b: u32, b_len: u8) -> bool {
+    let len = a_len.min(b_len);
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    a & mask == b & mask
+}
+
+/// The host's IPv4 routes other than default routes (`/proc/net/route`: every interface's own
+/// network is one), as (network, prefix length). Empty when the file cannot be read.
+pub fn host_networks() -> Vec<(Ipv4Addr, u8)> {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| parse_proc_net_route(&t))
+        .unwrap_or_default()
+}
+
+/// Destination and mask columns of `/proc/net/route` (hex, in the kernel's byte order, which
+/// is little-endian on x86_64: `000200C0` is 192.0.2.0).
+fn parse_proc_net_route(text: &str) -> Vec<(Ipv4Addr, u8)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let dest = u32::from_str_radix(cols.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(cols.get(7)?, 16).ok()?;
+            let len = mask.count_ones() as u8;
+            (len > 0).then(|| (Ipv4Addr::from(u32::from_be(dest.to_le())), len))
+        })
+        .collect()
 }
 
 /// The host's IPv4 name servers a guest can reach: from `/etc/resolv.conf`, or from
@@ -553,7 +594,7 @@ mod tests {
     #[test]
     fn the_pool_never_hands_out_a_held_slot() {
         let mut records = vec![record_in(0), record_in(1), record_in(3)];
-        assert_eq!(free_slot(&records), Some(2));
+        assert_eq!(free_slot(&records, &[]), Some(2));
         // Taking slots one after another, as concurrent launches do under the lock, gives
         // each VM its own addresses.
         let mut addrs = std::collections::HashSet::new();
@@ -564,7 +605,7 @@ mod tests {
             assert!(addrs.insert(b.guest_addr) && addrs.insert(b.host_addr));
         }
         for _ in 0..100 {
-            let slot = free_slot(&records).unwrap();
+            let slot = free_slot(&records, &[]).unwrap();
             let r = record_in(slot);
             let NetworkAttachment::Bridged(b) = &r.network else {
                 unreachable!()
@@ -576,7 +617,34 @@ mod tests {
         }
         // Full pool: no slot.
         let full: Vec<VmRecord> = (0..POOL_SLOTS).map(record_in).collect();
-        assert_eq!(free_slot(&full), None);
+        assert_eq!(free_slot(&full, &[]), None);
+    }
+
+    /// A slot that overlaps one of the host's own networks is never handed out; default
+    /// routes do not count.
+    #[test]
+    fn the_pool_skips_the_host_s_networks() {
+        let route =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+tun0\t0000D10A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let nets = parse_proc_net_route(route);
+        assert_eq!(
+            nets,
+            [
+                (Ipv4Addr::new(192, 0, 2, 0), 24),
+                (Ipv4Addr::new(10, 209, 0, 0), 24)
+            ]
+        );
+        // 10.209.0.0/24 is 32 slots of /29: the first free one is 10.209.1.0/29.
+        assert_eq!(free_slot(&[], &nets), Some(32));
+        assert_eq!(free_slot(&[record_in(32)], &nets), Some(33));
+        // A host route inside one slot takes only that slot.
+        let one = [(Ipv4Addr::new(10, 209, 0, 12), 30)];
+        assert_eq!(free_slot(&[record_in(0)], &one), Some(2));
+        // A host on 10.0.0.0/8 leaves no slot at all.
+        assert_eq!(free_slot(&[], &[(Ipv4Addr::new(10, 0, 0, 0), 8)]), None);
     }
 
     #[test]

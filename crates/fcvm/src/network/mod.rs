@@ -86,9 +86,9 @@ pub enum NetError {
     },
     /// No pool slot left.
     #[error(
-        "no bridged address left: {} VMs hold the whole pool {}/16",
-        bridged::POOL_SLOTS,
-        bridged::POOL_BASE
+        "no bridged address left in {}/16: its {} slots are held by VMs or overlap the host's own networks (see `ip route`)",
+        bridged::POOL_BASE,
+        bridged::POOL_SLOTS
     )]
     PoolExhausted,
 }

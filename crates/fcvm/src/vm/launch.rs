@@ -194,9 +194,17 @@ pub async fn launch(host: &Host, mut spec: VmSpec) -> Result<VmHandle, LaunchErr
         record.jail = Some(plan.info());
         record.cleanup.extend(plan.undo_steps());
     }
+    // Read before taking the store's lock, which the slot choice holds.
+    let host_nets = match &record.network {
+        NetworkAttachment::Bridged(_) => crate::network::bridged::host_networks(),
+        _ => Vec::new(),
+    };
     let created = host.store.create_with(&mut record, |all, r| {
         if let NetworkAttachment::Bridged(b) = &mut r.network {
-            b.assign(crate::network::bridged::free_slot(all).ok_or(NetError::PoolExhausted)?);
+            b.assign(
+                crate::network::bridged::free_slot(all, &host_nets)
+                    .ok_or(NetError::PoolExhausted)?,
+            );
         }
         Ok(())
     });
