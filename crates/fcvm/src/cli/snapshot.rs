@@ -120,7 +120,8 @@ pub struct SnapshotsArgs {
     /// What to do (default: ls).
     #[command(subcommand)]
     pub command: Option<SnapshotsCommand>,
-    /// JSON output (for the default ls).
+    /// JSON output (for the default ls): snapshots (`"kind": "snapshot"`) and the image
+    /// cache's entries (`"kind": "image-cache"`), one array.
     #[arg(long)]
     pub json: bool,
 }
@@ -175,6 +176,7 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                     .iter()
                     .map(|s| {
                         let mut v = serde_json::to_value(s).expect("serialises");
+                        v["kind"] = "snapshot".into();
                         v["in_use_by"] = users
                             .get(&s.meta.tag)
                             .map(|u| u.iter().map(|r| r.name.to_string()).collect::<Vec<_>>())
@@ -182,6 +184,11 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                             .into();
                         v
                     })
+                    .chain(ImageCache::open(paths)?.list()?.iter().map(|e| {
+                        let mut v = serde_json::to_value(e).expect("serialises");
+                        v["kind"] = "image-cache".into();
+                        v
+                    }))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

@@ -1353,6 +1353,21 @@ fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_
         listed.contains(&key) && listed.contains(IMAGE_REF),
         "{listed}"
     );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(
+        &env.command(&["snapshots", "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .expect("snapshots --json is JSON");
+    let cached: Vec<_> = rows.iter().filter(|r| r["kind"] == "image-cache").collect();
+    assert!(
+        cached.len() == 1
+            && cached[0]["key"] == key.as_str()
+            && cached[0]["image"] == IMAGE_REF
+            && cached[0]["allocated_bytes"].as_u64() > Some(0),
+        "snapshots --json: {rows:?}"
+    );
     env.assert_nothing_left();
 
     // A corrupt entry: the restore fails, the entry is removed, the run boots cold (and
