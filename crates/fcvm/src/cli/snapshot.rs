@@ -120,8 +120,8 @@ pub struct SnapshotsArgs {
     /// What to do (default: ls).
     #[command(subcommand)]
     pub command: Option<SnapshotsCommand>,
-    /// JSON output (for the default ls): snapshots (`"kind": "snapshot"`) and the image
-    /// cache's entries (`"kind": "image-cache"`), one array.
+    /// JSON output (for the default ls): snapshots (`"kind"`: `"full"` or `"diff"`) and the
+    /// image cache's entries (`"kind": "image-cache"`), one array.
     #[arg(long)]
     pub json: bool,
 }
@@ -176,7 +176,6 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                     .iter()
                     .map(|s| {
                         let mut v = serde_json::to_value(s).expect("serialises");
-                        v["kind"] = "snapshot".into();
                         v["in_use_by"] = users
                             .get(&s.meta.tag)
                             .map(|u| u.iter().map(|r| r.name.to_string()).collect::<Vec<_>>())
