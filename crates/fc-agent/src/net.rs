@@ -30,7 +30,7 @@ pub enum NetError {
     Hostname(String, nix::Error),
 }
 
-fn ip(args: &[&str]) -> Result<(), NetError> {
+fn ip(args: &[String]) -> Result<(), NetError> {
     let out = reaper::run(Command::new("ip").args(args)).map_err(NetError::Spawn)?;
     if out.code != 0 {
         return Err(NetError::Ip {
@@ -51,7 +51,6 @@ pub fn configure(ipcfg: Option<&IpConfig>) -> Result<(), NetError> {
         crate::debug!("no {dev}: loopback only");
     }
     for args in ip_commands(ipcfg, has_nic) {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ip(&args)?;
     }
     if let Some(c) = ipcfg.filter(|c| has_nic && !c.dns.is_empty()) {
@@ -97,9 +96,7 @@ fn ip_commands(ipcfg: Option<&IpConfig>, has_nic: bool) -> Vec<Vec<String>> {
 /// the one [`configure`] added (connections then fail at once with EACCES). Changing it takes
 /// CAP_NET_ADMIN, which a container has only with `--privileged`.
 pub fn close_mmds() -> Result<(), NetError> {
-    let args = close_mmds_command();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ip(&args)
+    ip(&close_mmds_command())
 }
 
 fn close_mmds_command() -> Vec<String> {

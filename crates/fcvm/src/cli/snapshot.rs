@@ -171,6 +171,7 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
         SnapshotsCommand::Ls { json } => {
             let list = snapshot::list(paths)?;
             let users = snapshot::users(paths)?;
+            let cache = ImageCache::open(paths)?.list()?;
             if json {
                 let rows: Vec<serde_json::Value> = list
                     .iter()
@@ -183,7 +184,7 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                             .into();
                         v
                     })
-                    .chain(ImageCache::open(paths)?.list()?.iter().map(|e| {
+                    .chain(cache.iter().map(|e| {
                         let mut v = serde_json::to_value(e).expect("serialises");
                         v["kind"] = "image-cache".into();
                         v
@@ -192,7 +193,6 @@ pub async fn snapshots(paths: &Paths, args: SnapshotsArgs) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", table(&list, &users));
-                let cache = ImageCache::open(paths)?.list()?;
                 if !cache.is_empty() {
                     println!("\nimage cache (fcvm podman run):");
                     print!("{}", cache_table(&cache, crate::state::now_ms()));

@@ -389,8 +389,8 @@ pub fn host_networks() -> Vec<(Ipv4Addr, u8)> {
         .unwrap_or_default()
 }
 
-/// Destination and mask columns of `/proc/net/route` (hex, in the kernel's byte order, which
-/// is little-endian on x86_64: `000200C0` is 192.0.2.0).
+/// Destination and mask columns of `/proc/net/route`: the kernel prints each address's
+/// network-order bytes as one native-endian hex word (`000200C0` is 192.0.2.0 on x86_64).
 fn parse_proc_net_route(text: &str) -> Vec<(Ipv4Addr, u8)> {
     text.lines()
         .skip(1)
@@ -399,7 +399,7 @@ fn parse_proc_net_route(text: &str) -> Vec<(Ipv4Addr, u8)> {
             let dest = u32::from_str_radix(cols.get(1)?, 16).ok()?;
             let mask = u32::from_str_radix(cols.get(7)?, 16).ok()?;
             let len = mask.count_ones() as u8;
-            (len > 0).then(|| (Ipv4Addr::from(u32::from_be(dest.to_le())), len))
+            (len > 0).then(|| (Ipv4Addr::from(dest.to_ne_bytes()), len))
         })
         .collect()
 }

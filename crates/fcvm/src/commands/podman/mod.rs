@@ -523,11 +523,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
             init: req.init,
             labels,
             privileged: req.privileged,
-            // vars_os: `vars()` panics on a variable that is not UTF-8.
-            proxy: fcvm_proto::plan::proxy_settings(
-                std::env::vars_os()
-                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
-            ),
+            proxy: fcvm_proto::plan::proxy_settings(env::HostEnv::all(&env::ProcessEnv)),
         },
     );
     plan.validate()?;
@@ -842,29 +838,30 @@ async fn follow(
         let mut escalate = false;
         tokio::select! {
             st = session.status.recv(), if status_open => {
-            // Every frame comes after the agent read its plan: MMDS is emptied then, so no
-            // process in the guest can read it later (the agent has also closed the route).
-            if st.is_some() && plan_in_mmds {
-                plan_in_mmds = false;
-                empty_mmds(vm).await;
-            }
-            match st {
-                Some(Status::Ready) => {
-                    timeline.mark("ready");
-                    let _ = vm.update(|r| r.health = Health::Healthy);
+                // Every frame comes after the agent read its plan: MMDS is emptied then, so
+                // no process in the guest can read it later (the agent also closed the route).
+                if st.is_some() && plan_in_mmds {
+                    plan_in_mmds = false;
+                    empty_mmds(vm).await;
                 }
-                Some(Status::Error(text)) => end.guest_error = Some(text),
-                Some(Status::ImageReady { digest }) => {
-                    image_ready(vm, session, paths, p, timeline, gate, &digest).await;
+                match st {
+                    Some(Status::Ready) => {
+                        timeline.mark("ready");
+                        let _ = vm.update(|r| r.health = Health::Healthy);
+                    }
+                    Some(Status::Error(text)) => end.guest_error = Some(text),
+                    Some(Status::ImageReady { digest }) => {
+                        image_ready(vm, session, paths, p, timeline, gate, &digest).await;
+                    }
+                    Some(Status::Proceed(_)) => {}
+                    Some(Status::Exit(code)) => {
+                        timeline.mark("exit-status");
+                        end.exit_code = Some(code);
+                        return end;
+                    }
+                    None => status_open = false,
                 }
-                Some(Status::Proceed(_)) => {}
-                Some(Status::Exit(code)) => {
-                    timeline.mark("exit-status");
-                    end.exit_code = Some(code);
-                    return end;
-                }
-                None => status_open = false,
-            }},
+            },
             ev = vm.next_event(signals) => match ev {
                 Event::Signal(sig) => match signal_action(sig, plan.tty, plan.interactive) {
                     SignalAction::Forward => session.send_signal(sig),
