@@ -188,6 +188,9 @@ pub enum Disposition {
     /// Keep the record as `failed` with this reason, so `fcvm ls` shows why until
     /// `fcvm stop` (a failed VM holds no name).
     Fail(String),
+    /// A container VM whose container ended: keep the record as `exited` (its exit code
+    /// and logs stay until `fcvm rm`); everything else of the VM goes.
+    Exited,
 }
 
 /// How a teardown went.
@@ -239,14 +242,24 @@ pub fn teardown_with(
             r.status = VmStatus::Failed;
             r.error = Some(reason.clone());
         }
+        Disposition::Exited => {
+            if r.status != VmStatus::Failed {
+                r.status = VmStatus::Exited;
+            }
+        }
     })?;
     let Some(record) = claimed else {
         return Ok(TeardownReport::default());
     };
+    let mut steps = record.cleanup.clone();
+    // The logs go only with the record itself.
+    if let (Disposition::Forget, Some(dir)) = (&how, &record.log_dir) {
+        steps.push(CleanupStep::RemoveDir { path: dir.clone() });
+    }
     // Outside the lock: these may take seconds (a VMM ignoring SIGTERM).
-    let failures = run_all(&record.cleanup, net);
+    let failures = run_all(&steps, net);
     let left: Vec<CleanupStep> = failures.iter().map(|f| f.step.clone()).collect();
-    let keep = matches!(how, Disposition::Fail(_)) || !left.is_empty();
+    let keep = !matches!(how, Disposition::Forget) || !left.is_empty();
     let removed = store.finish_teardown(id, left, keep)?;
     tracing::debug!(
         vm = %record.name,

@@ -88,6 +88,12 @@ impl Paths {
         self.vms_dir().join(vm_id)
     }
 
+    /// Container logs of one VM: apart from its runtime directory, which goes when the VM
+    /// stops, while the logs stay until the record is removed (`fcvm rm`).
+    pub fn log_dir(&self, vm_id: &str) -> PathBuf {
+        self.base.join("logs").join(vm_id)
+    }
+
     /// Published snapshots.
     pub fn snapshots_dir(&self) -> PathBuf {
         self.base.join("snapshots")

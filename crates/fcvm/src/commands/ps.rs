@@ -1,13 +1,14 @@
 //! `fcvm ps`, `fcvm inspect` and `fcvm rm`: the container VMs as podman lists, shows and
 //! removes containers. `fcvm ls` stays the listing of every VM (raw VMs, clones, page servers).
 //!
-//! A foreground `podman run` removes its record when it ends, so what `ps -a` adds to `ps` are
-//! the failed ones kept for the user to see (until `fcvm rm`).
+//! A container VM's record outlives the VM unless the run said `--rm`, so `ps -a` adds the
+//! exited ones (with their exit codes) and failed ones to `ps`, until `fcvm rm`.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::cleanup::Disposition;
 use crate::state::{now_ms, Health, Store, StoreError, VmKind, VmRecord, VmStatus};
 use crate::vm::StopReport;
 
@@ -55,6 +56,7 @@ fn entry(r: &VmRecord, now: u64) -> PsEntry {
             },
         ),
         (_, Some(code)) => ("exited", format!("Exited ({code})")),
+        (VmStatus::Exited, None) => ("exited", "Exited".to_owned()),
         (VmStatus::Starting, None) => ("created", "Created".to_owned()),
         (VmStatus::Stopping, None) => ("stopping", format!("Stopping, up {up}")),
         (_, None) => (
@@ -122,11 +124,20 @@ pub async fn rm(
             .unwrap_or_default();
         return Err(RmError::NotContainer(name.to_owned(), kind));
     }
-    let ended = record.status == VmStatus::Failed || record.exit_code.is_some();
+    let ended = record.has_ended() || record.exit_code.is_some();
     if !ended && !force {
         return Err(RmError::Running(name.to_owned()));
     }
-    Ok(crate::vm::stop::stop_vm(store, &record, grace).await?)
+    let mut report = if ended {
+        StopReport::default()
+    } else {
+        crate::vm::stop::stop_vm(store, &record, grace).await?
+    };
+    // Stopped, the record may be kept as exited: removing is what rm is for.
+    let removed = crate::cleanup::teardown(store, &record.id, Disposition::Forget)?;
+    report.teardown.failures.extend(removed.failures);
+    report.teardown.removed = removed.removed;
+    Ok(report)
 }
 
 #[cfg(test)]

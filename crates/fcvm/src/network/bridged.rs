@@ -357,6 +357,8 @@ impl BridgedNet {
 pub fn free_slot(records: &[VmRecord], host_nets: &[(Ipv4Addr, u8)]) -> Option<u32> {
     let used: std::collections::HashSet<u32> = records
         .iter()
+        // An ended VM (kept for its exit code) whose teardown completed has no network left.
+        .filter(|r| !(r.has_ended() && r.cleanup.is_empty()))
         .filter_map(|r| match &r.network {
             super::NetworkAttachment::Bridged(b) => Some(b.slot),
             _ => None,
@@ -595,6 +597,17 @@ mod tests {
     fn the_pool_never_hands_out_a_held_slot() {
         let mut records = vec![record_in(0), record_in(1), record_in(3)];
         assert_eq!(free_slot(&records, &[]), Some(2));
+        // An exited VM's slot is free again once its teardown is done, not before.
+        let mut exited = record_in(2);
+        exited.status = crate::state::VmStatus::Exited;
+        exited.cleanup = vec![crate::cleanup::CleanupStep::DeleteNetns { name: "n".into() }];
+        let with_pending = [records.clone(), vec![exited.clone()]].concat();
+        assert_eq!(free_slot(&with_pending, &[]), Some(4));
+        exited.cleanup.clear();
+        assert_eq!(
+            free_slot(&[records.clone(), vec![exited]].concat(), &[]),
+            Some(2)
+        );
         // Taking slots one after another, as concurrent launches do under the lock, gives
         // each VM its own addresses.
         let mut addrs = std::collections::HashSet::new();

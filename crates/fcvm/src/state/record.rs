@@ -69,6 +69,9 @@ pub enum VmStatus {
     Draining,
     /// Failed; see `error`.
     Failed,
+    /// A container VM whose container ended (`exit_code`); the VM is gone, its record and
+    /// logs are kept until `fcvm rm` (as podman keeps an exited container).
+    Exited,
 }
 
 /// Health as last observed.
@@ -176,6 +179,10 @@ pub struct VmRecord {
     /// The VMM runs under the jailer: its uid, chroot and cgroups.
     #[serde(default)]
     pub jail: Option<crate::vm::jail::JailInfo>,
+    /// Container VMs: the directory of the container's log (see [`crate::logs`]). Outside
+    /// the runtime dir, so it outlives the VM; removed with the record.
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -213,18 +220,26 @@ impl VmRecord {
             snapshot_attempted: false,
             served_live: None,
             served_pages: None,
+            log_dir: None,
         }
     }
 
     /// Whether this record keeps other VMs from taking its name: not once it failed, nor
     /// once it is stopping with its VMM gone (only undo steps are left; a concurrent
-    /// reaper may be running them).
+    /// reaper may be running them). An exited container keeps its name until `fcvm rm`,
+    /// as with podman: its logs are found by that name.
     pub fn holds_name(&self) -> bool {
         match self.status {
             VmStatus::Failed => false,
+            VmStatus::Exited => true,
             VmStatus::Stopping => self.vmm.is_some_and(|v| v.is_alive()),
             _ => true,
         }
+    }
+
+    /// Whether the VM has ended for good and only its record (and logs) are kept.
+    pub fn has_ended(&self) -> bool {
+        matches!(self.status, VmStatus::Failed | VmStatus::Exited)
     }
 
     /// Whether the owning process still runs.

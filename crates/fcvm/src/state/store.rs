@@ -43,6 +43,14 @@ pub enum StoreError {
         /// Its owner.
         pid: u32,
     },
+    /// Name held by an exited container VM (kept for its logs and exit code).
+    #[error("the name \"{name}\" is in use by an exited container VM (exit code {code}); remove it with `fcvm rm {name}` or pick another --name")]
+    NameTakenByExited {
+        /// The name.
+        name: Name,
+        /// Its exit code.
+        code: i32,
+    },
     /// No such VM.
     #[error("no running VM matches {0}; see `fcvm ls`")]
     NotFound(String),
@@ -77,7 +85,7 @@ pub struct Reaped {
 
 /// What the reaper does with `record`, if anything.
 pub fn reap_reason(record: &VmRecord) -> Option<ReapReason> {
-    if record.status == VmStatus::Failed {
+    if record.has_ended() {
         let retry = !record.cleanup.is_empty() && !record.is_live();
         return retry.then_some(ReapReason::Retry);
     }
@@ -132,12 +140,21 @@ impl Store {
         let all = self.read_all()?;
         for other in all.iter().filter(|r| r.name == record.name).cloned() {
             if other.status == VmStatus::Failed && other.cleanup.is_empty() {
-                // Shown until replaced: nothing is left to undo.
+                // Shown until replaced: nothing is left to undo but its logs.
+                if let Some(dir) = &other.log_dir {
+                    let _ = fsutil::remove_dir_all_idempotent(dir);
+                }
                 self.remove_locked(&other.id)?;
                 continue;
             }
             if !other.holds_name() {
                 continue;
+            }
+            if other.status == VmStatus::Exited {
+                return Err(StoreError::NameTakenByExited {
+                    name: other.name,
+                    code: other.exit_code.unwrap_or(-1),
+                });
             }
             let pid = other.pid();
             return Err(StoreError::NameTaken {
@@ -247,6 +264,7 @@ impl Store {
                     server.pid,
                     record.snapshot.as_deref().unwrap_or("?")
                 )),
+                ReapReason::Retry if record.status == VmStatus::Exited => Disposition::Exited,
                 ReapReason::Retry => {
                     Disposition::Fail(record.error.clone().unwrap_or_else(|| "failed".into()))
                 }
@@ -257,18 +275,18 @@ impl Store {
         Ok(reaped)
     }
 
-    /// Find a live record by name, or else a failed one (kept for the user to see).
+    /// Find a live record by name, or else an ended one (exited or failed, kept for the
+    /// user to see).
     pub fn find_by_name(&self, name: &str) -> Result<VmRecord, StoreError> {
         let mut matching: Vec<VmRecord> = self
             .list()?
             .into_iter()
             .filter(|r| r.name.as_str() == name)
             .collect();
-        let live = matching
-            .iter()
-            .position(|r| r.is_live() && r.status != VmStatus::Failed);
+        let live = matching.iter().position(|r| r.is_live() && !r.has_ended());
+        let exited = matching.iter().position(|r| r.status == VmStatus::Exited);
         let failed = matching.iter().position(|r| r.status == VmStatus::Failed);
-        match live.or(failed) {
+        match live.or(exited).or(failed) {
             Some(i) => Ok(matching.swap_remove(i)),
             None => Err(StoreError::NotFound(format!("name {name:?}"))),
         }

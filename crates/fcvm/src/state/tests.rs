@@ -347,3 +347,42 @@ fn a_vm_being_torn_down_after_its_vmm_died_frees_its_name() {
         Err(StoreError::NameTaken { .. })
     ));
 }
+
+#[test]
+fn an_exited_container_keeps_its_record_logs_and_name_until_removed() {
+    use crate::cleanup::{teardown_with, Disposition};
+    use crate::network::fake::RecordingNet;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path().join("state")).unwrap();
+    let (runtime, logs) = (dir.path().join("vm"), dir.path().join("logs"));
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut r = record("job");
+    r.kind = VmKind::Container;
+    r.log_dir = Some(logs.clone());
+    r.cleanup = vec![CleanupStep::RemoveDir {
+        path: runtime.clone(),
+    }];
+    store.create(&r).unwrap();
+    store.update(&r.id, |r| r.exit_code = Some(3)).unwrap();
+    let net = RecordingNet::default();
+    let report = teardown_with(&store, &r.id, Disposition::Exited, &net).unwrap();
+    assert!(report.is_clean() && !report.removed);
+    assert!(!runtime.exists(), "the VM's own files go");
+    assert!(logs.exists(), "its logs stay");
+    let kept = store.get(&r.id).unwrap().unwrap();
+    assert_eq!((kept.status, kept.exit_code), (VmStatus::Exited, Some(3)));
+    assert!(kept.cleanup.is_empty());
+    // Its owner is gone (as a finished run's is): the reaper leaves it alone.
+    store.update(&r.id, |r| r.owner = dead_process()).unwrap();
+    assert!(store.reap_stale().unwrap().is_empty());
+    assert_eq!(store.find_by_name("job").unwrap().id, r.id);
+    // The name stays taken, with a message that says how to free it.
+    let err = store.create(&record("job")).unwrap_err();
+    assert!(matches!(err, StoreError::NameTakenByExited { code: 3, .. }));
+    assert!(err.to_string().contains("fcvm rm job"), "{err}");
+    // Removing it (rm) takes the logs too.
+    let report = teardown_with(&store, &r.id, Disposition::Forget, &net).unwrap();
+    assert!(report.removed && !logs.exists());
+    store.create(&record("job")).unwrap();
+}

@@ -45,7 +45,7 @@ impl VmState {
 }
 
 /// How a stop went.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct StopReport {
     /// The guest shut down by itself after Ctrl+Alt+Del.
     pub graceful: bool,

@@ -152,6 +152,7 @@ pub fn initial_record(spec: &VmSpec) -> VmRecord {
     r.track_dirty_pages = spec.resources.track_dirty_pages;
     r.kernel = spec.kernel();
     r.image = spec.labels.image.clone();
+    r.log_dir = spec.log_dir.clone();
     r.snapshot = spec.labels.snapshot.clone();
     r.diff_parent = spec.labels.snapshot.clone();
     r.api_socket = Some(spec.paths.api_socket());

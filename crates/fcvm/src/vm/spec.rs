@@ -45,6 +45,8 @@ pub struct VmSpec {
     pub ksm: bool,
     /// Labels kept in the record for `fcvm ls` and snapshots.
     pub labels: Labels,
+    /// The container's log directory: kept beyond the VM, removed with its record.
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Sizing.
@@ -206,6 +208,7 @@ impl VmSpec {
             lifetime: Lifetime::Foreground,
             ksm: false,
             labels: Labels::default(),
+            log_dir: None,
         }
     }
 

@@ -31,6 +31,15 @@ pub async fn stop_vm(
     if record.kind == VmKind::PageServer {
         return stop_page_server(store, record, grace).await;
     }
+    if record.status == VmStatus::Exited {
+        // Already stopped; its record and logs stay until `fcvm rm`.
+        return Ok(StopReport {
+            graceful: true,
+            exit: None,
+            teardown: Default::default(),
+            draining: false,
+        });
+    }
     if record.status == VmStatus::Failed {
         return Ok(StopReport {
             graceful: false,
@@ -61,10 +70,20 @@ pub async fn stop_vm(
                 tokio::task::spawn_blocking(move || owner.terminate(Duration::from_secs(2))).await;
         }
     }
+    // A container VM's owner keeps the record as exited (its code and logs) unless the run
+    // said --rm; stopping is not removing.
+    let exited = store
+        .get(&record.id)?
+        .is_some_and(|r| r.status == VmStatus::Exited);
+    let how = if exited {
+        Disposition::Exited
+    } else {
+        Disposition::Forget
+    };
     Ok(StopReport {
         graceful,
         exit: None,
-        teardown: cleanup::teardown(store, &record.id, Disposition::Forget)?,
+        teardown: cleanup::teardown(store, &record.id, how)?,
         draining: false,
     })
 }
