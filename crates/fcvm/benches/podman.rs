@@ -80,7 +80,7 @@ fn main() {
         c
     };
     let run_args = |name: &str, tail: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["podman", "run", "--name", name, "--image-archive"]
+        let mut v: Vec<String> = ["podman", "run", "--rm", "--name", name, "--image-archive"]
             .iter()
             .map(|s| s.to_string())
             .collect();

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod doctor;
 pub mod firecracker;
 pub mod fsutil;
+pub mod logs;
 pub mod names;
 pub mod network;
 pub mod paths;

@@ -55,8 +55,17 @@ pub enum Command {
     Ps(PsArgs),
     /// Print one VM's record as JSON (an array of one, as `podman inspect`).
     Inspect(InspectArgs),
-    /// Remove container VMs that ended (failed ones are kept until then); -f stops running ones.
+    /// Remove container VMs that ended (exited and failed ones are kept until then); -f
+    /// stops running ones.
     Rm(RmArgs),
+    /// Print a container VM's output (stdout and stderr apart), running or ended.
+    Logs(LogsArgs),
+    /// Wait for a container VM's container to end and print its exit code.
+    Wait(WaitArgs),
+    /// Send a signal to a container VM's container (default KILL, as podman).
+    Kill(KillArgs),
+    /// Attach this terminal to a detached (`-d -i`/`-t`) container; Ctrl-P Ctrl-Q detaches.
+    Attach(AttachArgs),
     /// Print a shell completion script (`source <(fcvm completions bash)`).
     Completions(CompletionsArgs),
     /// Write man pages (fcvm.1 and one per subcommand) into a directory.
@@ -103,6 +112,52 @@ pub struct RmArgs {
     /// Container VM names.
     #[arg(required = true)]
     pub names: Vec<String>,
+}
+
+/// `fcvm logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Keep printing new output until the container ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    /// Lead each line with its time (RFC 3339, nanoseconds).
+    #[arg(short, long)]
+    pub timestamps: bool,
+    /// Container VM name.
+    pub name: String,
+}
+
+/// `fcvm wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Container VM names (their codes are printed in order, one per line).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `fcvm kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Signal: a name (TERM, SIGUSR1) or a number.
+    #[arg(short, long, default_value = "KILL")]
+    pub signal: String,
+    /// Container VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `fcvm attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Keys that detach and leave the container running: a comma list of single
+    /// characters and ctrl-<key> (docker's syntax); empty for none.
+    #[arg(long, value_name = "KEYS", default_value = crate::commands::attach::DEFAULT_DETACH_KEYS)]
+    pub detach_keys: String,
+    /// Container VM name.
+    pub name: String,
 }
 
 /// `fcvm completions`.

@@ -45,6 +45,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Ps(a) => cmd_ps(&paths, a),
         Command::Inspect(a) => cmd_inspect(&paths, a),
         Command::Rm(a) => cmd_rm(&paths, a).await,
+        Command::Logs(a) => cmd_logs(&paths, a).await,
+        Command::Wait(a) => cmd_wait(&paths, a).await,
+        Command::Kill(a) => cmd_kill(&paths, a).await,
+        Command::Attach(a) => cmd_attach(&paths, a).await,
         Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
     }
 }
@@ -99,6 +103,89 @@ async fn cmd_rm(paths: &Paths, a: args::RmArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn cmd_logs(paths: &Paths, a: args::LogsArgs) -> Result<ExitCode> {
+    let opts = commands::logs::LogsOptions {
+        follow: a.follow,
+        tail: a.tail,
+        timestamps: a.timestamps,
+    };
+    let store = Store::open(paths)?;
+    let (out, err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    match commands::logs::logs(&store, &a.name, &opts, out, err).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A closed pipe (`fcvm logs NAME | head`) is the reader's choice, not an error.
+        Err(commands::logs::LogsError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("fcvm: error: {}", crate::report::chain(&e));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn cmd_wait(paths: &Paths, a: args::WaitArgs) -> Result<ExitCode> {
+    let store = Store::open(paths)?;
+    let mut failed = false;
+    for name in &a.names {
+        match commands::logs::wait(&store, name).await {
+            Ok(code) => println!("{code}"),
+            Err(e) => {
+                eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(125)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn cmd_kill(paths: &Paths, a: args::KillArgs) -> Result<ExitCode> {
+    let signal = match commands::logs::parse_signal(&a.signal) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fcvm: error: {e}");
+            return Ok(ExitCode::from(125));
+        }
+    };
+    let mut failed = false;
+    for name in &a.names {
+        match commands::logs::kill(paths, name, signal).await {
+            Ok(()) => println!("{name}"),
+            Err(e) => {
+                eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(125)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn cmd_attach(paths: &Paths, a: args::AttachArgs) -> Result<ExitCode> {
+    use commands::attach::AttachEnd;
+    match commands::attach::attach(paths, &a.name, &a.detach_keys).await {
+        Ok(AttachEnd::Exited(code)) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(AttachEnd::Detached) => {
+            eprintln!(
+                "\nfcvm: detached from {0}; it keeps running (`fcvm attach {0}` to come back)",
+                a.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("fcvm: error: {}", crate::report::chain(&e));
+            Ok(ExitCode::from(125))
+        }
+    }
 }
 
 /// The completion script for `shell`, generated from the clap grammar.
@@ -167,7 +254,8 @@ fn reap_stale(paths: &Paths) {
     }
 }
 
-fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
+/// `fcvm setup [STEP]` (also `podman run --setup`, with every step).
+pub(crate) fn cmd_setup(paths: &Paths, step: Option<SetupStep>) -> Result<ExitCode> {
     let all = step.is_none();
     if all || matches!(step, Some(SetupStep::Firecracker)) {
         let done = setup::firecracker::ensure(paths).context("setting up Firecracker")?;

@@ -99,6 +99,23 @@ pub struct PodmanRunArgs {
     /// Boot cold: neither restore nor create an image cache entry (env FCVM_NO_SNAPSHOT=1).
     #[arg(long)]
     pub no_snapshot: bool,
+    /// Run in the background: print the VM's name once the container has started and
+    /// return. A supervisor process keeps the VM, its exit code and its output
+    /// (`fcvm logs NAME`); it survives the terminal. Stop it with `fcvm stop NAME`.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Remove the VM's record and logs when the container exits (without it an exited VM
+    /// stays listed by `fcvm ps -a`, with its exit code and logs, until `fcvm rm`).
+    #[arg(long)]
+    pub rm: bool,
+    /// Run the missing `fcvm setup` steps first (Firecracker, agent, rootfs, kernel), with
+    /// their progress; the ones already done are only checked.
+    #[arg(long)]
+    pub setup: bool,
+    /// Container log option, as podman's: max-size=SIZE bounds each of the log's two files
+    /// (default 4mb, so at most 8mb per VM).
+    #[arg(long, value_name = "max-size=SIZE")]
+    pub log_opt: Vec<String>,
     /// IMAGE, then the command and its arguments. IMAGE: a registry reference,
     /// `localhost/NAME:TAG` from this host's podman storage, or with --image-archive the
     /// reference to run from the archive. Everything after IMAGE is the command, its own
@@ -215,6 +232,31 @@ pub async fn podman(paths: &Paths, cmd: PodmanCommand) -> Result<ExitCode> {
 }
 
 async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
+    let supervisor = std::env::var_os(podman::detach::NOTIFY_FD_ENV).is_some();
+    // In the foreground, or in a detached run's supervisor (which still reports to the
+    // user's terminal until the container has started).
+    if a.setup && (supervisor || !a.detach) {
+        if let Err(e) = super::cmd_setup(paths, None) {
+            eprintln!("fcvm: error: --setup: {e:#}");
+            return Ok(ExitCode::from(podman::EXIT_FCVM_FAILED));
+        }
+    }
+    if a.detach && !supervisor {
+        // Every check and the boot happen in the supervisor, which reports on our stderr
+        // until the container has started.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return Ok(match podman::detach::spawn_supervisor(&args) {
+            Ok(podman::detach::Started::Ready(name)) => {
+                println!("{name}");
+                ExitCode::SUCCESS
+            }
+            Ok(podman::detach::Started::Failed(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                ExitCode::from(podman::EXIT_FCVM_FAILED)
+            }
+        });
+    }
     let (image, command) = a.image_and_command();
     let req = PodmanRunRequest {
         name: a.name,
@@ -244,6 +286,9 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         },
         publish: a.publish,
         no_snapshot: a.no_snapshot,
+        remove: a.rm,
+        log_opts: a.log_opt,
+        detached: a.detach && supervisor,
     };
     let outcome = match podman::run(paths, &req).await {
         Ok(o) => o,

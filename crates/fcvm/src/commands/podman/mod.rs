@@ -18,7 +18,9 @@
 //! snapshotted once its image is loaded, or is restored from such a snapshot (see
 //! [`cached`]).
 
+pub mod attach;
 pub mod cached;
+pub mod detach;
 pub mod env;
 pub mod image;
 pub mod machine;
@@ -130,6 +132,13 @@ pub struct PodmanRunRequest {
     pub network: NetworkRequest,
     /// `--publish` occurrences.
     pub publish: Vec<String>,
+    /// `--rm`: forget the VM (record and logs) when the container exits; otherwise it is
+    /// kept as exited until `fcvm rm`.
+    pub remove: bool,
+    /// `--log-opt` occurrences.
+    pub log_opts: Vec<String>,
+    /// This process is a detached run's supervisor (`-d`; see [`detach`]).
+    pub detached: bool,
 }
 
 /// `--network` of `podman run`.
@@ -182,6 +191,9 @@ pub enum PodmanError {
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
+    /// Bad `--log-opt`.
+    #[error(transparent)]
+    LogOpt(#[from] crate::logs::LogOptError),
     /// The kernel command line cannot be built.
     #[error(transparent)]
     Cmdline(#[from] fcvm_proto::cmdline::BuildError),
@@ -278,6 +290,10 @@ struct Prepared {
     cmdline: String,
     stop_timeout: Duration,
     network: PreparedNetwork,
+    /// Bound of each container log file.
+    log_max_bytes: u64,
+    /// The pipe to a waiting `podman run -d` (this process is its supervisor).
+    detached: Option<std::sync::Mutex<detach::Notifier>>,
 }
 
 /// The network decided in step 1 (addresses come at launch, under the store lock).
@@ -355,7 +371,10 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     let mut timeline = Timeline::new();
     // Registered first: from here on a signal is ours to handle, never a silent death.
     let mut signals = Signals::new().map_err(PodmanError::Signals)?;
-    tty::check_request(req.interactive, req.tty, tty::stdin_is_terminal())?;
+    // A detached run's terminal is the one `fcvm attach` brings, not this standard input.
+    if !req.detached {
+        tty::check_request(req.interactive, req.tty, tty::stdin_is_terminal())?;
+    }
     let mut prepared = prepare(paths, req)?;
     timeline.mark("checked");
 
@@ -363,7 +382,17 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     let mut decision = cached::decide(paths, req.no_snapshot, &prepared);
     if let cached::Decision::Hit(entry) = decision {
         let key = entry.key.clone();
-        match run_hit(&host, paths, &prepared, entry, &mut timeline, &mut signals).await {
+        match run_hit(
+            &host,
+            paths,
+            req,
+            &prepared,
+            entry,
+            &mut timeline,
+            &mut signals,
+        )
+        .await
+        {
             Err(PodmanError::CacheRestore { why }) => {
                 eprintln!(
                     "fcvm: warning: cache entry {} failed to restore ({why}); removed it, booting cold",
@@ -390,10 +419,15 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     // The store claims names atomically: a generated name another VM holds is drawn again.
     let mut attempts = 1;
     let mut vm = loop {
-        match launch(&host, spec_for(paths, &prepared, &gate)).await {
-            Err(LaunchError::Store(StoreError::NameTaken { .. }))
-                if req.name.is_none() && attempts < NAME_ATTEMPTS =>
-            {
+        match launch(
+            &host,
+            with_log_dir(paths, spec_for(paths, &prepared, &gate)),
+        )
+        .await
+        {
+            Err(LaunchError::Store(
+                StoreError::NameTaken { .. } | StoreError::NameTakenByExited { .. },
+            )) if req.name.is_none() && attempts < NAME_ATTEMPTS => {
                 attempts += 1;
                 prepared.set_name(crate::names::generate());
             }
@@ -414,8 +448,17 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     if std::env::var_os(TIMINGS_ENV).is_some() {
         timeline.print(&vm.paths().console_log());
     }
-    vm.finish(Disposition::Forget).warn();
+    vm.finish(disposition(req, &result)).warn();
     result
+}
+
+/// What becomes of the record: a container that ran is kept as exited (its code and logs)
+/// unless the run said `--rm`; a run that failed is forgotten (its error was reported).
+fn disposition(req: &PodmanRunRequest, result: &Result<PodmanOutcome, PodmanError>) -> Disposition {
+    match result {
+        Ok(_) if !req.remove => Disposition::Exited,
+        _ => Disposition::Forget,
+    }
 }
 
 impl Prepared {
@@ -430,17 +473,21 @@ impl Prepared {
 async fn run_hit(
     host: &Host,
     paths: &Paths,
+    req: &PodmanRunRequest,
     p: &Prepared,
     entry: crate::snapshot::cache::Entry,
     timeline: &mut Timeline,
     signals: &mut Signals,
 ) -> Result<PodmanOutcome, PodmanError> {
     let key = entry.key.clone();
-    let mut vm = launch(host, cached::hit_spec(paths, p, &entry))
-        .await
-        .map_err(|e| PodmanError::CacheRestore {
-            why: crate::report::chain(&e),
-        })?;
+    let mut vm = launch(
+        host,
+        with_log_dir(paths, cached::hit_spec(paths, p, &entry)),
+    )
+    .await
+    .map_err(|e| PodmanError::CacheRestore {
+        why: crate::report::chain(&e),
+    })?;
     timeline.mark("restored");
     let mut gate = Gate::Restored {
         key: key.clone(),
@@ -451,7 +498,12 @@ async fn run_hit(
     if std::env::var_os(TIMINGS_ENV).is_some() {
         timeline.print(&vm.paths().console_log());
     }
-    vm.finish(Disposition::Forget).warn();
+    let how = match &result {
+        // Falls back to a cold boot: this VM is not what the user sees.
+        Err(PodmanError::CacheRestore { .. }) => Disposition::Forget,
+        other => disposition(req, other),
+    };
+    vm.finish(how).warn();
     // Held for the whole run: prune skips an entry in use.
     drop(entry);
     if result.is_ok() {
@@ -478,7 +530,14 @@ enum Gate {
 /// already slow: it is a resume, not a boot).
 const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The container's log directory, kept with the record beyond the VM.
+fn with_log_dir(paths: &Paths, mut spec: VmSpec) -> VmSpec {
+    spec.log_dir = Some(paths.log_dir(&spec.id));
+    spec
+}
+
 fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanError> {
+    let log_max_bytes = crate::logs::parse_log_opts(&req.log_opts)?;
     let name = match &req.name {
         Some(n) => Name::parse(n)?,
         None => crate::names::generate(),
@@ -544,6 +603,12 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         cmdline,
         stop_timeout: req.stop_timeout,
         network,
+        log_max_bytes,
+        detached: if req.detached {
+            detach::Notifier::from_env().map(std::sync::Mutex::new)
+        } else {
+            None
+        },
     })
 }
 
@@ -623,16 +688,50 @@ async fn attach_and_follow(
     let with_input = p.plan.interactive || p.plan.tty;
     let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
-    let raw = if p.plan.tty && p.plan.interactive {
+    let raw = if p.plan.tty && p.plan.interactive && p.detached.is_none() {
         tty::RawMode::enable().map_err(PodmanError::Terminal)?
     } else {
         None
     };
+    let log_dir = paths.log_dir(&vm.spec().id);
+    let log = match crate::logs::LogWriter::create(&log_dir, p.log_max_bytes) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            eprintln!(
+                "fcvm: warning: cannot keep the container's log in {} ({e}); `fcvm logs` will show nothing",
+                log_dir.display()
+            );
+            None
+        }
+    };
+    // A detached run with -i/-t takes its input from `fcvm attach` clients instead.
+    let (hub, remote) = if p.detached.is_some() && with_input {
+        let socket = attach::socket_path(vm.paths().dir());
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| {
+            PodmanError::Vsock(VsockError::Bind {
+                path: socket.clone(),
+                source: e,
+            })
+        })?;
+        let hub = std::sync::Arc::new(attach::AttachHub::default());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        attach::serve(listener, hub.clone(), tx);
+        (Some(hub), Some(rx))
+    } else {
+        (None, None)
+    };
+    let local = p.detached.is_none();
     let mut session = session::Session::start(
         listeners,
         session::InputMode {
-            stdin: p.plan.interactive,
-            resize: p.plan.tty,
+            stdin: p.plan.interactive && local,
+            resize: p.plan.tty && local,
+            remote,
+        },
+        session::OutputSink {
+            terminal: local,
+            log,
+            attached: hub.clone(),
         },
     );
     vm.start().await?;
@@ -646,6 +745,12 @@ async fn attach_and_follow(
     session.stop_input();
     // All output is written before fcvm exits: the agent closes the output stream first.
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
+    // All output relayed: an attached terminal learns the end (`fcvm attach` exits with it).
+    if let Some(hub) = &hub {
+        let code = exit_code(end.exit_code, end.interrupted, vm.stopped_elsewhere())
+            .unwrap_or(EXIT_FCVM_FAILED.into());
+        hub.send(&fcvm_proto::frame::Frame::Exit(code)).await;
+    }
     if let Some(t) = session.first_output.get() {
         timeline.at("first-output", *t);
     }
@@ -760,15 +865,33 @@ pub enum SignalAction {
     Forward,
     /// Stop the container in order (Ctrl+Alt+Del, escalating).
     Stop,
+    /// Nothing (a detached supervisor has no terminal whose hangup could mean "stop").
+    Ignore,
 }
 
 /// `-t` without `-i` keeps the local terminal cooked, so Ctrl-C arrives here as SIGINT
-/// and goes on to the container, as with podman. Everything else stops the container.
-pub fn signal_action(sig: i32, tty: bool, interactive: bool) -> SignalAction {
-    if sig == libc::SIGINT && tty && !interactive {
+/// and goes on to the container, as with podman. A detached supervisor ignores SIGHUP.
+/// Everything else stops the container.
+pub fn signal_action(sig: i32, tty: bool, interactive: bool, detached: bool) -> SignalAction {
+    if sig == libc::SIGHUP && detached {
+        SignalAction::Ignore
+    } else if sig == libc::SIGINT && tty && !interactive {
         SignalAction::Forward
     } else {
         SignalAction::Stop
+    }
+}
+
+/// Tell a waiting `podman run -d` that the container runs (once; no-op in the foreground).
+fn release_detached(vm: &VmHandle, paths: &Paths, p: &Prepared) {
+    if let Some(n) = &p.detached {
+        let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+        if n.pending() {
+            let log = paths
+                .log_dir(&vm.spec().id)
+                .join(crate::logs::SUPERVISOR_LOG_FILE);
+            n.ready(vm.record().name.as_str(), &log);
+        }
     }
 }
 
@@ -848,6 +971,7 @@ async fn follow(
                     Some(Status::Ready) => {
                         timeline.mark("ready");
                         let _ = vm.update(|r| r.health = Health::Healthy);
+                        release_detached(vm, paths, p);
                     }
                     Some(Status::Error(text)) => end.guest_error = Some(text),
                     Some(Status::ImageReady { digest }) => {
@@ -857,14 +981,20 @@ async fn follow(
                     Some(Status::Exit(code)) => {
                         timeline.mark("exit-status");
                         end.exit_code = Some(code);
+                        // Started and ended before its start was seen; a container that
+                        // could not start keeps the command waiting for fcvm's error.
+                        if end.guest_error.is_none() {
+                            release_detached(vm, paths, p);
+                        }
                         return end;
                     }
                     None => status_open = false,
                 }
             },
             ev = vm.next_event(signals) => match ev {
-                Event::Signal(sig) => match signal_action(sig, plan.tty, plan.interactive) {
+                Event::Signal(sig) => match signal_action(sig, plan.tty, plan.interactive, p.detached.is_some()) {
                     SignalAction::Forward => session.send_signal(sig),
+                    SignalAction::Ignore => tracing::debug!("signal {sig} ignored (detached)"),
                     SignalAction::Stop => {
                         tracing::debug!("signal {sig}: stopping the container");
                         end.interrupted.get_or_insert(sig);
@@ -962,10 +1092,13 @@ mod tests {
     #[test]
     fn sigint_is_forwarded_only_with_a_cooked_terminal() {
         use SignalAction::*;
-        assert_eq!(signal_action(libc::SIGINT, true, false), Forward);
-        assert_eq!(signal_action(libc::SIGINT, true, true), Stop);
-        assert_eq!(signal_action(libc::SIGINT, false, false), Stop);
-        assert_eq!(signal_action(libc::SIGTERM, true, false), Stop);
-        assert_eq!(signal_action(libc::SIGHUP, true, false), Stop);
+        assert_eq!(signal_action(libc::SIGINT, true, false, false), Forward);
+        assert_eq!(signal_action(libc::SIGINT, true, true, false), Stop);
+        assert_eq!(signal_action(libc::SIGINT, false, false, false), Stop);
+        assert_eq!(signal_action(libc::SIGTERM, true, false, false), Stop);
+        assert_eq!(signal_action(libc::SIGHUP, true, false, false), Stop);
+        // A detached supervisor outlives terminals; SIGTERM (`fcvm stop`) still stops it.
+        assert_eq!(signal_action(libc::SIGHUP, false, false, true), Ignore);
+        assert_eq!(signal_action(libc::SIGTERM, false, false, true), Stop);
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::tty;
+use crate::logs::{LogWriter, Stream};
 use crate::vsock::{HostListener, VsockError};
 
 /// The guest-facing listeners, bound before the VM starts.
@@ -48,12 +49,25 @@ impl Listeners {
 }
 
 /// What to feed the input connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct InputMode {
     /// Forward standard input (`-i`).
     pub stdin: bool,
     /// Forward terminal size changes (`-t`).
     pub resize: bool,
+    /// Frames from elsewhere (an attached client's input, in a detached run).
+    pub remote: Option<mpsc::UnboundedReceiver<Frame>>,
+}
+
+/// Where the container's output goes.
+#[derive(Debug)]
+pub struct OutputSink {
+    /// fcvm's own stdout and stderr (a foreground run).
+    pub terminal: bool,
+    /// The VM's log (see [`crate::logs`]).
+    pub log: Option<LogWriter>,
+    /// A terminal attached with `fcvm attach` (detached runs).
+    pub attached: Option<Arc<super::attach::AttachHub>>,
 }
 
 /// Tasks relaying one container's streams.
@@ -75,7 +89,7 @@ pub struct Session {
 
 impl Session {
     /// Start relaying.
-    pub fn start(listeners: Listeners, input: InputMode) -> Session {
+    pub fn start(listeners: Listeners, input: InputMode, sink: OutputSink) -> Session {
         let (tx, status) = mpsc::unbounded_channel();
         let Listeners {
             status: status_l,
@@ -100,7 +114,7 @@ impl Session {
         let first = first_output.clone();
         let output = tokio::spawn(async move {
             if let Ok(conn) = output_l.accept().await {
-                relay_output(conn, &first).await;
+                relay_output(conn, &first, sink).await;
             }
         });
         let (signals, signal_rx) = mpsc::unbounded_channel();
@@ -172,24 +186,17 @@ async fn relay_status(mut conn: OwnedReadHalf, tx: &mpsc::UnboundedSender<Status
     }
 }
 
-async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>) {
+async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>, mut sink: OutputSink) {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
+    let mut stdout_open = sink.terminal;
     loop {
-        match read_frame(&mut conn).await {
-            Ok(Some(Frame::Stdout(b))) => {
-                first.get_or_init(Instant::now);
-                if emit(&mut stdout, &b).await.is_err() {
-                    // Our stdout is gone (closed pipe): keep draining so the guest never blocks.
-                    continue;
-                }
-            }
-            Ok(Some(Frame::Stderr(b))) => {
-                first.get_or_init(Instant::now);
-                let _ = emit(&mut stderr, &b).await;
-            }
+        let (stream, bytes) = match read_frame(&mut conn).await {
+            Ok(Some(Frame::Stdout(b))) => (Stream::Stdout, b),
+            Ok(Some(Frame::Stderr(b))) => (Stream::Stderr, b),
             Ok(Some(other)) => {
                 tracing::warn!("ignoring unexpected frame on the output port: {other:?}");
+                continue;
             }
             Ok(None) => return,
             Err(e) => {
@@ -199,6 +206,31 @@ async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>) {
                 );
                 return;
             }
+        };
+        first.get_or_init(Instant::now);
+        if let Some(hub) = &sink.attached {
+            let frame = match stream {
+                Stream::Stdout => Frame::Stdout(bytes.clone()),
+                Stream::Stderr => Frame::Stderr(bytes.clone()),
+            };
+            hub.send(&frame).await;
+        }
+        if let Some(log) = sink.log.as_mut() {
+            if let Err(e) = log.write(stream, &bytes) {
+                // A full disk must not stop the container: its output still drains.
+                tracing::warn!("cannot write the container's log ({e}); it is no longer kept");
+                sink.log = None;
+            }
+        }
+        match stream {
+            // Our stdout gone (a closed pipe): keep draining so the guest never blocks.
+            Stream::Stdout if stdout_open => {
+                stdout_open = emit(&mut stdout, &bytes).await.is_ok();
+            }
+            Stream::Stderr if sink.terminal => {
+                let _ = emit(&mut stderr, &bytes).await;
+            }
+            _ => {}
         }
     }
 }
@@ -210,7 +242,7 @@ async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Resul
 
 async fn relay_input(
     mut conn: UnixStream,
-    mode: InputMode,
+    mut mode: InputMode,
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) {
     let mut stdin = mode.stdin.then(tty::stdin_chunks);
@@ -241,6 +273,13 @@ async fn relay_input(
                 None => continue,
             },
             Some(sig) = signals.recv() => Frame::Signal(sig),
+            f = recv_remote(&mut mode.remote) => match f {
+                Some(f) => f,
+                None => {
+                    mode.remote = None;
+                    continue;
+                }
+            },
             else => return,
         };
         if write_frame(&mut conn, &frame).await.is_err() {
@@ -251,6 +290,13 @@ async fn relay_input(
 
 /// Next stdin chunk; pending forever once stdin is finished.
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_remote(rx: &mut Option<mpsc::UnboundedReceiver<Frame>>) -> Option<Frame> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
