@@ -232,3 +232,60 @@ fn ps_inspect_and_rm_of_container_vms() {
     assert_eq!(env.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
     env.assert_clean();
 }
+
+#[test]
+fn detached_and_log_flags_are_checked_before_anything_starts() {
+    let env = TestEnv::new();
+    let (code, err) = stderr_of(
+        &env,
+        &[
+            "podman",
+            "run",
+            "--log-opt",
+            "max-file=2",
+            "--name",
+            "a",
+            "img",
+        ],
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("--log-opt \"max-file=2\""), "{err}");
+    // The same refusal through a detached run's supervisor: on this terminal, same code.
+    let (code, err) = stderr_of(
+        &env,
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--log-opt",
+            "max-size=1",
+            "--name",
+            "a",
+            "img",
+        ],
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("max-size=\"1\""), "{err}");
+    env.assert_clean();
+}
+
+#[test]
+fn setup_failing_stops_a_podman_run_with_its_reason() {
+    let env = TestEnv::new();
+    // A base "directory" that is a file: the first setup step cannot create bin/ in it.
+    let file = env.base().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let out = env
+        .command()
+        .arg("--base-dir")
+        .arg(&file)
+        .args(["podman", "run", "--setup", "--name", "a", "img"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("--setup:") && err.contains("Firecracker"),
+        "{err}"
+    );
+}

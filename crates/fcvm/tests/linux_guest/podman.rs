@@ -299,7 +299,14 @@ impl Env {
     /// `fcvm podman run --name NAME --image-archive ARCHIVE [--kernel K] [extra...] IMAGE --
     /// cmd...` (the test kernel unless `extra` names one).
     fn run_args(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = vec!["podman".into(), "run".into(), "--name".into(), name.into()];
+        // --rm: these tests check that nothing is left; kept records have their own test.
+        let mut v: Vec<String> = vec![
+            "podman".into(),
+            "run".into(),
+            "--rm".into(),
+            "--name".into(),
+            name.into(),
+        ];
         v.push("--image-archive".into());
         v.push(self.assets.archive.display().to_string());
         if !extra.contains(&"--kernel") {

@@ -88,6 +88,14 @@ pub(super) fn guest_or_skip(test: &str) -> Option<Guest> {
 
 impl Guest {
     pub(super) fn run(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
+        // --rm: these tests check that nothing is left; kept records have their own tests.
+        let mut with_rm = vec!["--rm"];
+        with_rm.extend_from_slice(flags);
+        self.run_kept(env, name, &with_rm, script)
+    }
+
+    /// [`Guest::run`] without `--rm`: the record and logs stay after the container exits.
+    fn run_kept(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
         let mut cmd = env.command();
         cmd.args(["podman", "run", "--name", name])
             .args(flags)
@@ -106,7 +114,7 @@ impl Guest {
     /// `--name` unless `flags` has one and no `--` unless `args` has one.
     fn run_bare(&self, env: &TestEnv, flags: &[&str], args: &[&str]) -> Command {
         let mut cmd = env.command();
-        cmd.args(["podman", "run"])
+        cmd.args(["podman", "run", "--rm"])
             .args(flags)
             .arg("--kernel")
             .arg(&self.kernel)
@@ -424,5 +432,330 @@ fn privileged_allows_mknod_and_shows_the_vm_s_devices() {
         "{out}\n{err}"
     );
     assert_eq!(r.get("vda").map(String::as_str), Some("visible"), "{out}");
+    env.assert_clean();
+}
+
+/// `fcvm ps -a --format json`'s row for `name`.
+fn ps_row(env: &TestEnv, name: &str) -> Option<serde_json::Value> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    rows.into_iter().find(|r| r["Names"][0] == name)
+}
+
+fn logs_of(env: &TestEnv, args: &[&str]) -> (String, String) {
+    let mut all = vec!["logs"];
+    all.extend_from_slice(args);
+    let o = env.fcvm(&all);
+    assert!(o.status.success(), "fcvm {all:?}: {o:?}");
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn log_files(env: &TestEnv) -> Vec<PathBuf> {
+    std::fs::read_dir(env.base().join("logs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// `-d` from a terminal that then hangs up; `logs` (plain, -f, --tail, --timestamps) with the
+/// streams apart; `kill -s USR1` to the container; an explicit SIGHUP to the supervisor;
+/// `stop`; `wait`; `ps -a` with the exit code; the exited VM holding its name; `rm`.
+#[test]
+fn detached_run_logs_kill_stop_wait_ps_rm() {
+    let Some(g) = guest_or_skip("detached_run") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let script = "trap 'echo got-usr1; echo usr1-err >&2' USR1; \
+                  trap 'echo got-term; exit 143' TERM; \
+                  echo out-1; echo err-1 >&2; while :; do sleep 1; done";
+    let (master, slave) = pty();
+    let mut cmd = g.run_kept(&env, "bg", &["-d"], script);
+    let slave_fd = slave.as_raw_fd();
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    // SAFETY: runs in the forked child before exec; setsid and ioctl are
+    // async-signal-safe and the fd stays open until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let status = wait_until(READY, "podman run -d to return", || {
+        child.try_wait().unwrap()
+    });
+    drop(slave);
+    // The terminal closes (the hangup): nothing holds it, the supervisor included.
+    let term = read_terminal(master);
+    assert_eq!(status.code(), Some(0), "{term}");
+    // fcvm's own notices (stderr) until the container started, then the name on stdout; no
+    // container output: it goes to the log only.
+    assert_eq!(term.lines().last().map(str::trim), Some("bg"), "{term}");
+    assert!(!term.contains("out-1") && !term.contains("err-1"), "{term}");
+    let row = ps_row(&env, "bg").expect("ps lists the detached VM");
+    assert_eq!(row["State"], "running", "{row}");
+    let supervisor = row["Pid"].as_u64().unwrap() as i32;
+    // In a session of its own: a terminal's hangup never reaches it.
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(supervisor))).unwrap();
+    assert_eq!(sid.as_raw(), supervisor);
+
+    let (out, err) = wait_until(READY, "the first output in the log", || {
+        let (o, e) = logs_of(&env, &["bg"]);
+        (o.contains("out-1") && e.contains("err-1")).then_some((o, e))
+    });
+    assert_eq!((out.as_str(), err.as_str()), ("out-1\n", "err-1\n"));
+
+    let mut follow = env
+        .command()
+        .args(["logs", "-f", "bg"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // SIGHUP to the supervisor itself changes nothing.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ps_row(&env, "bg").unwrap()["State"], "running");
+
+    let o = env.fcvm(&["kill", "-s", "BOGUS", "bg"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown signal \"BOGUS\""));
+    env.ok(&["kill", "-s", "USR1", "bg"]);
+    wait_until(READY, "the container's USR1 trap in the log", || {
+        let (o, e) = logs_of(&env, &["bg"]);
+        (o.contains("got-usr1") && e.contains("usr1-err")).then_some(())
+    });
+
+    env.ok(&["stop", "--timeout", "60", "bg"]);
+    assert_eq!(env.ok(&["wait", "bg"]).trim(), "143");
+    let status = wait_exit(&mut follow, "logs -f after the container ended");
+    assert!(status.success());
+    let mut followed = String::new();
+    follow
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut followed)
+        .unwrap();
+    assert_eq!(followed, "out-1\ngot-usr1\ngot-term\n");
+
+    let row = ps_row(&env, "bg").expect("ps -a keeps the exited VM");
+    assert_eq!(
+        (row["State"].as_str(), row["ExitCode"].as_i64()),
+        (Some("exited"), Some(143)),
+        "{row}"
+    );
+    assert_eq!(row["Status"], "Exited (143)");
+    let running: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["ps", "--format", "json"])).unwrap();
+    assert!(running.is_empty(), "{running:?}");
+    // Its VM is gone (runtime dir, VMM), its logs are not.
+    assert!(env.vm_dirs().is_empty(), "{:?}", env.vm_dirs());
+    assert_eq!(logs_of(&env, &["--tail", "1", "bg"]).0, "got-term\n");
+    let (stamped, _) = logs_of(&env, &["--timestamps", "bg"]);
+    for line in stamped.lines() {
+        let (time, text) = line.split_once(' ').unwrap();
+        assert!(time.starts_with("20") && time.ends_with('Z'), "{line}");
+        assert!(["out-1", "got-usr1", "got-term"].contains(&text), "{line}");
+    }
+    // The name stays taken until rm, as podman's.
+    let (code, _, err) = run_to_end(
+        g.run_kept(&env, "bg", &[], "true"),
+        "a run reusing the name",
+    );
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("in use by an exited container VM") && err.contains("fcvm rm bg"),
+        "{err}"
+    );
+
+    assert_eq!(env.ok(&["rm", "bg"]).trim(), "bg");
+    env.assert_clean();
+    assert!(log_files(&env).is_empty(), "{:?}", log_files(&env));
+    let o = env.fcvm(&["logs", "bg"]);
+    assert!(!o.status.success());
+}
+
+/// A foreground run without `--rm` keeps its exit code and a size-bounded log that a fast
+/// printer rotates; `-d --rm` leaves nothing once its container ends.
+#[test]
+fn kept_foreground_logs_rotate_and_detached_rm_leaves_nothing() {
+    let Some(g) = guest_or_skip("kept_logs") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let (code, out, _) = run_to_end(
+        g.run_kept(
+            &env,
+            "fg",
+            &["--log-opt", "max-size=16k"],
+            "seq 1 20000; echo done >&2; exit 3",
+        ),
+        "a foreground run printing fast",
+    );
+    assert_eq!(code, Some(3));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 20000, "the terminal gets everything");
+    assert_eq!(lines.last(), Some(&"20000"));
+    let row = ps_row(&env, "fg").expect("kept without --rm");
+    assert_eq!(row["ExitCode"], 3, "{row}");
+    assert_eq!(env.ok(&["wait", "fg"]).trim(), "3");
+    // The bound holds: two files of at most 16 KiB; the newest lines are there, in order.
+    let dir = log_files(&env).pop().expect("a log dir");
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        let len = f.metadata().unwrap().len();
+        if f.file_name().to_string_lossy().starts_with("container.log") {
+            assert!(len <= 16 << 10, "{:?} is {len} bytes", f.path());
+        }
+    }
+    let (kept, err) = logs_of(&env, &["fg"]);
+    assert_eq!(err, "done\n");
+    let kept: Vec<u32> = kept.lines().map(|l| l.parse().unwrap()).collect();
+    // About 46 bytes a record: some 350 lines a file.
+    assert!(kept.len() > 300 && kept.len() < 20000, "{}", kept.len());
+    assert_eq!(kept.last(), Some(&20000));
+    assert!(kept.windows(2).all(|w| w[1] == w[0] + 1));
+    // --tail counts the lines of both streams, as docker's.
+    assert_eq!(
+        logs_of(&env, &["--tail", "2", "fg"]),
+        ("20000\n".into(), "done\n".into())
+    );
+    assert_eq!(logs_of(&env, &["--tail", "3", "fg"]).0, "19999\n20000\n");
+    env.ok(&["rm", "fg"]);
+    env.assert_clean();
+
+    let (code, out, err) = run_to_end(
+        g.run_kept(&env, "gone", &["-d", "--rm"], "echo bye; sleep 2"),
+        "podman run -d --rm",
+    );
+    assert_eq!((code, out.trim()), (Some(0), "gone"), "{err}");
+    wait_until(READY, "the --rm VM to be removed", || {
+        (env.state_files().is_empty() && log_files(&env).is_empty()).then_some(())
+    });
+    env.assert_clean();
+}
+
+/// `fcvm ARGS...` on a fresh terminal of its own: the child, the master (to type on), and
+/// what the terminal shows so far (read in the background until every holder closes it).
+fn on_terminal(
+    env: &TestEnv,
+    args: &[&str],
+) -> (Child, OwnedFd, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (master, slave) = pty();
+    let mut cmd = env.command();
+    cmd.args(args);
+    let slave_fd = slave.as_raw_fd();
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    // SAFETY: runs in the forked child before exec; setsid and ioctl are
+    // async-signal-safe and the fd stays open until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(slave);
+    let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (reader, sink) = (master.try_clone().unwrap(), shown.clone());
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(reader);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    (child, master, shown)
+}
+
+fn shows(screen: &std::sync::Mutex<Vec<u8>>, needle: &str) -> bool {
+    String::from_utf8_lossy(&screen.lock().unwrap()).contains(needle)
+}
+
+/// `-dit`, then `fcvm attach` from a terminal: typing reaches the container, Ctrl-P Ctrl-Q
+/// detaches and leaves it running; a second attach with `--detach-keys ctrl-x` passes Ctrl-P
+/// Ctrl-Q through and exits with the container's code once it ends.
+#[test]
+fn attach_types_into_a_detached_terminal_and_detach_keys_leave_it_running() {
+    let Some(g) = guest_or_skip("attach") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let script = "echo hello-tty; while read l; do echo \"got:$l\"; \
+                  [ \"$l\" = quit ] && exit 7; done";
+    let (code, out, err) = run_to_end(
+        g.run_kept(&env, "at", &["-d", "-i", "-t"], script),
+        "podman run -dit",
+    );
+    assert_eq!((code, out.trim()), (Some(0), "at"), "{err}");
+
+    let (mut child, master, screen) = on_terminal(&env, &["attach", "at"]);
+    // The shell reads once attached: type until it answers (the first keys may arrive
+    // before the container's read).
+    wait_until(READY, "the container to echo a typed line", || {
+        nix::unistd::write(&master, b"one\r").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        shows(&screen, "got:one").then_some(())
+    });
+    nix::unistd::write(&master, b"\x10\x11").unwrap();
+    let status = wait_exit(&mut child, "attach after Ctrl-P Ctrl-Q");
+    let text = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("detached from at"), "{text}");
+    assert_eq!(ps_row(&env, "at").unwrap()["State"], "running");
+
+    let (mut child, master, screen) =
+        on_terminal(&env, &["attach", "--detach-keys", "ctrl-x", "at"]);
+    wait_until(READY, "the second attach to reach the container", || {
+        nix::unistd::write(&master, b"two\r").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        shows(&screen, "got:two").then_some(())
+    });
+    // Not the detach keys now: they reach the container as a line of their own.
+    nix::unistd::write(&master, b"\x10\x11\r").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "Ctrl-P Ctrl-Q detached with --detach-keys ctrl-x"
+    );
+    nix::unistd::write(&master, b"quit\r").unwrap();
+    let status = wait_exit(&mut child, "attach until the container exits");
+    let text = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    assert_eq!(status.code(), Some(7), "{text}");
+    let row = ps_row(&env, "at").unwrap();
+    assert_eq!(row["ExitCode"], 7, "{row}");
+    let (log, _) = logs_of(&env, &["at"]);
+    assert!(
+        log.contains("hello-tty") && log.contains("got:one") && log.contains("got:two"),
+        "{log}"
+    );
+    // A VM without kept input cannot be attached to: said plainly.
+    let o = env.fcvm(&["attach", "at"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a running container VM"));
+    env.ok(&["rm", "at"]);
     env.assert_clean();
 }
