@@ -81,28 +81,48 @@ fn cmd_inspect(paths: &Paths, a: args::InspectArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_rm(paths: &Paths, a: args::RmArgs) -> Result<ExitCode> {
-    let store = Store::open(paths)?;
-    let mut failed = false;
-    for name in &a.names {
-        match commands::ps::rm(&store, name, a.force, Duration::from_secs(a.time)).await {
-            Ok(report) => {
-                for f in &report.teardown.failures {
-                    eprintln!("warning: {f}; the next fcvm command retries it");
-                }
-                println!("{name}");
-            }
+/// Run `one` for each of `names` (podman's multi-name commands): each success prints what
+/// `one` returns, each failure its error; the exit code is `failed` when any failed.
+async fn for_each_name<E, Fut>(
+    names: &[String],
+    failed: u8,
+    mut one: impl FnMut(String) -> Fut,
+) -> ExitCode
+where
+    E: std::error::Error + 'static,
+    Fut: std::future::Future<Output = std::result::Result<String, E>>,
+{
+    let mut any_failed = false;
+    for name in names {
+        match one(name.clone()).await {
+            Ok(line) => println!("{line}"),
             Err(e) => {
                 eprintln!("fcvm: error: {}", crate::report::chain(&e));
-                failed = true;
+                any_failed = true;
             }
         }
     }
-    Ok(if failed {
-        ExitCode::from(1)
+    if any_failed {
+        ExitCode::from(failed)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+async fn cmd_rm(paths: &Paths, a: args::RmArgs) -> Result<ExitCode> {
+    let store = Store::open(paths)?;
+    let grace = Duration::from_secs(a.time);
+    Ok(for_each_name(&a.names, 1, |name| {
+        let store = &store;
+        async move {
+            let report = commands::ps::rm(store, &name, a.force, grace).await?;
+            for f in &report.teardown.failures {
+                eprintln!("warning: {f}; the next fcvm command retries it");
+            }
+            Ok::<_, commands::ps::RmError>(name)
+        }
     })
+    .await)
 }
 
 async fn cmd_logs(paths: &Paths, a: args::LogsArgs) -> Result<ExitCode> {
@@ -128,21 +148,15 @@ async fn cmd_logs(paths: &Paths, a: args::LogsArgs) -> Result<ExitCode> {
 
 async fn cmd_wait(paths: &Paths, a: args::WaitArgs) -> Result<ExitCode> {
     let store = Store::open(paths)?;
-    let mut failed = false;
-    for name in &a.names {
-        match commands::logs::wait(&store, name).await {
-            Ok(code) => println!("{code}"),
-            Err(e) => {
-                eprintln!("fcvm: error: {}", crate::report::chain(&e));
-                failed = true;
-            }
+    Ok(for_each_name(&a.names, 125, |name| {
+        let store = &store;
+        async move {
+            commands::logs::wait(store, &name)
+                .await
+                .map(|c| c.to_string())
         }
-    }
-    Ok(if failed {
-        ExitCode::from(125)
-    } else {
-        ExitCode::SUCCESS
     })
+    .await)
 }
 
 async fn cmd_kill(paths: &Paths, a: args::KillArgs) -> Result<ExitCode> {
@@ -153,21 +167,12 @@ async fn cmd_kill(paths: &Paths, a: args::KillArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(125));
         }
     };
-    let mut failed = false;
-    for name in &a.names {
-        match commands::logs::kill(paths, name, signal).await {
-            Ok(()) => println!("{name}"),
-            Err(e) => {
-                eprintln!("fcvm: error: {}", crate::report::chain(&e));
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::from(125)
-    } else {
-        ExitCode::SUCCESS
+    Ok(for_each_name(&a.names, 125, |name| async move {
+        commands::logs::kill(paths, &name, signal)
+            .await
+            .map(|()| name)
     })
+    .await)
 }
 
 async fn cmd_attach(paths: &Paths, a: args::AttachArgs) -> Result<ExitCode> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
 use fcvm_proto::frame::Frame;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -180,14 +180,14 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
     let end = loop {
         let outgoing = tokio::select! {
             f = frames.recv() => match f {
-                Some(Ok(Some(Frame::Stdout(b)))) => { let _ = emit(&mut stdout, &b).await; continue }
-                Some(Ok(Some(Frame::Stderr(b)))) => { let _ = emit(&mut stderr, &b).await; continue }
+                Some(Ok(Some(Frame::Stdout(b)))) => { let _ = tty::emit(&mut stdout, &b).await; continue }
+                Some(Ok(Some(Frame::Stderr(b)))) => { let _ = tty::emit(&mut stderr, &b).await; continue }
                 Some(Ok(Some(Frame::Exit(code)))) => break Ok(AttachEnd::Exited(code)),
                 Some(Ok(Some(Frame::Error(text)))) => break Err(AttachError::Refused(text)),
                 Some(Ok(Some(_))) => continue,
                 Some(Ok(None)) | Some(Err(_)) | None => break Err(AttachError::Lost(name.to_owned())),
             },
-            chunk = next_chunk(&mut stdin) => match chunk {
+            chunk = tty::next_chunk(&mut stdin) => match chunk {
                 Some(Some(bytes)) => {
                     let (send, detached) = detach.feed(&bytes);
                     if !send.is_empty() && write_frame(&mut wr, &Frame::Stdin(send)).await.is_err() {
@@ -215,18 +215,6 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
     // The container may print its last lines as the detach happens: not worth waiting for.
     let _ = tokio::time::timeout(Duration::from_millis(50), stdout.flush()).await;
     end
-}
-
-async fn next_chunk(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 #[cfg(test)]

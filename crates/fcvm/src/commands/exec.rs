@@ -14,7 +14,7 @@ use fcvm_proto::exec::ExecRequest;
 use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
 use fcvm_proto::frame::{Frame, FrameError};
 use fcvm_proto::vsock::EXEC_PORT;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -195,8 +195,8 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
     let result = loop {
         let outgoing = tokio::select! {
             f = frames.recv() => match f {
-                Some(Ok(Some(Frame::Stdout(b)))) => { let _ = emit(&mut stdout, &b).await; continue }
-                Some(Ok(Some(Frame::Stderr(b)))) => { let _ = emit(&mut stderr, &b).await; continue }
+                Some(Ok(Some(Frame::Stdout(b)))) => { let _ = tty::emit(&mut stdout, &b).await; continue }
+                Some(Ok(Some(Frame::Stderr(b)))) => { let _ = tty::emit(&mut stderr, &b).await; continue }
                 Some(Ok(Some(Frame::Exit(code)))) => break Ok(code),
                 Some(Ok(Some(Frame::Error(text)))) => break Err(ExecError::Guest(text)),
                 Some(Ok(Some(other))) => {
@@ -206,7 +206,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
                 Some(Ok(None)) | None => break Err(ExecError::NoExit),
                 Some(Err(e)) => break Err(e.into()),
             },
-            chunk = next_chunk(&mut stdin) => match chunk {
+            chunk = tty::next_chunk(&mut stdin) => match chunk {
                 Some(Some(b)) => Frame::Stdin(b),
                 _ => { stdin = None; Frame::Eof }
             },
@@ -224,18 +224,6 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
     tracing::debug!(result = ?result.as_ref().map_err(|_| ()), "exec: done at {:?}", t0.elapsed());
     let _ = wr.shutdown().await;
     result
-}
-
-async fn next_chunk(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 #[cfg(test)]

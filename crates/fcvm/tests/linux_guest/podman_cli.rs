@@ -199,6 +199,26 @@ fn pty() -> (OwnedFd, OwnedFd) {
     (p.master, p.slave)
 }
 
+/// Make `slave` `cmd`'s standard streams and controlling terminal, in a session of its own
+/// (as a shell in a terminal window starts it).
+fn on_pty(cmd: &mut Command, slave: &OwnedFd) {
+    let slave_fd = slave.as_raw_fd();
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    // SAFETY: runs in the forked child before exec; setsid and ioctl are
+    // async-signal-safe and the fd stays open until exec (the caller keeps `slave`).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[test]
 fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_container() {
     let Some(g) = guest_or_skip("tty_without_i") else {
@@ -212,21 +232,7 @@ fn tty_without_interactive_keeps_the_terminal_cooked_and_ctrl_c_reaches_the_cont
         &["-t"],
         "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 1; done",
     );
-    let slave_fd = slave.as_raw_fd();
-    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave.try_clone().unwrap()));
-    // SAFETY: runs in the forked child before exec; setsid and ioctl are
-    // async-signal-safe and the fd stays open until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    on_pty(&mut cmd, &slave);
     let mut child = cmd.spawn().unwrap();
     // The Command keeps its copies of the slave: drop them, or the terminal never closes.
     drop(cmd);
@@ -473,21 +479,7 @@ fn detached_run_logs_kill_stop_wait_ps_rm() {
                   echo out-1; echo err-1 >&2; while :; do sleep 1; done";
     let (master, slave) = pty();
     let mut cmd = g.run_kept(&env, "bg", &["-d"], script);
-    let slave_fd = slave.as_raw_fd();
-    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave.try_clone().unwrap()));
-    // SAFETY: runs in the forked child before exec; setsid and ioctl are
-    // async-signal-safe and the fd stays open until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    on_pty(&mut cmd, &slave);
     let mut child = cmd.spawn().unwrap();
     drop(cmd);
     let status = wait_until(READY, "podman run -d to return", || {
@@ -658,21 +650,7 @@ fn on_terminal(
     let (master, slave) = pty();
     let mut cmd = env.command();
     cmd.args(args);
-    let slave_fd = slave.as_raw_fd();
-    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave.try_clone().unwrap()));
-    // SAFETY: runs in the forked child before exec; setsid and ioctl are
-    // async-signal-safe and the fd stays open until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    on_pty(&mut cmd, &slave);
     let child = cmd.spawn().unwrap();
     drop(cmd);
     drop(slave);

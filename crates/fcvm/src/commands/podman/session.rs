@@ -14,7 +14,6 @@ use fcvm_proto::frame::Frame;
 use fcvm_proto::status::tokio_io::{read_status, write_status};
 use fcvm_proto::status::Status;
 use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
@@ -225,19 +224,14 @@ async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>, mut sink:
         match stream {
             // Our stdout gone (a closed pipe): keep draining so the guest never blocks.
             Stream::Stdout if stdout_open => {
-                stdout_open = emit(&mut stdout, &bytes).await.is_ok();
+                stdout_open = tty::emit(&mut stdout, &bytes).await.is_ok();
             }
             Stream::Stderr if sink.terminal => {
-                let _ = emit(&mut stderr, &bytes).await;
+                let _ = tty::emit(&mut stderr, &bytes).await;
             }
             _ => {}
         }
     }
-}
-
-async fn emit(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 async fn relay_input(
@@ -261,7 +255,7 @@ async fn relay_input(
     }
     loop {
         let frame = tokio::select! {
-            chunk = recv_opt(&mut stdin) => match chunk {
+            chunk = tty::next_chunk(&mut stdin) => match chunk {
                 Some(Some(bytes)) => Frame::Stdin(bytes),
                 Some(None) | None => {
                     stdin = None;
@@ -285,14 +279,6 @@ async fn relay_input(
         if write_frame(&mut conn, &frame).await.is_err() {
             return;
         }
-    }
-}
-
-/// Next stdin chunk; pending forever once stdin is finished.
-async fn recv_opt(rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>) -> Option<Option<Vec<u8>>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

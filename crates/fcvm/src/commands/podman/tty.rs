@@ -120,6 +120,24 @@ pub fn stdin_chunks() -> mpsc::Receiver<Option<Vec<u8>>> {
     rx
 }
 
+/// The next chunk of [`stdin_chunks`]; pending forever once there is no more input to
+/// read (`rx` is `None`), so a `select!` branch on it simply never fires.
+pub async fn next_chunk(
+    rx: &mut Option<mpsc::Receiver<Option<Vec<u8>>>>,
+) -> Option<Option<Vec<u8>>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Write `bytes` and flush: relayed output must reach the user as it comes.
+pub async fn emit(w: &mut (impl tokio::io::AsyncWrite + Unpin), bytes: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
