@@ -130,6 +130,8 @@ pub struct PodmanRunRequest {
     pub network: NetworkRequest,
     /// `--publish` occurrences.
     pub publish: Vec<String>,
+    /// `--map` and `-v` items, unchecked.
+    pub volumes: Vec<String>,
 }
 
 /// `--network` of `podman run`.
@@ -179,6 +181,12 @@ pub enum PodmanError {
     /// Bad network arguments.
     #[error(transparent)]
     Network(#[from] NetworkArgsError),
+    /// A bad `--map` / `-v` item.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::MapError),
+    /// A volume cannot be served.
+    #[error(transparent)]
+    Serve(#[from] crate::volume::server::ServeError),
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
@@ -278,6 +286,7 @@ struct Prepared {
     cmdline: String,
     stop_timeout: Duration,
     network: PreparedNetwork,
+    volumes: Vec<crate::volume::VolumeSpec>,
 }
 
 /// The network decided in step 1 (addresses come at launch, under the store lock).
@@ -487,6 +496,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let env = env::container_env(&req.env_files, &req.env, &env::ProcessEnv)
         .map_err(plan::PlanArgsError::from)?;
     let network = prepare_network(req)?;
+    let volumes = crate::volume::parse_maps(&req.volumes)?;
     let cmd = plan::command(&req.command, req.cmd.as_deref())?;
     let user = plan::user(req.user.as_deref())?;
     let workdir = plan::workdir(req.workdir.as_deref())?;
@@ -508,7 +518,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     );
     // Last: exporting a host image may take a while, so do it once the rest is known good.
     let image = image::resolve(paths, &image_req)?;
-    let plan = plan::build(
+    let mut plan = plan::build(
         image.source.clone(),
         plan::PlanOptions {
             cmd,
@@ -526,6 +536,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
             proxy: fcvm_proto::plan::proxy_settings(env::HostEnv::all(&env::ProcessEnv)),
         },
     );
+    plan.volumes = volumes.iter().map(|v| v.plan_volume()).collect();
     plan.validate()?;
     // The root device is the first drive `spec_for` attaches.
     let cmdline = CmdlineBuilder::parse(BOOT_ARGS)
@@ -544,6 +555,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         cmdline,
         stop_timeout: req.stop_timeout,
         network,
+        volumes,
     })
 }
 
@@ -622,6 +634,12 @@ async fn attach_and_follow(
 ) -> Result<PodmanOutcome, PodmanError> {
     let with_input = p.plan.interactive || p.plan.tty;
     let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
+    // Held until this function returns, which is after the VMM has exited.
+    let _volumes = crate::volume::server::VolumeServers::start(
+        &vm.paths().vsock_socket(),
+        &p.volumes,
+        crate::volume::server::ServeOptions::from_env(),
+    )?;
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
     let raw = if p.plan.tty && p.plan.interactive {
         tty::RawMode::enable().map_err(PodmanError::Terminal)?
