@@ -8,6 +8,12 @@
 //! `fuse_out_header` and written to `/dev/fuse` in one `write` each, as the device requires.
 //! The kernel's first request is `FUSE_INIT`, which the host answers (it decides the
 //! writeback cache and the message sizes). podman then bind-mounts the staging directory.
+//!
+//! Each volume has [`CHANNELS`] channels: the mount's `/dev/fuse` descriptor and clones of
+//! it (`FUSE_DEV_IOC_CLONE`), each relayed over a vsock connection of its own and served by
+//! a host thread of its own. Any idle channel takes the next request, so one slow request
+//! (a large read, an fsync) does not hold up the others. A reply must go back through the
+//! clone that read its request, which the one-connection-per-clone relay guarantees.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -32,6 +38,10 @@ const REQUEST_BUFFER: usize = (1 << 20) + 4096 * 2;
 const MAX_REPLY: usize = (1 << 20) + 4096 * 2;
 /// Size of `fuse_out_header`.
 const OUT_HEADER: usize = 16;
+/// FUSE channels per volume.
+pub const CHANNELS: usize = 4;
+/// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)` (`linux/fuse.h`).
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
 
 /// The staging directory of volume `index`.
 pub fn staging(index: usize) -> String {
@@ -69,11 +79,29 @@ fn open_fuse_device() -> io::Result<File> {
     }
 }
 
+/// A second channel of the FUSE connection `fuse` belongs to.
+fn clone_channel(fuse: &File) -> io::Result<File> {
+    let clone = File::options().read(true).write(true).open("/dev/fuse")?;
+    let mut source = fuse.as_raw_fd() as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the source descriptor) from the pointer,
+    // which points at a live u32; both descriptors are open for the whole call.
+    let r = unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE, &mut source) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(clone)
+}
+
 fn mount_one(index: usize, v: &Volume, vsock: Vsock) -> anyhow::Result<()> {
     // Connect first: a FUSE mount without its server would hang whoever touches it.
-    let conn = vsock
-        .connect(v.vsock_port, CONNECT_TIMEOUT)
-        .context("the host's file server does not answer")?;
+    let mut conns = Vec::with_capacity(CHANNELS);
+    for _ in 0..CHANNELS {
+        conns.push(
+            vsock
+                .connect(v.vsock_port, CONNECT_TIMEOUT)
+                .context("the host's file server does not answer")?,
+        );
+    }
     let dir = staging(index);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {dir}"))?;
     let fuse = open_fuse_device().context("cannot open /dev/fuse")?;
@@ -95,22 +123,34 @@ fn mount_one(index: usize, v: &Volume, vsock: Vsock) -> anyhow::Result<()> {
     .with_context(|| format!("cannot mount fuse at {dir}"))?;
     crate::debug!("volume {} mounted at {dir}", v.guest_path);
 
-    let port = v.vsock_port;
+    let mut channels = Vec::with_capacity(CHANNELS);
+    for _ in 1..CHANNELS {
+        channels.push(clone_channel(&fuse).context("cannot clone the FUSE channel")?);
+    }
+    channels.insert(0, fuse);
+    for (ch, (dev, conn)) in channels.into_iter().zip(conns).enumerate() {
+        relay(index, ch, v.vsock_port, dev, conn)?;
+    }
+    Ok(())
+}
+
+/// Relay one channel, a thread each way.
+fn relay(index: usize, ch: usize, port: u32, dev: File, conn: Conn) -> anyhow::Result<()> {
     let to_host = conn.try_clone().context("cannot clone the vsock stream")?;
-    let from_kernel = fuse.try_clone().context("cannot clone /dev/fuse")?;
+    let from_kernel = dev.try_clone().context("cannot clone /dev/fuse")?;
     std::thread::Builder::new()
-        .name(format!("vol{index}-req"))
+        .name(format!("vol{index}.{ch}-req"))
         .spawn(move || {
             if let Err(e) = requests(from_kernel, to_host) {
-                crate::info!("volume port {port}: request relay ended: {e}");
+                crate::info!("volume port {port} channel {ch}: request relay ended: {e}");
             }
         })
         .context("cannot start a relay thread")?;
     std::thread::Builder::new()
-        .name(format!("vol{index}-rep"))
+        .name(format!("vol{index}.{ch}-rep"))
         .spawn(move || {
-            if let Err(e) = replies(conn, fuse) {
-                crate::info!("volume port {port}: reply relay ended: {e}");
+            if let Err(e) = replies(conn, dev) {
+                crate::info!("volume port {port} channel {ch}: reply relay ended: {e}");
             }
         })
         .context("cannot start a relay thread")?;

@@ -38,8 +38,11 @@
 //! threads die with it, and the socket files live in the VM's runtime directory, which the
 //! next command's reaping removes with the rest of the VM.
 //!
-//! **Limits** (this first slice): one channel per volume (requests are served one at a time
-//! per volume); locks are `PassthroughFs`'s (POSIX locks are not forwarded to the host: the
+//! **Channels**: the agent opens several connections per volume (one per clone of its FUSE
+//! device); each is served by its own thread on the one shared [`Volume`], so a slow
+//! request on one channel never holds up the others.
+//!
+//! **Limits** (this first slice): locks are `PassthroughFs`'s (POSIX locks are not forwarded to the host: the
 //! guest kernel enforces them among the guest's processes); no reconnection after a snapshot
 //! restore yet.
 
@@ -417,19 +420,30 @@ mod tests {
     impl Client {
         fn start(dir: &Path, read_only: bool) -> Client {
             let volume = Volume::new(dir, read_only, ServeOptions { writeback: false }).unwrap();
+            let mut c = Client::channel(&Arc::new(volume));
+            c.init();
+            c
+        }
+
+        /// Another connection to `volume`, as each of the agent's channels is.
+        fn channel(volume: &Arc<Volume>) -> Client {
             let (ours, theirs) = UnixStream::pair().unwrap();
+            let volume = volume.clone();
             std::thread::spawn(move || volume.serve(theirs));
-            let mut c = Client {
+            Client {
                 conn: ours,
                 unique: 0,
-            };
+            }
+        }
+
+        fn init(&mut self) {
+            let c = self;
             let mut init = Vec::new();
             for v in [7u32, 31, 1 << 17, 0] {
                 init.extend_from_slice(&v.to_le_bytes());
             }
             let (err, _) = c.call(INIT, 0, &init);
             assert_eq!(err, 0, "FUSE_INIT");
-            c
         }
 
         fn call(&mut self, opcode: u32, nodeid: u64, args: &[u8]) -> Reply {
@@ -526,6 +540,24 @@ mod tests {
         assert_ne!(c.open(link, libc::O_RDONLY | libc::O_DIRECTORY), 0);
         assert_ne!(c.open(link, libc::O_RDONLY), 0);
         assert_eq!(c.lookup(link, b"etc"), Err(libc::ENOTDIR));
+    }
+
+    #[test]
+    fn a_stalled_channel_does_not_hold_up_another() {
+        let (_t, root) = tree();
+        let volume =
+            Arc::new(Volume::new(&root, false, ServeOptions { writeback: false }).unwrap());
+        let mut first = Client::channel(&volume);
+        first.init();
+        // Half a request: that channel's thread waits for the rest.
+        first.conn.write_all(&[200, 0, 0, 0, 1, 0]).unwrap();
+        let mut second = Client::channel(&volume);
+        let (sub, _) = second.lookup(ROOT, b"sub").unwrap();
+        assert!(sub > ROOT);
+        // The stream ending mid-request ends that channel only.
+        drop(first);
+        assert_eq!(second.mkdir(sub, b"more"), 0);
+        assert!(root.join("sub/more").is_dir());
     }
 
     #[test]

@@ -77,6 +77,9 @@ chmod 640 /rw/keep/g && echo mode=$(stat -c %a /rw/keep/g)
 chown 1234:5678 /rw/keep/g && echo owner=$(stat -c %u:%g /rw/keep/g)
 printf 0123456789 > /rw/keep/t && truncate -s 4 /rw/keep/t && echo trunc=$(cat /rw/keep/t)
 echo doomed > /rw/doomed && rm /rw/doomed && echo unlink=ok
+echo held-content > /rw/held && exec 3< /rw/held && : > /rw/opened
+i=0; while [ ! -e /rw/renamed ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
+echo held_read=$(cat <&3) held_new=$(cat /rw/held2 2>&1); exec 3<&-
 echo ro_read=$(cat /ro/ro.txt)
 (echo x > /ro/new) 2>/dev/null && echo ro_create=allowed || echo ro_create=refused
 (echo x >> /ro/ro.txt) 2>/dev/null && echo ro_append=allowed || echo ro_append=refused
@@ -107,8 +110,22 @@ echo done=1
         ],
         &script,
     );
+    // The host renames a file the container holds open.
+    let renamer = {
+        let rw = rw.clone();
+        std::thread::spawn(move || {
+            wait_until(
+                Duration::from_secs(400),
+                "the container to open /rw/held",
+                || rw.join("opened").exists().then_some(()),
+            );
+            std::fs::rename(rw.join("held"), rw.join("held2")).unwrap();
+            std::fs::write(rw.join("renamed"), "").unwrap();
+        })
+    };
     let started = std::time::Instant::now();
     let (code, out, err) = run_to_end(cmd, "podman run with two volumes");
+    renamer.join().unwrap();
     eprintln!("timing: the volume run took {:?}", started.elapsed());
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
     let r = report(&out);
@@ -153,6 +170,11 @@ echo done=1
     assert_eq!(std::fs::read(rw.join("keep/t")).unwrap(), b"0123");
     assert_eq!(got("unlink"), "ok", "{ctx}");
     assert!(!rw.join("doomed").exists());
+    assert_eq!(
+        got("held_read"),
+        "held-content held_new=held-content",
+        "an open file renamed by the host: {ctx}"
+    );
 
     // :ro refuses every write and the host is untouched.
     assert_eq!(got("ro_read"), "read only", "{ctx}");
