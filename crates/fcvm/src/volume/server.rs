@@ -351,12 +351,13 @@ impl VolumeServers {
         volumes: &[VolumeSpec],
         opts: ServeOptions,
     ) -> Result<VolumeServers, ServeError> {
-        let mut tasks = Vec::new();
+        // Built as it goes: a volume that cannot be served stops the ones already started.
+        let mut servers = VolumeServers { tasks: Vec::new() };
         for v in volumes {
             let volume = Arc::new(Volume::new(&v.host_dir, v.read_only, opts)?);
             let listener = HostListener::bind(uds, v.port)?;
             let port = v.port;
-            tasks.push(tokio::spawn(async move {
+            servers.tasks.push(tokio::spawn(async move {
                 // The listener (and its socket file) lives as long as this task.
                 while let Ok(conn) = listener.accept().await {
                     let volume = volume.clone();
@@ -383,7 +384,7 @@ impl VolumeServers {
                 }
             }));
         }
-        Ok(VolumeServers { tasks })
+        Ok(servers)
     }
 }
 

@@ -277,3 +277,46 @@ fn volume_server_goes_with_a_sigkilled_fcvm() {
         "up\n"
     );
 }
+
+/// Volumes on the image cache's paths: the run that creates the entry (the agent waits for
+/// the snapshot, then mounts) and a run restored from it (the volume is served to the
+/// restored VM and mounted after the go-ahead) both read and write the host directory.
+#[test]
+fn volumes_work_when_the_image_cache_is_created_and_hit() {
+    let Some(g) = guest_or_skip("volumes_cache") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("seed"), "from the host\n").unwrap();
+    let map = format!("{}:/vol", t.path().display());
+    let mut outcomes = Vec::new();
+    for (name, run) in [("volcache-a", "miss"), ("volcache-b", "hit")] {
+        let mut cmd = g.run(
+            &env,
+            name,
+            &["--map", &map],
+            &format!("echo {run} > /vol/{run}; cat /vol/seed; cat /vol/miss"),
+        );
+        cmd.env_remove("FCVM_NO_SNAPSHOT");
+        let (code, out, err) = run_to_end(cmd, "a cached run with a volume");
+        assert_eq!(code, Some(0), "{run}: stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(out, "from the host\nmiss\n", "{run}: stderr:\n{err}");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join(run)).unwrap(),
+            format!("{run}\n")
+        );
+        outcomes.push(err);
+        env.assert_clean();
+    }
+    assert!(
+        outcomes[0].contains("fcvm: cache created"),
+        "the first run creates the entry: {}",
+        outcomes[0]
+    );
+    assert!(
+        outcomes[1].contains("fcvm: cache hit"),
+        "the second run is restored: {}",
+        outcomes[1]
+    );
+}
