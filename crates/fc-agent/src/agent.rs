@@ -144,6 +144,9 @@ fn run_container(
     } else {
         plan
     };
+    // After the final plan: a VM restored from the image cache gets its volumes from the
+    // plan in Proceed, and the snapshot never holds a FUSE channel.
+    crate::volume::mount_all(&plan, vsock)?;
 
     let output = FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?);
     let input = if plan.interactive || plan.tty {

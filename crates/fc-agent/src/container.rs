@@ -180,6 +180,14 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
     for (k, v) in &plan.labels {
         a.push(format!("--label={k}={v}"));
     }
+    for (i, v) in plan.volumes.iter().enumerate() {
+        let ro = if v.read_only { ":ro" } else { "" };
+        a.push(format!(
+            "--volume={}:{}{ro}",
+            crate::volume::staging(i),
+            v.guest_path
+        ));
+    }
     a.push(image.to_owned());
     if let Some(cmd) = &plan.cmd {
         a.extend(cmd.iter().cloned());
@@ -282,6 +290,38 @@ mod tests {
                 "{absent} in {a:?}"
             );
         }
+    }
+
+    #[test]
+    fn volumes_are_bind_mounts_of_their_staging_dirs() {
+        let mut p = Plan::new(ImageSource::Registry {
+            reference: "x".into(),
+        });
+        p.volumes = vec![
+            fcvm_proto::plan::Volume {
+                guest_path: "/data".into(),
+                vsock_port: 5100,
+                read_only: false,
+            },
+            fcvm_proto::plan::Volume {
+                guest_path: "/etc/conf".into(),
+                vsock_port: 5101,
+                read_only: true,
+            },
+        ];
+        let a = run_args(&p, "img");
+        let img = a.iter().position(|s| s == "img").unwrap();
+        let vols: Vec<&String> = a[..img]
+            .iter()
+            .filter(|s| s.starts_with("--volume="))
+            .collect();
+        assert_eq!(
+            vols,
+            [
+                "--volume=/run/fcvm/volumes/0:/data",
+                "--volume=/run/fcvm/volumes/1:/etc/conf:ro"
+            ]
+        );
     }
 
     #[test]

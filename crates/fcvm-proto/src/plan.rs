@@ -49,7 +49,8 @@ pub enum ImageSource {
     },
 }
 
-/// A host directory shared into the container (not implemented yet; must be empty).
+/// A host directory shared into the container: the host serves it over FUSE on
+/// `vsock_port` (see `fcvm::volume`), the agent mounts it and bind-mounts it at `guest_path`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Volume {
@@ -106,7 +107,7 @@ pub struct Plan {
     /// Every capability and the VM's devices (`podman run --privileged`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub privileged: bool,
-    /// Shared directories (placeholder; the agent rejects a non-empty list for now).
+    /// Host directories shared into the container (`--map`, `-v`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
     /// Once the image is loaded, report [`crate::status::Status::ImageReady`] and wait for
@@ -175,9 +176,10 @@ pub enum PlanError {
     /// A proxy setting that is not one of [`PROXY_VARIABLES`].
     #[error("Plan proxy setting {0:?} is not a proxy variable (http_proxy, https_proxy, no_proxy, in either case)")]
     NotProxy(String),
-    /// Volumes are not supported yet.
-    #[error("Volumes are not supported by this agent yet")]
-    VolumesUnsupported,
+    /// A volume whose mount point is not absolute, is `/`, has `..`, `,` or `:` in it, or
+    /// is another volume's too; or whose port is not a volume port.
+    #[error("Plan volume {0:?} is invalid (mount point absolute, not /, no '..', ',' or ':', unique; port from VOLUME_PORT_BASE)")]
+    BadVolume(String),
 }
 
 /// Checks environment variable names and values.
@@ -267,8 +269,19 @@ impl Plan {
         {
             return Err(PlanError::BadLabel);
         }
-        if !self.volumes.is_empty() {
-            return Err(PlanError::VolumesUnsupported);
+        for (i, v) in self.volumes.iter().enumerate() {
+            let p = &v.guest_path;
+            let bad = !p.starts_with('/')
+                || p.trim_matches('/').is_empty()
+                || p.contains(['\0', ',', ':'])
+                || p.split('/').any(|c| c == "..")
+                || v.vsock_port < crate::vsock::VOLUME_PORT_BASE
+                || self.volumes[..i]
+                    .iter()
+                    .any(|o| o.guest_path == *p || o.vsock_port == v.vsock_port);
+            if bad {
+                return Err(PlanError::BadVolume(p.clone()));
+            }
         }
         Ok(())
     }
@@ -395,12 +408,30 @@ mod tests {
         let mut p = archive_plan();
         p.labels.insert(String::new(), "v".into());
         assert_eq!(p.validate(), Err(PlanError::BadLabel));
-        let mut p = archive_plan();
-        p.volumes.push(Volume {
-            guest_path: "/data".into(),
-            vsock_port: 5000,
+        let vol = |path: &str, port: u32| Volume {
+            guest_path: path.into(),
+            vsock_port: port,
             read_only: false,
-        });
-        assert_eq!(p.validate(), Err(PlanError::VolumesUnsupported));
+        };
+        let base = crate::vsock::VOLUME_PORT_BASE;
+        let mut p = archive_plan();
+        p.volumes = vec![vol("/data", base), vol("/logs/x", base + 1)];
+        assert_eq!(p.validate(), Ok(()));
+        for bad in [
+            vec![vol("data", base)],
+            vec![vol("/", base)],
+            vec![vol("//", base)],
+            vec![vol("/a/../b", base)],
+            vec![vol("/a,b", base)],
+            vec![vol("/a:b", base)],
+            vec![vol("/a", base - 1)],
+            vec![vol("/a", base), vol("/a", base + 1)],
+            vec![vol("/a", base), vol("/b", base)],
+        ] {
+            let path = bad.last().unwrap().guest_path.clone();
+            let mut p = archive_plan();
+            p.volumes = bad;
+            assert_eq!(p.validate(), Err(PlanError::BadVolume(path)));
+        }
     }
 }

@@ -24,6 +24,10 @@ pub const OUTPUT_PORT: u32 = 4997;
 /// guest → host: container input (stdin, resize, signals) as frames, for `-i`/`-t` runs.
 pub const INPUT_PORT: u32 = 4996;
 
+/// guest → host: the first `--map` volume's FUSE channel; volume `i` is on
+/// `VOLUME_PORT_BASE + i`.
+pub const VOLUME_PORT_BASE: u32 = 5100;
+
 /// Longest handshake line accepted (`CONNECT 4294967295\n` is 19 bytes).
 pub const MAX_HANDSHAKE_LINE: usize = 64;
 

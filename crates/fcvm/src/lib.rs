@@ -19,4 +19,5 @@ pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod vm;
+pub mod volume;
 pub mod vsock;

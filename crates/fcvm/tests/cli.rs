@@ -112,6 +112,77 @@ fn bad_container_flags_exit_125_naming_the_bad_part_and_leave_nothing() {
     env.assert_clean();
 }
 
+/// `--map` / `-v` items are checked before anything exists (no Firecracker needed: the run
+/// never gets that far).
+#[test]
+fn bad_volumes_exit_125_naming_the_bad_part_and_leave_nothing() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap().to_owned();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["--map".into(), format!("{d}/missing:/data")],
+            format!("host directory \"{d}/missing\" does not exist"),
+        ),
+        (
+            vec!["-v".into(), format!("{f}:/data")],
+            format!("host path \"{f}\" is not a directory"),
+        ),
+        (
+            vec!["--volume".into(), "rel:/data".into()],
+            "the host directory \"rel\" is not an absolute path".into(),
+        ),
+        (
+            vec!["--map".into(), ":/data".into()],
+            "the host directory is empty".into(),
+        ),
+        (
+            vec!["--map".into(), format!("{d}:data")],
+            "the container path \"data\" must be an absolute path".into(),
+        ),
+        (
+            vec!["--map".into(), format!("{d}:/")],
+            "the container path cannot be /".into(),
+        ),
+        (
+            vec!["--map".into(), format!("{d}:/a,{d}:/a:ro")],
+            "container path \"/a\" is mapped twice".into(),
+        ),
+        (
+            vec![
+                "-v".into(),
+                format!("{d}:/a"),
+                "--map".into(),
+                format!("{d}:/a/"),
+            ],
+            "container path \"/a\" is mapped twice".into(),
+        ),
+        (
+            vec!["--map".into(), format!("{d}:/a:rx")],
+            "unknown option \"rx\"".into(),
+        ),
+        (
+            vec!["--map".into(), d.clone()],
+            "expected HOST_DIR:GUEST_PATH[:ro]".into(),
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut argv = vec!["podman", "run"];
+        argv.extend(args.iter().map(String::as_str));
+        argv.extend(["busybox", "ls"]);
+        let (code, err) = stderr_of(&env, &argv);
+        assert_eq!(code, 125, "{argv:?}: {err}");
+        assert!(
+            err.contains(&needle),
+            "{argv:?}: wanted {needle:?} in: {err}"
+        );
+    }
+    env.assert_clean();
+}
+
 #[test]
 fn bash_completion_loads_and_completes_run_flags() {
     let script = format!(

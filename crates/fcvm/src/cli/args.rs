@@ -16,8 +16,9 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_jailer: bool,
 
-    /// More logging (repeat for more); FCVM_LOG=debug works too.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More logging (repeat for more); FCVM_LOG=debug works too. No short form: `-v` is
+    /// `podman run`'s --volume, as in podman.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     /// What to do.

@@ -531,7 +531,7 @@ mod tests {
             usage_exit_code(&err, &argv)
         };
         assert_eq!(code(&["fcvm", "podman", "run", "--nope", "img"]), 125);
-        assert_eq!(code(&["fcvm", "-v", "exec", "--nope"]), 125);
+        assert_eq!(code(&["fcvm", "--verbose", "exec", "--nope"]), 125);
         assert_eq!(code(&["fcvm", "ls", "--nope"]), 2);
         assert_eq!(code(&["fcvm", "podman", "run", "--help"]), 0);
         assert_eq!(code(&["fcvm", "--version"]), 0);

@@ -96,6 +96,15 @@ pub struct PodmanRunArgs {
     /// join with commas (8080:80,8443:443). Needs --network bridged.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Share a host directory with the container: HOST_DIR:GUEST_PATH[:ro] (absolute paths;
+    /// `:ro` refuses every write, on the host too). Repeat it, or join with commas
+    /// (/tmp/logs:/logs,/tmp/data:/data:ro). Served over FUSE on the VM's vsock; writeback
+    /// caching unless FCVM_NO_WRITEBACK_CACHE=1.
+    #[arg(long = "map", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
+    pub map: Vec<String>,
+    /// The same as --map, spelled as podman's (`-v` is not --verbose here).
+    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
+    pub volume: Vec<String>,
     /// Boot cold: neither restore nor create an image cache entry (env FCVM_NO_SNAPSHOT=1).
     #[arg(long)]
     pub no_snapshot: bool,
@@ -285,6 +294,7 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
             PodmanNetwork::Rootless => podman::NetworkRequest::Rootless,
         },
         publish: a.publish,
+        volumes: a.map.into_iter().chain(a.volume).collect(),
         no_snapshot: a.no_snapshot,
         remove: a.rm,
         log_opts: a.log_opt,
@@ -402,6 +412,26 @@ mod tests {
         assert_eq!(image_cmd(&["--image-archive", "img.tar"]), (None, vec![]));
         // A mistyped option before the image is still a usage error, not an image name.
         assert!(Cli::try_parse_from(["fcvm", "podman", "run", "--nmae", "x", "img"]).is_err());
+    }
+
+    #[test]
+    fn map_and_volume_flags_repeat_and_v_is_not_verbose() {
+        let a = run_args(&[
+            "-v",
+            "/a:/a",
+            "--map",
+            "/b:/b:ro,/c:/c",
+            "--volume=/d:/d",
+            "--map=/e:/e",
+            "img",
+            "-v",
+        ]);
+        assert_eq!(a.map, words(&["/b:/b:ro,/c:/c", "/e:/e"]));
+        assert_eq!(a.volume, words(&["/a:/a", "/d:/d"]));
+        assert_eq!(a.image_and_command(), (Some("img".into()), words(&["-v"])));
+        let cli = Cli::try_parse_from(["fcvm", "--verbose", "podman", "run", "img"]).unwrap();
+        assert_eq!(cli.verbose, 1);
+        assert!(Cli::try_parse_from(["fcvm", "-v", "ls"]).is_err());
     }
 
     #[test]

@@ -6,3 +6,4 @@
 pub mod network;
 pub mod podman;
 pub mod podman_cli;
+pub mod volumes;

@@ -131,7 +131,7 @@ impl Guest {
 /// Run `cmd` to its end (bounded by [`READY`]: a whole cold run, boot to exit) and return
 /// (exit code, stdout, stderr). Both pipes are drained while it runs, so a chatty fcvm never
 /// blocks on a full pipe; the reads are bounded too.
-fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
+pub(super) fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -157,7 +157,7 @@ fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
 }
 
 /// The `key=value` lines of a container's output.
-fn report(out: &str) -> std::collections::BTreeMap<String, String> {
+pub(super) fn report(out: &str) -> std::collections::BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

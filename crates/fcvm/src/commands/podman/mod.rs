@@ -139,6 +139,8 @@ pub struct PodmanRunRequest {
     pub log_opts: Vec<String>,
     /// This process is a detached run's supervisor (`-d`; see [`detach`]).
     pub detached: bool,
+    /// `--map` and `-v` items, unchecked.
+    pub volumes: Vec<String>,
 }
 
 /// `--network` of `podman run`.
@@ -188,6 +190,12 @@ pub enum PodmanError {
     /// Bad network arguments.
     #[error(transparent)]
     Network(#[from] NetworkArgsError),
+    /// A bad `--map` / `-v` item.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::MapError),
+    /// A volume cannot be served.
+    #[error(transparent)]
+    Serve(#[from] crate::volume::server::ServeError),
     /// The plan is invalid (caught before booting).
     #[error("invalid container settings")]
     Plan(#[from] fcvm_proto::plan::PlanError),
@@ -294,6 +302,7 @@ struct Prepared {
     log_max_bytes: u64,
     /// The pipe to a waiting `podman run -d` (this process is its supervisor).
     detached: Option<std::sync::Mutex<detach::Notifier>>,
+    volumes: Vec<crate::volume::VolumeSpec>,
 }
 
 /// The network decided in step 1 (addresses come at launch, under the store lock).
@@ -546,6 +555,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let env = env::container_env(&req.env_files, &req.env, &env::ProcessEnv)
         .map_err(plan::PlanArgsError::from)?;
     let network = prepare_network(req)?;
+    let volumes = crate::volume::parse_maps(&req.volumes)?;
     let cmd = plan::command(&req.command, req.cmd.as_deref())?;
     let user = plan::user(req.user.as_deref())?;
     let workdir = plan::workdir(req.workdir.as_deref())?;
@@ -567,7 +577,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     );
     // Last: exporting a host image may take a while, so do it once the rest is known good.
     let image = image::resolve(paths, &image_req)?;
-    let plan = plan::build(
+    let mut plan = plan::build(
         image.source.clone(),
         plan::PlanOptions {
             cmd,
@@ -585,6 +595,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
             proxy: fcvm_proto::plan::proxy_settings(env::HostEnv::all(&env::ProcessEnv)),
         },
     );
+    plan.volumes = volumes.iter().map(|v| v.plan_volume()).collect();
     plan.validate()?;
     // The root device is the first drive `spec_for` attaches.
     let cmdline = CmdlineBuilder::parse(BOOT_ARGS)
@@ -609,6 +620,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         } else {
             None
         },
+        volumes,
     })
 }
 
@@ -687,6 +699,12 @@ async fn attach_and_follow(
 ) -> Result<PodmanOutcome, PodmanError> {
     let with_input = p.plan.interactive || p.plan.tty;
     let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
+    // Held until this function returns, which is after the VMM has exited.
+    let _volumes = crate::volume::server::VolumeServers::start(
+        &vm.paths().vsock_socket(),
+        &p.volumes,
+        crate::volume::server::ServeOptions::from_env(),
+    )?;
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
     let raw = if p.plan.tty && p.plan.interactive && p.detached.is_none() {
         tty::RawMode::enable().map_err(PodmanError::Terminal)?
