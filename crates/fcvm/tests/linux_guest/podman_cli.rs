@@ -131,7 +131,16 @@ impl Guest {
 /// Run `cmd` to its end (bounded by [`READY`]: a whole cold run, boot to exit) and return
 /// (exit code, stdout, stderr). Both pipes are drained while it runs, so a chatty fcvm never
 /// blocks on a full pipe; the reads are bounded too.
-pub(super) fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, String) {
+pub(super) fn run_to_end(cmd: Command, what: &str) -> (Option<i32>, String, String) {
+    run_to_end_within(cmd, what, READY)
+}
+
+/// [`run_to_end`] with a time limit of its own.
+pub(super) fn run_to_end_within(
+    mut cmd: Command,
+    what: &str,
+    limit: Duration,
+) -> (Option<i32>, String, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,7 +157,7 @@ pub(super) fn run_to_end(mut cmd: Command, what: &str) -> (Option<i32>, String, 
     };
     let out = drain(Box::new(child.stdout.take().unwrap()));
     let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = wait_until(READY, what, || child.try_wait().unwrap());
+    let status = wait_until(limit, what, || child.try_wait().unwrap());
     let read = |rx: std::sync::mpsc::Receiver<String>| {
         rx.recv_timeout(Duration::from_secs(30))
             .expect("an output pipe stayed open 30 s after fcvm exited")
