@@ -8,11 +8,10 @@
 
 use std::time::Duration;
 
-use fcvm_proto::frame::tokio_io::{read_frame, write_frame};
+use fcvm_proto::frame::tokio_io::write_frame;
 use fcvm_proto::frame::Frame;
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use crate::commands::podman::{attach::socket_path, tty};
 use crate::paths::Paths;
@@ -150,7 +149,7 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
         }
         Err(e) => return Err(e.into()),
     };
-    let (mut rd, mut wr) = conn.into_split();
+    let (rd, mut wr) = conn.into_split();
     // Raw when this is a terminal: keys (Ctrl-C included) are the container's to read.
     let raw = if tty::stdin_is_terminal() {
         tty::RawMode::enable()?
@@ -162,17 +161,7 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
             .await
             .map_err(|_| AttachError::Lost(name.to_owned()))?;
     }
-    // Reading frames is not cancel-safe: its own task hands them over.
-    let (ftx, mut frames) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let f = read_frame(&mut rd).await;
-            let done = !matches!(f, Ok(Some(_)));
-            if ftx.send(f).await.is_err() || done {
-                return;
-            }
-        }
-    });
+    let (mut frames, reader) = crate::commands::exec::spawn_frame_reader(rd);
     let mut stdin = Some(tty::stdin_chunks());
     let mut winch = signal(SignalKind::window_change())?;
     let mut stdout = tokio::io::stdout();

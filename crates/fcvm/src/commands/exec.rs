@@ -171,7 +171,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
     } else {
         None
     };
-    let (mut rd, mut wr) = conn.into_split();
+    let (rd, mut wr) = conn.into_split();
     let mut sigint = signal(SignalKind::interrupt()).map_err(ExecError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(ExecError::Signals)?;
     let mut winch = signal(SignalKind::window_change()).map_err(ExecError::Signals)?;
@@ -180,17 +180,7 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
 
-    // Reading frames is not cancel-safe, so it runs in its own task and hands frames over.
-    let (ftx, mut frames) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let f = read_frame(&mut rd).await;
-            let done = !matches!(f, Ok(Some(_)));
-            if ftx.send(f).await.is_err() || done {
-                return;
-            }
-        }
-    });
+    let (mut frames, reader) = spawn_frame_reader(rd);
 
     let result = loop {
         let outgoing = tokio::select! {
@@ -224,6 +214,27 @@ pub async fn exec(paths: &Paths, opts: &ExecOptions) -> Result<i32, ExecError> {
     tracing::debug!(result = ?result.as_ref().map_err(|_| ()), "exec: done at {:?}", t0.elapsed());
     let _ = wr.shutdown().await;
     result
+}
+
+/// Frames read from `rd` by a task of their own, until the end or an error (both are
+/// delivered): reading a frame is not cancel-safe, so a `select!` waits on the channel.
+pub fn spawn_frame_reader(
+    mut rd: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> (
+    mpsc::Receiver<Result<Option<Frame>, FrameError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut rd).await;
+            let done = !matches!(f, Ok(Some(_)));
+            if tx.send(f).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    (rx, task)
 }
 
 #[cfg(test)]
