@@ -14,7 +14,6 @@ mod net;
 mod power;
 mod process;
 mod reaper;
-mod resync;
 mod volume;
 mod vsock;
 
