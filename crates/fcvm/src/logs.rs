@@ -172,10 +172,21 @@ pub fn parse_record(line: &[u8]) -> Option<Record> {
 
 /// Every record in `dir`, oldest first (the rotated file, then the current one).
 pub fn read_all(dir: &Path) -> io::Result<Vec<Record>> {
+    read_up_to(dir, u64::MAX)
+}
+
+/// The records of the rotated file and of the current file's first `current_len` bytes:
+/// what a follower starting at `current_len` (see [`Follower::start_at`]) will not show.
+pub fn read_up_to(dir: &Path, current_len: u64) -> io::Result<Vec<Record>> {
     let mut out = Vec::new();
-    for name in [ROTATED_LOG_FILE, LOG_FILE] {
+    for (name, limit) in [(ROTATED_LOG_FILE, u64::MAX), (LOG_FILE, current_len)] {
         match fs::read(dir.join(name)) {
-            Ok(bytes) => out.extend(bytes.split(|&b| b == b'\n').filter_map(parse_record)),
+            Ok(bytes) => {
+                let bytes = &bytes[..usize::try_from(limit)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len())];
+                out.extend(bytes.split(|&b| b == b'\n').filter_map(parse_record));
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }

@@ -81,7 +81,7 @@ pub async fn logs(
     let read_err = |e| LogsError::Read(name.to_owned(), e);
     // The length first: what is appended after it is the follower's to show.
     let shown = logs::current_len(&dir);
-    let records = records_up_to(&dir, shown).map_err(read_err)?;
+    let records = logs::read_up_to(&dir, shown).map_err(read_err)?;
     let mut replay = Replay::new(out, err, opts.timestamps);
     let start = opts
         .tail
@@ -107,25 +107,6 @@ pub async fn logs(
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// The records of the rotated file and of the current one's first `len` bytes.
-fn records_up_to(dir: &std::path::Path, len: u64) -> std::io::Result<Vec<logs::Record>> {
-    let mut out = Vec::new();
-    match std::fs::read(dir.join(logs::ROTATED_LOG_FILE)) {
-        Ok(b) => out.extend(b.split(|&c| c == b'\n').filter_map(logs::parse_record)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    match std::fs::read(dir.join(logs::LOG_FILE)) {
-        Ok(b) => {
-            let b = &b[..(len as usize).min(b.len())];
-            out.extend(b.split(|&c| c == b'\n').filter_map(logs::parse_record));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    Ok(out)
 }
 
 /// Wait until the container of `name` ends and return its exit code.
