@@ -151,41 +151,27 @@ impl Notifier {
         let Some(mut pipe) = self.pipe.take() else {
             return;
         };
-        match std::fs::OpenOptions::new()
+        let target = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-        {
-            Ok(file) => {
-                let fd = file.into_raw_fd();
-                // SAFETY: dup2 onto the standard descriptors, which this process owns;
-                // Rust's stdout/stderr handles write through fds 1 and 2 and stay valid.
-                unsafe {
-                    libc::dup2(fd, libc::STDOUT_FILENO);
-                    libc::dup2(fd, libc::STDERR_FILENO);
-                    libc::close(fd);
-                }
-            }
-            Err(e) => {
+            .or_else(|e| {
                 tracing::warn!(
                     "cannot open {} ({e}); fcvm's messages are dropped",
                     log.display()
                 );
-                redirect_to_null();
+                std::fs::OpenOptions::new().write(true).open("/dev/null")
+            });
+        if let Ok(file) = target {
+            let fd = file.into_raw_fd();
+            // SAFETY: dup2 onto the standard descriptors, which this process owns;
+            // Rust's stdout/stderr handles write through fds 1 and 2 and stay valid.
+            unsafe {
+                libc::dup2(fd, libc::STDOUT_FILENO);
+                libc::dup2(fd, libc::STDERR_FILENO);
+                libc::close(fd);
             }
         }
         let _ = writeln!(pipe, "ready {name}");
-    }
-}
-
-fn redirect_to_null() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        let fd = null.into_raw_fd();
-        // SAFETY: as in `Notifier::ready`.
-        unsafe {
-            libc::dup2(fd, libc::STDOUT_FILENO);
-            libc::dup2(fd, libc::STDERR_FILENO);
-            libc::close(fd);
-        }
     }
 }
