@@ -186,7 +186,11 @@ fn debug_logging_shows_each_launch_step_with_its_time_and_no_colour_in_pipes() {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains('\x1b'), "ANSI escapes in a pipe: {err:?}");
     for step in [
@@ -201,9 +205,17 @@ fn debug_logging_shows_each_launch_step_with_its_time_and_no_colour_in_pipes() {
     // Lines carry a timestamp (RFC 3339, UTC).
     let line = err.lines().find(|l| l.contains("configured in")).unwrap();
     assert!(line.starts_with("20") && line.contains('T'), "{line}");
-    // -vv is the same as FCVM_LOG=debug.
-    let out = env.command().args(["-vv", "stop", "dbg"]).output().unwrap();
-    assert!(out.status.success());
+    // --verbose twice is the same as FCVM_LOG=debug (no short form: `-v` is podman's volume).
+    let out = env
+        .command()
+        .args(["--verbose", "--verbose", "stop", "dbg"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         err.contains("DEBUG") && err.contains("teardown took"),
