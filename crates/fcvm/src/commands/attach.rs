@@ -133,7 +133,7 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
     let mut detach = DetachKeys::new(parse_detach_keys(keys)?);
     let store = Store::open(paths)?;
     let record = store.find_by_name(name)?;
-    if record.kind != VmKind::Container || record.has_ended() || !record.is_live() {
+    if record.kind != VmKind::Container || !record.is_running() {
         return Err(AttachError::NotRunning(name.to_owned()));
     }
     let socket = socket_path(&record.runtime_dir);

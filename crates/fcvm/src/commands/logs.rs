@@ -95,9 +95,7 @@ pub async fn logs(
     let mut follower = Follower::new(&dir);
     follower.start_at(shown).map_err(read_err)?;
     loop {
-        let ended = !store
-            .get(&record.id)?
-            .is_some_and(|r| r.is_live() && !r.has_ended());
+        let ended = !store.get(&record.id)?.is_some_and(|r| r.is_running());
         for r in follower.poll().map_err(read_err)? {
             replay.write(&r).map_err(LogsError::Write)?;
         }
@@ -115,7 +113,7 @@ pub async fn wait(store: &Store, name: &str) -> Result<i32, LogsError> {
     loop {
         match store.get(&record.id)? {
             Some(r) if r.exit_code.is_some() => return Ok(r.exit_code.unwrap_or_default()),
-            Some(r) if r.has_ended() || !r.is_live() => {
+            Some(r) if !r.is_running() => {
                 // Failed, or its owner died without a code: podman reports -1 then too.
                 return Ok(-1);
             }
@@ -148,7 +146,7 @@ pub fn parse_signal(spec: &str) -> Result<i32, LogsError> {
 pub async fn kill(paths: &Paths, name: &str, signal: i32) -> Result<(), LogsError> {
     let store = Store::open(paths)?;
     let record = container(&store, name)?;
-    if record.has_ended() || record.exit_code.is_some() || !record.is_live() {
+    if !record.is_running() {
         return Err(LogsError::NotRunning(name.to_owned()));
     }
     let opts = ExecOptions {

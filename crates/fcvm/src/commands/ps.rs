@@ -124,7 +124,7 @@ pub async fn rm(
             .unwrap_or_default();
         return Err(RmError::NotContainer(name.to_owned(), kind));
     }
-    let ended = record.has_ended() || record.exit_code.is_some();
+    let ended = record.container_ended();
     if !ended && !force {
         return Err(RmError::Running(name.to_owned()));
     }

@@ -242,6 +242,17 @@ impl VmRecord {
         matches!(self.status, VmStatus::Failed | VmStatus::Exited)
     }
 
+    /// Whether a container VM's end is on record: it failed, exited, or its code is in.
+    pub fn container_ended(&self) -> bool {
+        self.has_ended() || self.exit_code.is_some()
+    }
+
+    /// Whether the VM still runs: its end is not on record and its owner is alive (an owner
+    /// that died without recording the end leaves a record the next command reaps).
+    pub fn is_running(&self) -> bool {
+        !self.container_ended() && self.is_live()
+    }
+
     /// Whether the owning process still runs.
     pub fn is_live(&self) -> bool {
         self.owner.is_alive()
