@@ -17,7 +17,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::process::{FrameSink, Running, StdioMode};
 use crate::vsock::{Conn, Vsock};
-use crate::{container, exec, init, mmds, net, power, reaper};
+use crate::{container, exec, init, mmds, net, power, reaper, resync};
 
 /// Exit code reported when the agent itself fails (podman uses the same for its own errors).
 const AGENT_FAILURE: i32 = 125;
@@ -118,6 +118,7 @@ fn setup_guest(cmdline: &Cmdline, vsock: Vsock) -> anyhow::Result<Plan> {
     net::configure(cmdline.ip()?.as_ref())?;
     let plan = mmds::fetch(PLAN_TIMEOUT)?;
     crate::info!("plan fetched");
+    resync::after_boot(&plan);
     // The plan (environment included) is the agent's alone: the container shares this
     // network namespace, so MMDS is closed to everything here before the container exists.
     // The host also empties MMDS once the agent reports, against a container that goes round
@@ -139,6 +140,9 @@ fn run_container(
     crate::info!("image ready: {image}");
     let plan = if plan.await_proceed {
         let plan = await_proceed(vsock, status, &image)?;
+        // Restored from a snapshot (or paused while one was taken): the clock and the CRNG
+        // are the snapshot's until the host's plan renews them.
+        resync::after_proceed(&plan)?;
         net::set_hostname(plan.hostname.as_deref().unwrap_or("fcvm"))?;
         plan
     } else {

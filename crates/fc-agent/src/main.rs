@@ -14,6 +14,7 @@ mod net;
 mod power;
 mod process;
 mod reaper;
+mod resync;
 mod volume;
 mod vsock;
 

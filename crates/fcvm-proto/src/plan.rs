@@ -122,6 +122,64 @@ pub struct Plan {
     /// wins there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub proxy: BTreeMap<String, String>,
+    /// The host's wall clock (`CLOCK_REALTIME`, nanoseconds since the Unix epoch) when it
+    /// wrote this plan. In [`crate::status::Status::Proceed`] it is stamped just before the
+    /// send and the agent sets the guest's clock to it: a VM restored from a snapshot (or
+    /// paused while one was taken) wakes up with the clock of the snapshot. In the boot plan
+    /// (MMDS) it is a lower bound: the agent only moves a clock that is behind it forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_time_ns: Option<u64>,
+    /// Fresh random bytes from the host, sent only in [`crate::status::Status::Proceed`]
+    /// (never in MMDS): the agent adds them to the guest kernel's entropy pool and reseeds
+    /// its CRNG, so VMs restored from one snapshot do not share their random numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
+}
+
+/// Fewest random bytes a plan's [`Plan::entropy`] may carry (256 bits, what the kernel's
+/// CRNG needs to be fully seeded).
+pub const MIN_ENTROPY_BYTES: usize = 32;
+/// Most random bytes a plan's [`Plan::entropy`] may carry.
+pub const MAX_ENTROPY_BYTES: usize = 512;
+/// How many random bytes the host sends.
+pub const ENTROPY_BYTES: usize = 64;
+
+/// Random bytes for the guest's kernel, written as lowercase hex in JSON. Its `Debug` shows
+/// only the length, so a logged plan or status message never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entropy(Vec<u8>);
+
+impl Entropy {
+    /// Wraps `bytes` (checked by [`Plan::validate`]).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Entropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Entropy(<{} bytes>)", self.0.len())
+    }
+}
+
+impl serde::Serialize for Entropy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(&self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Entropy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text)
+            .map(Self)
+            .map_err(|e| serde::de::Error::custom(format!("entropy is not hex: {e}")))
+    }
 }
 
 /// The proxy variables carried from the host to the guest, in both cases, as the original
@@ -180,6 +238,14 @@ pub enum PlanError {
     /// is another volume's too; or whose port is not a volume port.
     #[error("Plan volume {0:?} is invalid (mount point absolute, not /, no '..', ',' or ':', unique; port from VOLUME_PORT_BASE)")]
     BadVolume(String),
+    /// The host time is zero or past what a `timespec` of nanoseconds holds (year 2262).
+    #[error("Plan host time {0} ns is not a usable wall-clock time (it must be between 1 ns and {max} ns since the Unix epoch)", max = i64::MAX)]
+    BadHostTime(u64),
+    /// Too few or too many random bytes.
+    #[error(
+        "Plan entropy of {0} bytes is outside {MIN_ENTROPY_BYTES}..={MAX_ENTROPY_BYTES} bytes"
+    )]
+    BadEntropy(usize),
 }
 
 /// Checks environment variable names and values.
@@ -216,6 +282,8 @@ impl Plan {
             volumes: Vec::new(),
             await_proceed: false,
             proxy: BTreeMap::new(),
+            host_time_ns: None,
+            entropy: None,
         }
     }
 
@@ -281,6 +349,16 @@ impl Plan {
                     .any(|o| o.guest_path == *p || o.vsock_port == v.vsock_port);
             if bad {
                 return Err(PlanError::BadVolume(p.clone()));
+            }
+        }
+        if let Some(t) = self.host_time_ns {
+            if t == 0 || i64::try_from(t).is_err() {
+                return Err(PlanError::BadHostTime(t));
+            }
+        }
+        if let Some(e) = &self.entropy {
+            if !(MIN_ENTROPY_BYTES..=MAX_ENTROPY_BYTES).contains(&e.bytes().len()) {
+                return Err(PlanError::BadEntropy(e.bytes().len()));
             }
         }
         Ok(())
@@ -433,5 +511,77 @@ mod tests {
             p.volumes = bad;
             assert_eq!(p.validate(), Err(PlanError::BadVolume(path)));
         }
+    }
+
+    #[test]
+    fn host_time_must_fit_a_timespec() {
+        let mut p = archive_plan();
+        for ok in [1, 1_764_000_000_000_000_000, i64::MAX as u64] {
+            p.host_time_ns = Some(ok);
+            assert_eq!(p.validate(), Ok(()), "{ok}");
+        }
+        for bad in [0, i64::MAX as u64 + 1, u64::MAX] {
+            p.host_time_ns = Some(bad);
+            assert_eq!(p.validate(), Err(PlanError::BadHostTime(bad)));
+        }
+        // A JSON number too large for u64, or negative, is refused when read.
+        for doc in [
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"host_time_ns":-1}"#,
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"host_time_ns":1e30}"#,
+        ] {
+            assert!(serde_json::from_str::<Plan>(doc).is_err(), "{doc}");
+        }
+    }
+
+    #[test]
+    fn entropy_is_hex_in_json_bounded_and_never_shown_by_debug() {
+        let mut p = archive_plan();
+        p.host_time_ns = Some(1_764_000_000_123_456_789);
+        let bytes: Vec<u8> = (0..ENTROPY_BYTES as u8)
+            .map(|i| i.wrapping_mul(37))
+            .collect();
+        p.entropy = Some(Entropy::new(bytes.clone()));
+        assert_eq!(p.validate(), Ok(()));
+        let json = serde_json::to_value(&p).unwrap();
+        let hex = json["entropy"].as_str().unwrap();
+        assert_eq!(hex.len(), 2 * ENTROPY_BYTES);
+        assert!(hex.starts_with("00254a6f94b9de"), "{hex}");
+        assert_eq!(json["host_time_ns"], 1_764_000_000_123_456_789u64);
+        let back: Plan = serde_json::from_value(json).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.entropy.as_ref().unwrap().bytes(), &bytes[..]);
+
+        let shown = format!("{p:?}");
+        assert!(shown.contains("Entropy(<64 bytes>)"), "{shown}");
+        assert!(!shown.contains("37, 74"), "{shown}");
+
+        for (n, ok) in [
+            (0, false),
+            (MIN_ENTROPY_BYTES - 1, false),
+            (MIN_ENTROPY_BYTES, true),
+            (MAX_ENTROPY_BYTES, true),
+            (MAX_ENTROPY_BYTES + 1, false),
+        ] {
+            p.entropy = Some(Entropy::new(vec![7; n]));
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(PlanError::BadEntropy(n))
+            };
+            assert_eq!(p.validate(), want, "{n} bytes");
+        }
+        for doc in [
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"entropy":"abc"}"#,
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"entropy":"zz"}"#,
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"entropy":[1,2]}"#,
+        ] {
+            assert!(serde_json::from_str::<Plan>(doc).is_err(), "{doc}");
+        }
+        // Upper-case digits are read too.
+        let p: Plan = serde_json::from_str(
+            r#"{"version":1,"image":{"kind":"registry","reference":"a"},"entropy":"FF0a"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.entropy.unwrap().bytes(), [0xff, 0x0a]);
     }
 }

@@ -18,7 +18,7 @@
 //! | 2    | Exit       | i32 LE: exit code (0-255; 128+N when killed by signal N) | guest → host: all output has been flushed and the output connection closed |
 //! | 3    | Error      | UTF-8 text | guest → host: the agent could not run the container (bad plan, image load failed, ...); an Exit follows |
 //! | 4    | ImageReady | UTF-8 image id (`sha256:...`) | guest → host: the image is loaded and the agent waits for [`Status::Proceed`] (only when the plan asks for it, see [`crate::plan::Plan::await_proceed`]); sent again after every reconnect |
-//! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal) |
+//! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal). It carries the host's wall-clock time and fresh random bytes ([`Plan::host_time_ns`], [`Plan::entropy`]): the agent sets the guest's clock and reseeds its kernel's CRNG before the container starts |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a

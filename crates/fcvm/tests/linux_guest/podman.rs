@@ -1302,16 +1302,20 @@ fn an_agent_that_never_connects_fails_clearly_and_leaves_nothing() {
 /// The image cache on the real path: a miss boots cold and snapshots once the image is
 /// loaded; hits restore it and run with their own settings (name, env, command: applied after
 /// the restore); a corrupt entry is removed and the run boots cold with a warning; `fcvm
-/// snapshots` lists the entry and `prune` removes it.
+/// snapshots` lists the entry and `prune` removes it. Every run of the snapshot (the miss
+/// goes on from it too) reads the host's time with `date` and its own bytes from
+/// /dev/urandom: the agent set the clock and reseeded the kernel's CRNG from the host.
 #[test]
 fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_back() {
     let Some(env) = Env::new("image_cache_miss_then_hits") else {
         return;
     };
-    let script = "echo \"$G $(hostname)\"; exit 3";
-    let miss = env.run_cached("cache-a", &["-e", "G=one"], &["sh", "-c", script], &[]);
+    let script = format!("echo \"$G $(hostname)\"; {CLOCK_AND_RANDOM}; exit 3");
+    let t = WallWindow::start();
+    let miss = env.run_cached("cache-a", &["-e", "G=one"], &["sh", "-c", &script], &[]);
+    let t = t.end();
     assert_eq!(miss.status.code(), Some(3), "{}", text(&miss.stderr));
-    assert_eq!(text(&miss.stdout), "one cache-a\n");
+    let miss_random = clock_and_random(&miss, "one cache-a", t);
     let notices = cache_notices(&miss);
     assert!(
         notices.len() == 1 && notices[0].starts_with("fcvm: cache created"),
@@ -1322,27 +1326,57 @@ fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_
     assert_eq!(env.cache_entries().len(), 1);
     env.assert_nothing_left();
 
-    // The same run again: restored, same output and exit code.
-    let hit = env.run_cached("cache-a", &["-e", "G=one"], &["sh", "-c", script], &[]);
+    // The same run again: restored, same output and exit code. The agent's console lines
+    // (FCVM_PODMAN_TIMINGS prints them) say it applied the host's clock and entropy.
+    let t = WallWindow::start();
+    let hit = env.run_cached(
+        "cache-a",
+        &["-e", "G=one"],
+        &["sh", "-c", &script],
+        &[("FCVM_PODMAN_TIMINGS", "1")],
+    );
+    let t = t.end();
     assert_eq!(hit.status.code(), Some(3), "{}", text(&hit.stderr));
-    assert_eq!(text(&hit.stdout), "one cache-a\n");
+    let hit_random = clock_and_random(&hit, "one cache-a", t);
     let notices = cache_notices(&hit);
     assert!(
         notices.len() == 1 && notices[0].starts_with("fcvm: cache hit"),
         "{}",
         text(&hit.stderr)
     );
+    let agent = text(&hit.stderr);
+    assert!(
+        agent.contains("fc-agent [") && agent.contains("clock set from the host"),
+        "{agent}"
+    );
+    assert!(
+        agent.contains("bytes of host entropy added to the kernel's pool and the CRNG reseeded"),
+        "{agent}"
+    );
     env.assert_nothing_left();
 
     // Another name, environment and command hit the same entry and get their own settings.
+    let t = WallWindow::start();
     let other = env.run_cached(
         "cache-b",
         &["-e", "G=two"],
-        &["sh", "-c", "echo \"$G $(hostname)\"; echo err >&2; exit 5"],
+        &[
+            "sh",
+            "-c",
+            &format!("echo \"$G $(hostname)\"; echo err >&2; {CLOCK_AND_RANDOM}; exit 5"),
+        ],
         &[],
     );
+    let t = t.end();
     assert_eq!(other.status.code(), Some(5), "{}", text(&other.stderr));
-    assert_eq!(text(&other.stdout), "two cache-b\n");
+    let other_random = clock_and_random(&other, "two cache-b", t);
+    // Three runs of one snapshot's RNG state: without the reseed the kernel would hand
+    // them the same bytes.
+    assert!(
+        miss_random != hit_random && hit_random != other_random && miss_random != other_random,
+        "/dev/urandom read the same in two runs of one snapshot: miss {miss_random}, hit \
+         {hit_random}, other hit {other_random}"
+    );
     assert_eq!(container_stderr(&other), "err\n");
     assert!(
         cache_notices(&other)[0].starts_with("fcvm: cache hit"),
@@ -1381,14 +1415,16 @@ fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_
     // makes a new entry).
     let vmstate = env.cache_entries()[0].join("vmstate.bin");
     std::fs::write(&vmstate, b"not a vmstate").unwrap();
-    let fallback = env.run_cached("cache-c", &["-e", "G=three"], &["sh", "-c", script], &[]);
+    let t = WallWindow::start();
+    let fallback = env.run_cached("cache-c", &["-e", "G=three"], &["sh", "-c", &script], &[]);
+    let t = t.end();
     assert_eq!(
         fallback.status.code(),
         Some(3),
         "{}",
         text(&fallback.stderr)
     );
-    assert_eq!(text(&fallback.stdout), "three cache-c\n");
+    clock_and_random(&fallback, "three cache-c", t);
     let notices = cache_notices(&fallback);
     assert!(
         notices.len() == 2
@@ -1413,6 +1449,78 @@ fn image_cache_miss_then_hits_with_their_own_settings_and_a_corrupt_entry_falls_
         "{:?}",
         env.cache_leftovers()
     );
+}
+
+/// Shell that prints the guest's `date +%s`, then 16 bytes of /dev/urandom in hex.
+const CLOCK_AND_RANDOM: &str = "date +%s; od -An -tx1 -N16 /dev/urandom";
+
+/// The host's wall clock (whole seconds) around a run.
+#[derive(Clone, Copy)]
+struct WallWindow {
+    from: u64,
+    to: u64,
+}
+
+impl WallWindow {
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn start() -> Self {
+        let now = Self::now();
+        Self { from: now, to: now }
+    }
+
+    fn end(self) -> Self {
+        Self {
+            to: Self::now(),
+            ..self
+        }
+    }
+}
+
+/// Checks a run of `echo LINE; CLOCK_AND_RANDOM` and returns its random bytes (hex). The
+/// guest's `date` must fall inside the host's window around the run (with 2 s of slack for
+/// the whole seconds): a restored guest whose clock was not reset shows the snapshot's time,
+/// from before the run began.
+fn clock_and_random(o: &Output, first: &str, t: WallWindow) -> String {
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.len() == 3 && lines[0] == first,
+        "expected {first:?}, a date and random bytes: {out:?}\n{}",
+        text(&o.stderr)
+    );
+    let date: u64 = lines[1]
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("date +%s printed {:?}", lines[1]));
+    let random: String = lines[2].split_whitespace().collect();
+    eprintln!(
+        "{first}: guest date {date}, host window {}..={}, urandom {random}",
+        t.from, t.to
+    );
+    assert!(
+        date + 2 >= t.from && date <= t.to + 2,
+        "{first}: the guest's clock read {date}, the run took place from {} to {} (host \
+         time): {} s off",
+        t.from,
+        t.to,
+        if date < t.from {
+            t.from - date
+        } else {
+            date.saturating_sub(t.to)
+        }
+    );
+    assert!(
+        random.len() == 32 && random.bytes().all(|b| b.is_ascii_hexdigit()),
+        "od printed {:?}",
+        lines[2]
+    );
+    random
 }
 
 /// `--no-snapshot` boots cold and makes no entry; fcvm SIGKILLed while the cache snapshot

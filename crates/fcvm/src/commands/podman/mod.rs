@@ -667,6 +667,9 @@ fn spec_for(paths: &Paths, p: &Prepared, gate: &Gate) -> VmSpec {
     if matches!(gate, Gate::Create(_)) {
         plan.await_proceed = true;
     }
+    // A floor for the guest's clock: MMDS is written before the VM starts, so the guest is
+    // at least this late (plus its uptime); a guest clock behind it is moved forward.
+    plan.host_time_ns = plan::host_time_ns();
     spec.network = match (&p.network, gate) {
         (PreparedNetwork::None, Gate::Create(_)) => cached::network(&spec.id),
         (PreparedNetwork::None, _) => NetworkAttachment::vmm_tap(&spec.id),
@@ -866,8 +869,10 @@ async fn image_ready(
         }
         _ => {}
     }
-    let mut go = p.plan.clone();
-    go.await_proceed = false;
+    // Stamped now: the guest's clock is set to this time and its CRNG reseeded with these
+    // bytes before the container starts (a restored guest has the snapshot's). Sent over the
+    // vsock only, never logged or stored.
+    let go = plan::proceed(&p.plan);
     if let Err(e) = session.send_status(&Status::Proceed(Box::new(go))).await {
         tracing::warn!(
             "cannot send the plan to the agent: {}",

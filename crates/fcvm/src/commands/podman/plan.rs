@@ -163,9 +163,73 @@ pub fn build(image: ImageSource, opts: PlanOptions) -> Plan {
     plan
 }
 
+/// The host's wall clock for [`Plan::host_time_ns`]: nanoseconds since the Unix epoch, or
+/// `None` for a clock before 1970 or past 2262 (the agent then leaves the guest's alone).
+pub fn host_time_ns() -> Option<u64> {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(since.as_nanos())
+        .ok()
+        .filter(|&ns| ns > 0 && i64::try_from(ns).is_ok())
+}
+
+/// [`fcvm_proto::plan::ENTROPY_BYTES`] fresh bytes from the host's /dev/urandom (the
+/// kernel's CRNG, as `getrandom`) for [`Plan::entropy`].
+pub fn host_entropy() -> std::io::Result<fcvm_proto::plan::Entropy> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; fcvm_proto::plan::ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(fcvm_proto::plan::Entropy::new(bytes))
+}
+
+/// The plan sent with Proceed: `plan` with the host's time and fresh entropy, stamped now
+/// (the agent sets the guest's clock and reseeds its CRNG with them before the container
+/// starts). Without entropy (the host's /dev/urandom failed, which it does not) the agent
+/// still reseeds from the guest's own pool; the warning says so.
+pub fn proceed(plan: &Plan) -> Plan {
+    let mut go = plan.clone();
+    go.await_proceed = false;
+    go.entropy = match host_entropy() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read /dev/urandom for the guest ({e}): its CRNG is reseeded from its own pool only"
+            );
+            None
+        }
+    };
+    go.host_time_ns = host_time_ns();
+    go
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proceed_plans_carry_the_time_and_fresh_entropy() {
+        let mut plan = Plan::new(ImageSource::Registry {
+            reference: "alpine".into(),
+        });
+        plan.await_proceed = true;
+        let before = host_time_ns().unwrap();
+        let (a, b) = (proceed(&plan), proceed(&plan));
+        let after = host_time_ns().unwrap();
+        for go in [&a, &b] {
+            assert!(!go.await_proceed);
+            go.validate().unwrap();
+            let t = go.host_time_ns.unwrap();
+            assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
+            assert_eq!(
+                go.entropy.as_ref().unwrap().bytes().len(),
+                fcvm_proto::plan::ENTROPY_BYTES
+            );
+        }
+        assert_ne!(a.entropy, b.entropy, "two Proceeds got the same bytes");
+        // The boot plan in MMDS never carries entropy.
+        assert!(plan.entropy.is_none());
+    }
 
     #[test]
     fn trailing_command_or_cmd_string() {
