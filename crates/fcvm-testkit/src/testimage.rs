@@ -23,6 +23,9 @@ pub enum TestImageError {
     /// busybox is missing.
     #[error("Cannot read {0}: {1} (install it with `apt-get install busybox-static`)")]
     Busybox(PathBuf, io::Error),
+    /// An extra binary is missing.
+    #[error("Cannot read {0}, to put into the test image: {1}")]
+    Extra(PathBuf, io::Error),
     /// `busybox --list` failed.
     #[error("`{0} --list` failed; is it a busybox binary?")]
     List(PathBuf),
@@ -79,8 +82,17 @@ fn append_dir(t: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> io::Resul
     t.append(&h, io::empty())
 }
 
-/// The image's single layer: busybox, applet links, and a minimal /etc.
-fn layer(busybox: &Path) -> Result<Vec<u8>, TestImageError> {
+/// A host file put into the image's `/bin` (a static binary: the image has no C library).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraBinary {
+    /// Its name in `/bin`.
+    pub name: String,
+    /// The host file.
+    pub source: PathBuf,
+}
+
+/// The image's single layer: busybox, applet links, the extra binaries, and a minimal /etc.
+fn layer(busybox: &Path, extras: &[ExtraBinary]) -> Result<Vec<u8>, TestImageError> {
     let bin = std::fs::read(busybox).map_err(|e| TestImageError::Busybox(busybox.to_owned(), e))?;
     let out = Command::new(busybox)
         .arg("--list")
@@ -109,6 +121,11 @@ fn layer(busybox: &Path) -> Result<Vec<u8>, TestImageError> {
         h.set_cksum();
         t.append(&h, io::empty()).map_err(w)?;
     }
+    for x in extras {
+        let data =
+            std::fs::read(&x.source).map_err(|e| TestImageError::Extra(x.source.clone(), e))?;
+        append_file(&mut t, &format!("bin/{}", x.name), &data, 0o755).map_err(w)?;
+    }
     append_file(
         &mut t,
         "etc/passwd",
@@ -128,7 +145,18 @@ pub fn build_busybox_archive(
     name: &str,
     tag: &str,
 ) -> Result<ImageArchive, TestImageError> {
-    let layer = layer(busybox)?;
+    build_busybox_archive_with(busybox, &[], out, name, tag)
+}
+
+/// [`build_busybox_archive`] with `extras` in `/bin` beside busybox.
+pub fn build_busybox_archive_with(
+    busybox: &Path,
+    extras: &[ExtraBinary],
+    out: &Path,
+    name: &str,
+    tag: &str,
+) -> Result<ImageArchive, TestImageError> {
+    let layer = layer(busybox, extras)?;
     let layer_digest = sha256_hex(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
@@ -232,5 +260,38 @@ mod tests {
             .collect();
         assert!(names.contains(&"index.json".to_string()));
         assert!(names.contains(&format!("blobs/sha256/{}", a.image_id)));
+    }
+
+    #[test]
+    fn extras_land_in_bin_with_their_bytes_and_a_missing_one_is_named() {
+        if !Path::new(DEFAULT_BUSYBOX).exists() {
+            eprintln!("SKIPPED: {DEFAULT_BUSYBOX} missing (apt-get install busybox-static)");
+            return;
+        }
+        let extra = ExtraBinary {
+            name: "tool".into(),
+            source: PathBuf::from(DEFAULT_BUSYBOX),
+        };
+        let l = layer(Path::new(DEFAULT_BUSYBOX), std::slice::from_ref(&extra)).unwrap();
+        let mut ar = tar::Archive::new(&l[..]);
+        let mut found = None;
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap() == Path::new("bin/tool") {
+                let mut data = Vec::new();
+                io::Read::read_to_end(&mut e, &mut data).unwrap();
+                found = Some((e.header().mode().unwrap(), data));
+            }
+        }
+        let (mode, data) = found.expect("bin/tool in the layer");
+        assert_eq!(mode, 0o755);
+        assert_eq!(data, std::fs::read(DEFAULT_BUSYBOX).unwrap());
+
+        let missing = ExtraBinary {
+            name: "gone".into(),
+            source: PathBuf::from("/nonexistent/tool"),
+        };
+        let err = layer(Path::new(DEFAULT_BUSYBOX), &[missing]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/tool"), "{err}");
     }
 }
