@@ -55,6 +55,28 @@ build_workspace() {
         cargo build --locked --release -p fc-agent --target x86_64-unknown-linux-gnu
 }
 
+# What the tests put into their busybox image, static like the agent (the image has no C
+# library): fcvm-test-tool (a UDP server, an mmap writer) and the POSIX file-system
+# conformance suite the volume tests run (pjdfstest, the Rust port on crates.io, pinned;
+# installed once under target/).
+PJDFSTEST_VERSION=0.2.2
+build_test_tools() {
+    echo "== cargo build fcvm-test-tool (static)"
+    RUSTFLAGS='-C target-feature=+crt-static' \
+        cargo build --locked --release -p fcvm-testkit --bin fcvm-test-tool \
+        --target x86_64-unknown-linux-gnu
+    export FCVM_TEST_TOOL="${FCVM_TEST_TOOL:-$PWD/target/x86_64-unknown-linux-gnu/release/fcvm-test-tool}"
+    local root=$PWD/target/pjdfstest-$PJDFSTEST_VERSION
+    export FCVM_TEST_PJDFSTEST="${FCVM_TEST_PJDFSTEST:-$root/bin/pjdfstest}"
+    if [ -x "$FCVM_TEST_PJDFSTEST" ]; then
+        return
+    fi
+    echo "== cargo install pjdfstest $PJDFSTEST_VERSION (static)"
+    RUSTFLAGS='-C target-feature=+crt-static' \
+        cargo install pjdfstest --version "$PJDFSTEST_VERSION" --locked --quiet \
+        --root "$root" --target x86_64-unknown-linux-gnu --target-dir "$PWD/target/pjdfstest-build"
+}
+
 # Run `fcvm setup STEP`, showing its progress on stderr (through a pipe: `tee /dev/stderr`
 # would reopen, and truncate, a log file that stderr is redirected to), and print the path it
 # reports on its `STEP PATH` line; fail when it reports none.
@@ -111,7 +133,8 @@ on_real_kvm() {
             --seed "$FCVM_TEST_ROOTFS:rootfs.ext4" \
             --env FCVM_TEST_ROOTFS=/scratch/rootfs.ext4 --env FCVM_ROOTFS=/scratch/rootfs.ext4 \
             --env CI --env FCVM_FIRECRACKER_BIN --env FCVM_TEST_KERNEL \
-            --env FCVM_AGENT_BIN --env FCVM_LOG --env RUST_BACKTRACE \
+            --env FCVM_AGENT_BIN --env FCVM_TEST_TOOL --env FCVM_TEST_PJDFSTEST \
+            --env FCVM_LOG --env RUST_BACKTRACE \
             --env FCVM_BASE_DIR=/scratch/fcvm -- "$@"
     fi
 }

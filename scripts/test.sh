@@ -23,6 +23,7 @@ echo "$(stamp)== host packages"
 install_host_packages
 echo "$(stamp)== build"
 build_workspace
+build_test_tools
 echo "$(stamp)== setup"
 setup_fcvm
 
