@@ -1,15 +1,16 @@
 //! `--network bridged` and `--publish` on the real path: a busybox httpd in the container
-//! answers on a published port from the host side, the container fetches from a server on the
+//! answers on a published TCP port and a UDP echo server (fcvm-test-tool) on a published UDP
+//! port from the host side, the container fetches from a server on the
 //! host side (egress), and nothing of the network (namespace, veth, nftables table) is left
 //! after a normal end, nor after SIGKILL of fcvm and the next command. Needs root and `nft`
 //! (Debian package nftables); runs inside the emulated KVM host like `podman_cli`.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::podman_cli::{guest_or_skip, wait_exit, wait_healthy};
+use super::podman_cli::{guest_or_skip, wait_exit, wait_healthy, TEST_TOOL};
 use crate::common::{scratch_root, wait_until, TestEnv};
 
 /// A free TCP port on the host (bound and released).
@@ -19,6 +20,25 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A free UDP port on the host (bound and released).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One datagram to `addr` and its answer, within 3 s; None while nothing answers.
+fn udp_ask(addr: &str, text: &str) -> Option<String> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.send_to(text.as_bytes(), addr).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = s.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// GET / from `addr`, with bounds on every step; None while it does not answer.
@@ -65,7 +85,7 @@ fn network_leftovers() -> Vec<String> {
 #[test]
 fn bridged_publish_egress_and_cleanup() {
     let test = "bridged_publish_egress_and_cleanup";
-    let Some(guest) = guest_or_skip(test) else {
+    let Some(guest) = guest_or_skip(test).and_then(|g| g.with_tools(test, &[TEST_TOOL])) else {
         return;
     };
     if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
@@ -96,17 +116,19 @@ fn bridged_publish_egress_and_cleanup() {
     });
 
     // The container: fetch from the host (its veth end is the gateway minus 4, see
-    // network::bridged), serve a page on 80, exit once something connects to 81.
-    let (web, stop) = (free_port(), free_port());
+    // network::bridged), echo datagrams on 5353/udp, serve a page on 80, exit once something
+    // connects to 81.
+    let (web, stop, udp) = (free_port(), free_port(), free_udp_port());
     let script = format!(
         "gw=$(route -n | awk '$1 == \"0.0.0.0\" {{print $2}}'); \
          host=$(echo $gw | awk -F. '{{print $1\".\"$2\".\"$3\".\"($4-4)}}'); \
          echo host: $host; echo wget: $(wget -T 20 -O - http://$host:{server_port}/ 2>&1); \
          echo egress: $(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 $host {server_port} 2>&1); \
+         (fcvm-test-tool udp-echo 5353 &) && \
          mkdir -p /www && echo hello-from-guest > /www/index.html && \
          httpd -p 80 -h /www && nc -l -p 81 </dev/null; echo served"
     );
-    let publish = format!("{web}:80,{stop}:81");
+    let publish = format!("{web}:80,{stop}:81,{udp}:5353/udp");
     let mut child = guest
         .run(
             &env,
@@ -125,7 +147,10 @@ fn bridged_publish_egress_and_cleanup() {
     assert_eq!(net["mode"], "bridged", "{vm}");
     assert_eq!(net["publish"][0]["host_port"], web);
     let host_addr = net["host_addr"].as_str().unwrap().to_owned();
-    assert!(env.ok(&["ls"]).contains(&format!("{web}->80/tcp")));
+    let table = env.ok(&["ls"]);
+    assert!(table.contains(&format!("{web}->80/tcp")), "{table}");
+    assert!(table.contains(&format!("{udp}->5353/udp")), "{table}");
+    assert_eq!(net["publish"][2]["protocol"], "udp", "{vm}");
 
     // Published port, from the host: on the veth's host address and on localhost.
     for addr in [format!("{host_addr}:{web}"), format!("127.0.0.1:{web}")] {
@@ -133,6 +158,13 @@ fn bridged_publish_egress_and_cleanup() {
             http_get(&addr).filter(|p| p.contains("hello-from-guest"))
         });
         assert!(page.starts_with("HTTP/1."), "{addr}: {page}");
+    }
+    // The UDP port: every datagram comes back from the container's echo server.
+    for addr in [format!("{host_addr}:{udp}"), format!("127.0.0.1:{udp}")] {
+        let answer = wait_until(Duration::from_secs(120), "the published UDP port", || {
+            udp_ask(&addr, "ping-udp")
+        });
+        assert_eq!(answer, "echo: ping-udp", "{addr}");
     }
     // Ends the container.
     wait_until(Duration::from_secs(60), "the stop port", || {

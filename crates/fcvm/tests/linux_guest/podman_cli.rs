@@ -86,7 +86,67 @@ pub(super) fn guest_or_skip(test: &str) -> Option<Guest> {
     })
 }
 
+/// A static binary the busybox image lacks, for [`Guest::with_tools`]: found at `$env`, or
+/// at `default` under the workspace (where `scripts/lib.sh`'s `build_test_tools` puts it).
+pub(super) struct Tool {
+    /// Its name in the image's `/bin`.
+    pub name: &'static str,
+    pub env: &'static str,
+    /// Relative to the workspace root.
+    pub default: &'static str,
+}
+
+/// The test tool binary (`crates/fcvm-testkit/src/bin/fcvm-test-tool.rs`).
+pub(super) const TEST_TOOL: Tool = Tool {
+    name: "fcvm-test-tool",
+    env: "FCVM_TEST_TOOL",
+    default: "target/x86_64-unknown-linux-gnu/release/fcvm-test-tool",
+};
+
 impl Guest {
+    /// This guest with a second image: the busybox one plus `tools` in `/bin`, or None after
+    /// a loud SKIPPED (a failure under CI) when a tool is not built.
+    pub(super) fn with_tools(self, test: &str, tools: &[Tool]) -> Option<Guest> {
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut extras = Vec::new();
+        for t in tools {
+            let path = std::env::var_os(t.env)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join(t.default));
+            if !path.is_file() {
+                let why = format!(
+                    "{} is not built at {} (set {} or run scripts/lib.sh's build_test_tools)",
+                    t.name,
+                    path.display(),
+                    t.env
+                );
+                if std::env::var_os("CI").is_some() {
+                    panic!("{test}: {why} (required under CI)");
+                }
+                eprintln!("SKIPPED {test}: {why}");
+                return None;
+            }
+            extras.push(fcvm_testkit::testimage::ExtraBinary {
+                name: t.name.into(),
+                source: path,
+            });
+        }
+        let out = scratch_root().join(format!("{test}-tools.oci.tar"));
+        let archive = fcvm_testkit::testimage::build_busybox_archive_with(
+            std::path::Path::new(fcvm_testkit::testimage::DEFAULT_BUSYBOX),
+            &extras,
+            &out,
+            "fcvm-test-tools",
+            "1",
+        )
+        .unwrap_or_else(|e| panic!("{test}: cannot build the image with tools: {e}"));
+        Some(Guest {
+            archive: archive.path,
+            image: archive.reference,
+            ..self
+        })
+    }
+
     pub(super) fn run(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
         // --rm: these tests check that nothing is left; kept records have their own tests.
         let mut with_rm = vec!["--rm"];
