@@ -186,12 +186,8 @@ fn debug_logging_shows_each_launch_step_with_its_time_and_no_colour_in_pipes() {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
     assert!(!err.contains('\x1b'), "ANSI escapes in a pipe: {err:?}");
     for step in [
         "recorded after",
@@ -211,12 +207,8 @@ fn debug_logging_shows_each_launch_step_with_its_time_and_no_colour_in_pipes() {
         .args(["--verbose", "--verbose", "stop", "dbg"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
     assert!(
         err.contains("DEBUG") && err.contains("teardown took"),
         "{err}"

@@ -31,15 +31,19 @@ pub(super) struct Guest {
     image: String,
 }
 
+/// A facility `test` needs is missing: a loud SKIPPED on a developer's machine, a failure
+/// under CI.
+fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why} (required under CI)");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// What a Linux guest needs, or None after a loud SKIPPED (a failure under CI).
 pub(super) fn guest_or_skip(test: &str) -> Option<Guest> {
     firecracker_or_skip(test)?;
-    let skip = |why: String| {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: {why} (required under CI)");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-    };
+    let skip = |why: String| skip_or_fail(test, &why);
     let env = TestEnv::new_in(&scratch_root());
     if !fcvm::doctor::check(&fcvm::paths::Paths::new(env.base())).guest_kernels_boot {
         skip("this host's KVM cannot boot a Linux guest (see `fcvm doctor`)".into());
@@ -120,10 +124,7 @@ impl Guest {
                     path.display(),
                     t.env
                 );
-                if std::env::var_os("CI").is_some() {
-                    panic!("{test}: {why} (required under CI)");
-                }
-                eprintln!("SKIPPED {test}: {why}");
+                skip_or_fail(test, &why);
                 return None;
             }
             extras.push(fcvm_testkit::testimage::ExtraBinary {
