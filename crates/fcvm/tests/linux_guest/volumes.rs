@@ -377,10 +377,11 @@ echo pjdfstest_exit=$?
         Some(0),
         "stdout:\n{shown}\nstderr:\n{err}\nreport:\n{out}"
     );
+    let lines: Vec<&str> = out.lines().collect();
     assert!(
         !shown.contains("pjdfstest_exit=143"),
-        "pjdfstest ran out of time; the last cases it reported:\n{}",
-        out.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        "pjdfstest ran out of time; the last cases it reported, in order:\n{}",
+        lines[lines.len().saturating_sub(20)..].join("\n")
     );
     let summary = out
         .lines()
