@@ -418,8 +418,20 @@ echo pjdfstest_exit=$?
 
 /// Size of the big files, each way.
 const BULK: usize = 100 << 20;
-/// Small files made each way.
-const SMALL_FILES: usize = 10_000;
+/// Small files made each way: 10,000 where guests boot natively; 300 inside the emulated KVM
+/// host, where every FUSE round trip crosses emulated SVM exits. Measured there (2026-12-03,
+/// beside another emulated host): a create on a volume 164 ms against 1.1 ms on the guest's
+/// own disk, an open-read-close 59 ms, a `stat` 15 ms; 10,000 creates would take 27 minutes.
+fn small_files() -> usize {
+    let emulated = std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.contains("fcvm.runner="))
+        .unwrap_or(false);
+    if emulated {
+        300
+    } else {
+        10_000
+    }
+}
 /// A bulk run, boot to exit: its parts took 80-150 s each in the emulated host with another
 /// emulated host and builds beside it (load average 7 on 2 cores).
 const BULK_LIMIT: Duration = Duration::from_secs(540);
@@ -430,8 +442,9 @@ fn wait_marking<T>(mark_file: &Path, what: &str, mut done: impl FnMut() -> Optio
     let started = std::time::Instant::now();
     let mut last = String::new();
     wait_until(BULK_LIMIT, what, || {
+        // Empty while the container's `echo >` has truncated the file and not yet written.
         let now = std::fs::read_to_string(mark_file).unwrap_or_default();
-        if now != last {
+        if !now.is_empty() && now != last {
             eprintln!(
                 "timing: mark {:?} after {:?}",
                 now.trim(),
@@ -469,7 +482,9 @@ fn volumes_carry_100_mib_each_way_mmap_fsync_and_nothing_escapes_a_swap_race() {
     std::fs::write(v.join("race/d/f"), "inside").unwrap();
     std::os::unix::fs::symlink("../../outside", v.join("race/alt")).unwrap();
 
-    // Builtins only in the race loop (`read`, globs): a fork costs milliseconds there.
+    // Builtins only in the race loop (`read`, globs): a fork costs milliseconds there. 500
+    // rounds: each took ~90 ms in the emulated host beside another one (3,000 took 263 s,
+    // 414 of them read the inside file, the others found the symlink, 54,018 swaps).
     let script = format!(
         r#"
 mark() {{ echo "$1" > /v/progress; }}
@@ -481,7 +496,7 @@ echo synced-by-dd > /v/dd-synced.src
 dd if=/v/dd-synced.src of=/v/dd-synced conv=fsync 2>/dev/null && echo dd_fsync=ok
 echo synced-by-sync > /v/synced && sync /v/synced && echo sync_file=ok
 mark race; echo go > /v/race/start; n=0; other=0; i=0
-while [ $i -lt 3000 ]; do
+while [ $i -lt 500 ]; do
   c=; read -r c < /v/race/d/f 2>/dev/null
   case "$c" in inside) n=$((n+1));; '') ;; *) other=$((other+1)); echo "race_read=$c";; esac
   for x in /v/race/d/*; do [ "$x" = /v/race/d/f ] || [ "$x" = '/v/race/d/*' ] || echo "race_name=$x"; done
@@ -572,20 +587,22 @@ echo done=1
     env.assert_clean();
 }
 
-/// 10,000 small files each way, and a second VM on the same directory while the first still
-/// runs: it lists and reads the files the first VM made, and each VM sees the file the other
-/// wrote.
+/// 10,000 small files each way ([`small_files`]), and a second VM on the same directory while
+/// the first still runs: it lists and reads the files the first VM made, and each VM sees the
+/// file the other wrote.
 #[test]
-fn volumes_carry_10k_small_files_each_way_and_two_vms_share_one() {
+fn volumes_carry_small_files_each_way_and_two_vms_share_one() {
     let test = "volumes_small";
     let Some(g) = guest_or_skip(test) else {
         return;
     };
+    let files = small_files();
+    eprintln!("{files} small files each way");
     let env = TestEnv::new_in(&scratch_root());
     let t = tempfile::tempdir().unwrap();
     let v = t.path().join("v");
     std::fs::create_dir_all(v.join("hostfiles")).unwrap();
-    let mut names: Vec<String> = (0..SMALL_FILES).map(|i| format!("h{i}")).collect();
+    let mut names: Vec<String> = (0..files).map(|i| format!("h{i}")).collect();
     for (i, n) in names.iter().enumerate() {
         std::fs::write(v.join("hostfiles").join(n), format!("{i}\n")).unwrap();
     }
@@ -608,7 +625,6 @@ while [ ! -e /v/from-b ] && [ $i -lt 400 ]; do sleep 1; i=$((i+1)); done
 echo from_b=$(cat /v/from-b)
 echo from-a > /v/from-a.tmp && mv /v/from-a.tmp /v/from-a; mark done
 "#,
-        files = SMALL_FILES,
     );
     let map = format!("{}:/v", v.display());
     let started = std::time::Instant::now();
@@ -625,7 +641,7 @@ echo from-a > /v/from-a.tmp && mv /v/from-a.tmp /v/from-a; mark done
         "small-b",
         &["-v", &map],
         r#"echo a_ready=$(cat /v/a-ready)
-echo guestfiles=$(ls /v/guestfiles | wc -l) g0=$(cat /v/guestfiles/g0) g9999=$(cat /v/guestfiles/g9999)
+echo guestfiles=$(ls /v/guestfiles | wc -l) g0=$(cat /v/guestfiles/g0) glast=$(cat /v/guestfiles/g$(( $(ls /v/guestfiles | wc -l) - 1 )))
 echo from-b > /v/from-b.tmp && mv /v/from-b.tmp /v/from-b; i=0
 while [ ! -e /v/from-a ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
 echo from_a=$(cat /v/from-a)"#,
@@ -643,14 +659,14 @@ echo from_a=$(cat /v/from-a)"#,
     let got = |k: &str| r.get(k).map(String::as_str).unwrap_or("<absent>");
     assert_eq!(
         got("hostfiles"),
-        format!("{SMALL_FILES} hostfiles_sum={}", sha256_hex(&concat)),
+        format!("{files} hostfiles_sum={}", sha256_hex(&concat)),
         "{ctx}"
     );
     assert_eq!(
         std::fs::read_dir(v.join("guestfiles")).unwrap().count(),
-        SMALL_FILES
+        files
     );
-    for i in [0, 1, 4999, SMALL_FILES - 1] {
+    for i in [0, 1, files / 2, files - 1] {
         assert_eq!(
             std::fs::read_to_string(v.join(format!("guestfiles/g{i}"))).unwrap(),
             format!("{i}\n")
@@ -662,7 +678,7 @@ echo from_a=$(cat /v/from-a)"#,
     assert_eq!(rb.get("a_ready").map(String::as_str), Some("a"), "{ctx}");
     assert_eq!(
         rb.get("guestfiles").map(String::as_str),
-        Some(format!("{SMALL_FILES} g0=0 g9999=9999").as_str()),
+        Some(format!("{files} g0=0 glast={}", files - 1).as_str()),
         "{ctx}"
     );
     assert_eq!(got("from_b"), "from-b", "{ctx}");
