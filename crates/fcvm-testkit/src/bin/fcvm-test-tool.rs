@@ -5,14 +5,28 @@
 //! - `udp-echo PORT`: answer every datagram on 0.0.0.0:PORT with `echo: ` and its bytes.
 //! - `mmap-write FILE OFFSET TEXT`: write TEXT into FILE at OFFSET through a shared mapping
 //!   (the file grows to fit), `msync` it, and print `mmap-write ok`.
+//! - `write-noise FILE MIB SEED`: write MIB MiB of reproducible bytes that do not compress
+//!   (xorshift from SEED), `fsync`, and print `sha256=HEX` of what was written: a guest-side
+//!   big file for the volume tests without /dev/urandom's cost (in the emulated host, the
+//!   kernel's generator and busybox's sha256sum each took over a minute for 100 MiB).
+//! - `fs-bench DIR MIB FILES`: time, in DIR, a sequential write of MIB MiB (then `fsync`), a
+//!   sequential read of it after dropping its cached pages, FILES creates of empty files, and a
+//!   `stat` of each (from the attribute cache, then forced to the file system with
+//!   `AT_STATX_FORCE_SYNC`); print one `fs-bench` line of `key=value` figures and remove what
+//!   it made. For `benches/volumes.rs` (busybox's `dd` reports no rate one can trust across
+//!   file systems, and has no way to time a `stat`).
 //!
 //! Built like the agent (`+crt-static`, `--target x86_64-unknown-linux-gnu`), since the image
 //! has no C library.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use nix::sys::mman::{mmap, msync, munmap, MapFlags, MsFlags, ProtFlags};
 
@@ -22,7 +36,9 @@ fn main() -> ExitCode {
     let result = match words.as_slice() {
         ["udp-echo", port] => udp_echo(port),
         ["mmap-write", file, offset, text] => mmap_write(file, offset, text),
-        _ => Err("usage: fcvm-test-tool udp-echo PORT | mmap-write FILE OFFSET TEXT".into()),
+        ["fs-bench", dir, mib, files] => fs_bench(dir, mib, files),
+        ["write-noise", file, mib, seed] => write_noise(file, mib, seed),
+        _ => Err("usage: fcvm-test-tool udp-echo PORT | mmap-write FILE OFFSET TEXT | write-noise FILE MIB SEED | fs-bench DIR MIB FILES".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,5 +114,139 @@ fn mmap_write(file: &str, offset: &str, text: &str) -> Result<(), String> {
     unsafe { munmap(map, end) }.map_err(|e| format!("munmap: {e}"))?;
     synced.map_err(|e| format!("msync {file}: {e}"))?;
     println!("mmap-write ok");
+    Ok(())
+}
+
+fn fs_bench(dir: &str, mib: &str, files: &str) -> Result<(), String> {
+    let mib: usize = mib.parse().map_err(|_| format!("bad MiB count {mib:?}"))?;
+    let files: usize = files
+        .parse()
+        .map_err(|_| format!("bad file count {files:?}"))?;
+    let dir = Path::new(dir);
+    let data = dir.join("fs-bench.dat");
+    // Bytes that are not all one value, so no layer can shortcut them.
+    let chunk: Vec<u8> = (0..1usize << 20)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+
+    let start = Instant::now();
+    let mut f = File::create(&data).map_err(|e| format!("create {}: {e}", data.display()))?;
+    for _ in 0..mib {
+        f.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+    }
+    f.sync_all().map_err(|e| format!("fsync: {e}"))?;
+    drop(f);
+    let write_s = start.elapsed().as_secs_f64();
+
+    let mut f = File::open(&data).map_err(|e| format!("open {}: {e}", data.display()))?;
+    // Drop the file's cached pages so the read goes to the file system (the FUSE server, or
+    // the VM's disk), not the guest's page cache.
+    nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(|e| format!("fadvise: {e}"))?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let read_s = start.elapsed().as_secs_f64();
+    if total != mib << 20 {
+        return Err(format!("read back {total} bytes of {}", mib << 20));
+    }
+    std::fs::remove_file(&data).map_err(|e| format!("remove {}: {e}", data.display()))?;
+
+    let many = dir.join("fs-bench-files");
+    std::fs::create_dir(&many).map_err(|e| format!("mkdir {}: {e}", many.display()))?;
+    let names: Vec<_> = (0..files).map(|i| many.join(format!("f{i}"))).collect();
+    let start = Instant::now();
+    for n in &names {
+        File::create(n).map_err(|e| format!("create {}: {e}", n.display()))?;
+    }
+    let create_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for n in &names {
+        std::fs::metadata(n).map_err(|e| format!("stat {}: {e}", n.display()))?;
+    }
+    let stat_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for n in &names {
+        stat_force_sync(n)?;
+    }
+    let stat_sync_s = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&many).map_err(|e| format!("remove {}: {e}", many.display()))?;
+
+    let per = |s: f64| if files == 0 { 0.0 } else { s / files as f64 };
+    println!(
+        "fs-bench dir={} write_mib_s={:.1} read_mib_s={:.1} creates_per_s={:.0} stat_us={:.1} stat_sync_us={:.1}",
+        dir.display(),
+        mib as f64 / write_s,
+        mib as f64 / read_s,
+        files as f64 / create_s,
+        per(stat_s) * 1e6,
+        per(stat_sync_s) * 1e6,
+    );
+    Ok(())
+}
+
+/// `statx` with `AT_STATX_FORCE_SYNC`: the attributes from the file system itself (a FUSE
+/// `GETATTR`), not the kernel's attribute cache. Neither std nor nix offers the flag.
+fn stat_force_sync(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("a NUL in {}", path.display()))?;
+    let mut out = std::mem::MaybeUninit::<libc::statx>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `out` is writable
+    // memory of the size the kernel fills for a `statx` struct.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            out.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "statx {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn write_noise(file: &str, mib: &str, seed: &str) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    let mib: usize = mib.parse().map_err(|_| format!("bad MiB count {mib:?}"))?;
+    let mut x: u64 = seed.parse().map_err(|_| format!("bad seed {seed:?}"))?;
+    if x == 0 {
+        return Err("the seed must not be 0 (xorshift stays at 0)".into());
+    }
+    let mut f = File::create(file).map_err(|e| format!("create {file}: {e}"))?;
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        hash.update(&chunk);
+        f.write_all(&chunk)
+            .map_err(|e| format!("write {file}: {e}"))?;
+    }
+    f.sync_all().map_err(|e| format!("fsync {file}: {e}"))?;
+    println!("sha256={:x}", hash.finalize());
     Ok(())
 }
