@@ -82,6 +82,18 @@ pub struct PodmanRunArgs {
     /// OCI or docker archive (`podman save`) to run; attached read-only to the VM.
     #[arg(long, value_name = "FILE")]
     pub image_archive: Option<PathBuf>,
+    /// Verify the registry's TLS certificate when the guest pulls IMAGE (podman's flag;
+    /// default true). `--tls-verify=false` (or `--tls-verify false`) for a registry that
+    /// serves plain HTTP or a certificate the guest does not trust.
+    #[arg(
+        long,
+        value_name = "true|false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_tls_verify
+    )]
+    pub tls_verify: Option<TlsVerifyArg>,
     /// Guest kernel: a path, or `probe` (default: the one from `fcvm setup kernel`).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -147,7 +159,46 @@ of the command. Options of fcvm go before IMAGE.";
 impl PodmanRunArgs {
     /// IMAGE and the command after it (a `--` right after IMAGE is dropped).
     pub fn image_and_command(&self) -> (Option<String>, Vec<String>) {
-        split_leading(&self.image_and_command)
+        split_leading(self.tls_verify_and_words().1)
+    }
+
+    /// `--tls-verify`: None when not given.
+    pub fn tls_verify(&self) -> Option<bool> {
+        self.tls_verify_and_words().0
+    }
+
+    /// `--tls-verify` and the positional words. A bare `--tls-verify` followed by `true` or
+    /// `false` takes that word as its value (`--tls-verify false IMAGE`); followed by
+    /// anything else it means true and the word is IMAGE (`--tls-verify IMAGE`).
+    fn tls_verify_and_words(&self) -> (Option<bool>, &[String]) {
+        let words = &self.image_and_command[..];
+        match self.tls_verify {
+            None => (None, words),
+            Some(TlsVerifyArg::Value(v)) => (Some(v), words),
+            Some(TlsVerifyArg::Bare) => match words.split_first() {
+                Some((w, rest)) if w == "true" || w == "false" => (Some(w == "true"), rest),
+                _ => (Some(true), words),
+            },
+        }
+    }
+}
+
+/// `--tls-verify` as given: bare, or with `=VALUE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVerifyArg {
+    /// `--tls-verify` alone (a following `true`/`false` may still be its value).
+    Bare,
+    /// `--tls-verify=VALUE`.
+    Value(bool),
+}
+
+/// `--tls-verify`'s value: the spellings of a boolean podman (Go's `ParseBool`) accepts.
+fn parse_tls_verify(s: &str) -> Result<TlsVerifyArg, String> {
+    match s {
+        "" => Ok(TlsVerifyArg::Bare),
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(TlsVerifyArg::Value(true)),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(TlsVerifyArg::Value(false)),
+        _ => Err("expected true or false".into()),
     }
 }
 
@@ -267,9 +318,11 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         });
     }
     let (image, command) = a.image_and_command();
+    let tls_verify = a.tls_verify();
     let req = PodmanRunRequest {
         name: a.name,
         image,
+        tls_verify,
         image_archive: a.image_archive,
         command,
         cmd: a.cmd,
@@ -412,6 +465,40 @@ mod tests {
         assert_eq!(image_cmd(&["--image-archive", "img.tar"]), (None, vec![]));
         // A mistyped option before the image is still a usage error, not an image name.
         assert!(Cli::try_parse_from(["fcvm", "podman", "run", "--nmae", "x", "img"]).is_err());
+    }
+
+    #[test]
+    fn tls_verify_is_spelled_as_podman_s() {
+        let tls = |args: &[&str]| {
+            let a = run_args(args);
+            (a.tls_verify(), a.image_and_command())
+        };
+        let img = |cmd: &[&str]| (Some("reg:5000/a:1".to_string()), words(cmd));
+        assert_eq!(tls(&["reg:5000/a:1", "echo"]), (None, img(&["echo"])));
+        for off in [
+            &["--tls-verify=false", "reg:5000/a:1", "echo"][..],
+            &["--tls-verify", "false", "reg:5000/a:1", "echo"],
+            &["--tls-verify=0", "reg:5000/a:1", "echo"],
+        ] {
+            assert_eq!(tls(off), (Some(false), img(&["echo"])), "{off:?}");
+        }
+        for on in [
+            &["--tls-verify", "reg:5000/a:1", "echo"][..],
+            &["--tls-verify", "true", "reg:5000/a:1", "echo"],
+            &["--tls-verify=true", "reg:5000/a:1", "echo"],
+        ] {
+            assert_eq!(tls(on), (Some(true), img(&["echo"])), "{on:?}");
+        }
+        // After IMAGE it is the command's.
+        assert_eq!(
+            tls(&["reg:5000/a:1", "--tls-verify", "false"]),
+            (None, img(&["--tls-verify", "false"]))
+        );
+        let bad = Cli::try_parse_from(["fcvm", "podman", "run", "--tls-verify=maybe", "img"]);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("expected true or false"));
     }
 
     #[test]
