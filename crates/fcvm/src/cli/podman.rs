@@ -363,6 +363,10 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
     std::io::stdout().flush()?;
     if let Some(err) = &outcome.guest_error {
         eprintln!("fcvm: error: the container could not run: {err}");
+        // The default network carries nothing but the agent's metadata link.
+        if req.network == podman::NetworkRequest::None && err.starts_with("podman pull") {
+            eprintln!("fcvm: hint: with --network none the guest cannot reach a registry; pull with --network bridged");
+        }
     }
     if outcome.interrupted.is_some() {
         eprintln!(

@@ -11,8 +11,9 @@
 
 use std::io::Read;
 use std::net::TcpStream;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::network::network_leftovers;
@@ -52,6 +53,30 @@ fn major_version(text: &str) -> Option<u32> {
             .ok()
             .filter(|_| w.contains('.'))
     })
+}
+
+/// A pseudo-terminal (120 columns) for fcvm's stderr: (master, slave).
+fn terminal() -> (OwnedFd, OwnedFd) {
+    let size = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let p = nix::pty::openpty(Some(&size), None).unwrap();
+    (p.master, p.slave)
+}
+
+/// Reads all that is written to the terminal of `master` while it is written (a full
+/// terminal would block the writer), until every slave is closed (EIO).
+fn read_terminal(master: OwnedFd) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::fs::File::from(master).read_to_end(&mut out);
+        let _ = tx.send(String::from_utf8_lossy(&out).into_owned());
+    });
+    rx
 }
 
 /// The address on `lo`, removed again when dropped.
@@ -234,7 +259,13 @@ fn bridged_pull_from_a_local_registry() {
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     assert_eq!(out, "hello-from-registry\n", "stderr: {err}");
     assert!(err.contains(cold_line), "{err}");
-    for progress in ["Copying", "Trying to pull", "pulling", "pulled", "blob"] {
+    for progress in [
+        "Copying",
+        "Trying to pull",
+        "pulling ",
+        "fcvm: pulled",
+        "blob",
+    ] {
         assert!(
             !err.contains(progress),
             "{progress:?} in piped stderr: {err}"
@@ -244,53 +275,76 @@ fn bridged_pull_from_a_local_registry() {
     env.ok(&["rm", "first"]);
 
     // Then three at once (each VM boots from its own copy of the rootfs, so none shares
-    // another's pull): the same image again (`--tls-verify false`, the spaced spelling),
-    // a tag the registry does not have, and TLS verification on against plain HTTP. The two
-    // failures leave no record even without --rm: no container ever existed.
-    let again = run(
+    // another's pull): the same image again (`--tls-verify false`, the spaced spelling) with
+    // stderr on a terminal, where the pull shows; a tag the registry does not have; and TLS
+    // verification on against plain HTTP. The two failures leave no record even without
+    // --rm: no container ever existed.
+    let mut again = run(
         &["--rm", "--tls-verify", "false"],
         &image,
-        &["sh", "-c", "echo again; cat /etc/hostname >/dev/null"],
+        &["echo", "again"],
     );
+    let (master, slave) = terminal();
+    again.stderr(Stdio::from(slave));
+    let again = std::thread::spawn(move || {
+        let mut child = again.stdout(Stdio::piped()).spawn().unwrap();
+        // The Command holds a copy of the slave: dropped, the terminal ends with fcvm.
+        drop(again);
+        let term = read_terminal(master);
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = wait_until(Duration::from_secs(300), "the second pull", || {
+            child.try_wait().unwrap()
+        });
+        // Bounded: a process still holding the terminal fails the test instead of hanging it.
+        let term = term
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the terminal stayed open 30 s after fcvm exited");
+        (status.code(), out, term)
+    });
     let missing_tag = run(
         &["--tls-verify=false"],
         &format!("{}/busybox-test:nope", registry.addr),
         &["true"],
     );
     let tls_on = run(&[], &image, &["true"]);
-    let handles: Vec<_> = [
-        ("again", again),
-        ("missing tag", missing_tag),
-        ("tls on", tls_on),
-    ]
-    .into_iter()
-    .map(|(what, cmd)| std::thread::spawn(move || (what, run_to_end(cmd, what))))
-    .collect();
-    for h in handles {
+    let failures: Vec<_> = [("missing tag", missing_tag), ("tls on", tls_on)]
+        .into_iter()
+        .map(|(what, cmd)| std::thread::spawn(move || (what, run_to_end(cmd, what))))
+        .collect();
+    let (code, out, term) = again.join().unwrap();
+    assert_eq!(code, Some(0), "again: stdout: {out}\nterminal: {term}");
+    assert_eq!(out, "again\n", "terminal: {term}");
+    assert!(term.contains(cold_line), "{term}");
+    // podman's lines under a spinner, then one line for the whole pull.
+    assert!(term.contains(&format!("pulling {image}")), "{term}");
+    assert!(
+        term.contains(&format!("fcvm: pulled {image} (1 blob, ")),
+        "{term}"
+    );
+    for h in failures {
         let (what, (code, out, err)) = h.join().unwrap();
-        match what {
-            "again" => {
-                assert_eq!(code, Some(0), "{what}: stdout: {out}\nstderr: {err}");
-                assert_eq!(out, "again\n", "{what}: stderr: {err}");
-                assert!(err.contains(cold_line), "{what}: {err}");
-            }
-            "missing tag" => {
-                assert_eq!(code, Some(125), "{what}: stdout: {out}\nstderr: {err}");
-                assert!(out.is_empty(), "{what}: {out}");
-                assert!(
-                    err.contains("podman pull") && err.contains("manifest unknown"),
-                    "{what}: podman's reason expected: {err}"
-                );
-            }
-            _ => {
-                assert_eq!(code, Some(125), "{what}: stdout: {out}\nstderr: {err}");
-                assert!(out.is_empty(), "{what}: {out}");
-                assert!(
-                    err.contains("podman pull")
-                        && err.contains("server gave HTTP response to HTTPS client"),
-                    "{what}: podman's reason expected: {err}"
-                );
-            }
+        assert_eq!(code, Some(125), "{what}: stdout: {out}\nstderr: {err}");
+        assert!(out.is_empty(), "{what}: {out}");
+        let reason = if what == "tls on" {
+            "server gave HTTP response to HTTPS client"
+        } else {
+            "manifest unknown"
+        };
+        assert!(
+            err.contains("podman pull") && err.contains(reason),
+            "{what}: podman's reason expected: {err}"
+        );
+        for progress in ["Copying", "pulling "] {
+            assert!(
+                !err.contains(progress),
+                "{what}: {progress:?} in piped stderr: {err}"
+            );
         }
     }
     // The second run pulled on its own: the registry served the manifest once more.
