@@ -11,7 +11,7 @@
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -64,6 +64,16 @@ fn terminal() -> (OwnedFd, OwnedFd) {
         ws_ypixel: 0,
     };
     let p = nix::pty::openpty(Some(&size), None).unwrap();
+    // openpty's descriptors are inherited across exec: the fcvm processes the test starts
+    // meanwhile (and their VMMs) would hold the terminal open long after this fcvm ended.
+    // The child still gets the slave as its stderr (dup2 clears the flag).
+    for fd in [&p.master, &p.slave] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
     (p.master, p.slave)
 }
 
