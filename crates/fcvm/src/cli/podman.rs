@@ -89,7 +89,6 @@ pub struct PodmanRunArgs {
         long,
         value_name = "true|false",
         num_args = 0..=1,
-        require_equals = true,
         default_missing_value = "",
         value_parser = parse_tls_verify
     )]
@@ -145,7 +144,7 @@ pub struct PodmanRunArgs {
         value_name = "IMAGE [CMD [ARG...]]",
         trailing_var_arg = true,
         num_args = 1..,
-        required_unless_present = "image_archive"
+        required_unless_present_any = ["image_archive", "tls_verify"]
     )]
     pub image_and_command: Vec<String>,
 }
@@ -159,7 +158,7 @@ of the command. Options of fcvm go before IMAGE.";
 impl PodmanRunArgs {
     /// IMAGE and the command after it (a `--` right after IMAGE is dropped).
     pub fn image_and_command(&self) -> (Option<String>, Vec<String>) {
-        split_leading(self.tls_verify_and_words().1)
+        split_leading(&self.tls_verify_and_words().1)
     }
 
     /// `--tls-verify`: None when not given.
@@ -167,39 +166,58 @@ impl PodmanRunArgs {
         self.tls_verify_and_words().0
     }
 
-    /// `--tls-verify` and the positional words. A bare `--tls-verify` followed by `true` or
-    /// `false` takes that word as its value (`--tls-verify false IMAGE`); followed by
-    /// anything else it means true and the word is IMAGE (`--tls-verify IMAGE`).
-    fn tls_verify_and_words(&self) -> (Option<bool>, &[String]) {
-        let words = &self.image_and_command[..];
-        match self.tls_verify {
+    /// `--tls-verify` and the positional words. The flag takes the next word when it is
+    /// `true` or `false` (`--tls-verify false`, as well as `--tls-verify=false`); any other
+    /// word it took is IMAGE, after a bare `--tls-verify` (`--tls-verify IMAGE`).
+    fn tls_verify_and_words(&self) -> (Option<bool>, Vec<String>) {
+        let words = self.image_and_command.clone();
+        match &self.tls_verify {
             None => (None, words),
-            Some(TlsVerifyArg::Value(v)) => (Some(v), words),
-            Some(TlsVerifyArg::Bare) => match words.split_first() {
-                Some((w, rest)) if w == "true" || w == "false" => (Some(w == "true"), rest),
-                _ => (Some(true), words),
-            },
+            Some(TlsVerifyArg::Bare) => (Some(true), words),
+            Some(TlsVerifyArg::Value(v)) => (Some(*v), words),
+            Some(TlsVerifyArg::Word(image)) => {
+                let mut all = vec![image.clone()];
+                all.extend(words);
+                (Some(true), all)
+            }
+        }
+    }
+
+    /// `--tls-verify=WORD` with a WORD that is no boolean (`args`: this process's
+    /// arguments): refused, where `--tls-verify WORD` makes WORD the image.
+    pub fn check_tls_verify_value(&self, args: &[String]) -> Result<(), String> {
+        match &self.tls_verify {
+            Some(TlsVerifyArg::Word(w))
+                if args.iter().any(|a| *a == format!("--tls-verify={w}")) =>
+            {
+                Err(format!(
+                    "invalid value {w:?} for --tls-verify: expected true or false"
+                ))
+            }
+            _ => Ok(()),
         }
     }
 }
 
-/// `--tls-verify` as given: bare, or with `=VALUE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--tls-verify` as clap read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsVerifyArg {
-    /// `--tls-verify` alone (a following `true`/`false` may still be its value).
+    /// `--tls-verify` alone (before another option, or last).
     Bare,
-    /// `--tls-verify=VALUE`.
+    /// `--tls-verify=BOOL` or `--tls-verify BOOL`.
     Value(bool),
+    /// A word after `--tls-verify` that is no boolean: IMAGE.
+    Word(String),
 }
 
 /// `--tls-verify`'s value: the spellings of a boolean podman (Go's `ParseBool`) accepts.
 fn parse_tls_verify(s: &str) -> Result<TlsVerifyArg, String> {
-    match s {
-        "" => Ok(TlsVerifyArg::Bare),
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(TlsVerifyArg::Value(true)),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(TlsVerifyArg::Value(false)),
-        _ => Err("expected true or false".into()),
-    }
+    Ok(match s {
+        "" => TlsVerifyArg::Bare,
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => TlsVerifyArg::Value(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => TlsVerifyArg::Value(false),
+        other => TlsVerifyArg::Word(other.to_owned()),
+    })
 }
 
 /// The first word, and the rest without a `--` that directly follows the first word.
@@ -316,6 +334,13 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
                 ExitCode::from(podman::EXIT_FCVM_FAILED)
             }
         });
+    }
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = a.check_tls_verify_value(&argv) {
+        eprintln!("fcvm: error: {e}");
+        return Ok(ExitCode::from(podman::EXIT_FCVM_FAILED));
     }
     let (image, command) = a.image_and_command();
     let tls_verify = a.tls_verify();
@@ -482,27 +507,45 @@ mod tests {
         for off in [
             &["--tls-verify=false", "reg:5000/a:1", "echo"][..],
             &["--tls-verify", "false", "reg:5000/a:1", "echo"],
+            &[
+                "--tls-verify",
+                "false",
+                "--name",
+                "x",
+                "reg:5000/a:1",
+                "echo",
+            ],
             &["--tls-verify=0", "reg:5000/a:1", "echo"],
         ] {
             assert_eq!(tls(off), (Some(false), img(&["echo"])), "{off:?}");
         }
         for on in [
             &["--tls-verify", "reg:5000/a:1", "echo"][..],
+            &["--tls-verify", "--name", "x", "reg:5000/a:1", "echo"],
             &["--tls-verify", "true", "reg:5000/a:1", "echo"],
             &["--tls-verify=true", "reg:5000/a:1", "echo"],
         ] {
             assert_eq!(tls(on), (Some(true), img(&["echo"])), "{on:?}");
         }
+        assert_eq!(
+            tls(&["--tls-verify", "reg:5000/a:1"]),
+            (Some(true), img(&[]))
+        );
         // After IMAGE it is the command's.
         assert_eq!(
             tls(&["reg:5000/a:1", "--tls-verify", "false"]),
             (None, img(&["--tls-verify", "false"]))
         );
-        let bad = Cli::try_parse_from(["fcvm", "podman", "run", "--tls-verify=maybe", "img"]);
-        assert!(bad
-            .unwrap_err()
-            .to_string()
-            .contains("expected true or false"));
+        // `=` with no boolean is a mistake, not an image.
+        let argv = ["fcvm", "podman", "run", "--tls-verify=maybe", "img"];
+        let a = run_args(&argv[3..]);
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let e = a.check_tls_verify_value(&argv).unwrap_err();
+        assert!(e.contains("expected true or false"), "{e}");
+        let argv = ["fcvm", "podman", "run", "--tls-verify", "img"];
+        let a = run_args(&argv[3..]);
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        a.check_tls_verify_value(&argv).unwrap();
     }
 
     #[test]
