@@ -28,7 +28,10 @@ need_root() {
 HOST_PACKAGES=(gcc binutils make iproute2 mmdebstrap e2fsprogs util-linux busybox-static tmux
     btrfs-progs linux-source-6.1 flex bison bc xz-utils libelf-dev qemu-system-x86 kmod
     # nftables: `nft` for --network bridged (NAT, published ports; also seen inside the emulated host)
-    nftables)
+    nftables
+    # docker-registry, skopeo: the registry-pull test serves the busybox image from a real
+    # local registry (Debian's distribution server), pushed there with skopeo
+    docker-registry skopeo)
 
 install_host_packages() {
     local missing=()

@@ -136,7 +136,10 @@ fn run_container(
     state: &Arc<SignalState>,
 ) -> anyhow::Result<()> {
     let plan = setup_guest(cmdline, vsock)?;
-    let image = container::prepare_image(&plan)?;
+    // Each line podman's pull reports goes to the host as it comes (shown on its terminal).
+    let image = container::prepare_image(&plan, &mut |line| {
+        status.send(&Status::PullProgress(line.to_owned()))
+    })?;
     crate::info!("image ready: {image}");
     let plan = if plan.await_proceed {
         let plan = await_proceed(vsock, status, &image)?;

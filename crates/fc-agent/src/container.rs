@@ -65,7 +65,8 @@ pub enum ImageError {
 }
 
 /// Makes the plan's image available in local storage; returns the reference to run.
-pub fn prepare_image(plan: &Plan) -> Result<String, ImageError> {
+/// `progress` gets each line of `podman pull`'s progress output as podman writes it.
+pub fn prepare_image(plan: &Plan, progress: &mut dyn FnMut(&str)) -> Result<String, ImageError> {
     match &plan.image {
         ImageSource::Archive { device, reference } => {
             let out = reaper::run(Command::new("podman").args(["load", "-q", "-i", device]))
@@ -82,27 +83,61 @@ pub fn prepare_image(plan: &Plan) -> Result<String, ImageError> {
             }
             loaded_name(&out.stdout).ok_or_else(|| ImageError::NoName(device.clone()))
         }
-        ImageSource::Registry { reference } => {
+        ImageSource::Registry {
+            reference,
+            tls_verify,
+        } => {
             let exists = reaper::run(Command::new("podman").args(["image", "exists", reference]))
                 .map_err(ImageError::Spawn)?;
             if exists.code == 0 {
                 return Ok(reference.clone());
             }
-            let out = reaper::run(
+            // Not -q: podman's progress lines (on stderr, without bars since it is a pipe)
+            // are what the host shows. The proxy variables are podman's for the pull.
+            let out = reaper::run_lines(
                 Command::new("podman")
-                    .args(["pull", "-q", reference])
+                    .args(pull_args(reference, *tls_verify))
                     .envs(&plan.proxy),
+                |line| {
+                    crate::debug!("pull: {line}");
+                    progress(line);
+                },
             )
             .map_err(ImageError::Spawn)?;
             if out.code != 0 {
                 return Err(ImageError::Pull {
                     reference: reference.clone(),
                     code: out.code,
-                    stderr: out.stderr.trim().to_owned(),
+                    stderr: pull_reason(&out.stderr),
                 });
             }
             Ok(reference.clone())
         }
+    }
+}
+
+/// Arguments of `podman pull` (after `podman`).
+pub fn pull_args(reference: &str, tls_verify: bool) -> Vec<String> {
+    let mut a = vec!["pull".to_owned()];
+    if !tls_verify {
+        a.push("--tls-verify=false".into());
+    }
+    a.push(reference.to_owned());
+    a
+}
+
+/// Why a pull failed, in podman's words: its `Error:` lines (the progress lines before them
+/// say nothing about the failure), or all it wrote when there is none.
+pub fn pull_reason(stderr: &str) -> String {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Error:") || l.starts_with("Error "))
+        .collect();
+    if errors.is_empty() {
+        stderr.trim().to_owned()
+    } else {
+        errors.join("\n")
     }
 }
 
@@ -265,10 +300,24 @@ mod tests {
     }
 
     #[test]
+    fn pull_flags_and_podman_s_reason() {
+        assert_eq!(pull_args("r/a:1", true), ["pull", "r/a:1"]);
+        assert_eq!(
+            pull_args("r/a:1", false),
+            ["pull", "--tls-verify=false", "r/a:1"]
+        );
+        let stderr = "Trying to pull r/a:1...\nError: initializing source docker://r/a:1: \
+                      reading manifest 1 in r/a: manifest unknown\n";
+        assert_eq!(
+            pull_reason(stderr),
+            "Error: initializing source docker://r/a:1: reading manifest 1 in r/a: manifest unknown"
+        );
+        assert_eq!(pull_reason(" something else \n"), "something else");
+    }
+
+    #[test]
     fn run_args_order_and_flags() {
-        let mut p = Plan::new(ImageSource::Registry {
-            reference: "x".into(),
-        });
+        let mut p = Plan::new(ImageSource::registry("x"));
         p.tty = true;
         p.env.insert("A".into(), "1 2".into());
         p.cmd = Some(vec!["sh".into(), "-c".into(), "exit 3".into()]);
@@ -294,9 +343,7 @@ mod tests {
 
     #[test]
     fn volumes_are_bind_mounts_of_their_staging_dirs() {
-        let mut p = Plan::new(ImageSource::Registry {
-            reference: "x".into(),
-        });
+        let mut p = Plan::new(ImageSource::registry("x"));
         p.volumes = vec![
             fcvm_proto::plan::Volume {
                 guest_path: "/data".into(),
@@ -326,9 +373,7 @@ mod tests {
 
     #[test]
     fn run_flags_reach_podman_before_the_image() {
-        let mut p = Plan::new(ImageSource::Registry {
-            reference: "x".into(),
-        });
+        let mut p = Plan::new(ImageSource::registry("x"));
         p.user = Some("1000".into());
         p.workdir = Some("/tmp".into());
         p.entrypoint = Some("/bin/sh".into());

@@ -241,3 +241,45 @@ pub fn run(cmd: &mut Command) -> std::io::Result<Output> {
         stderr,
     })
 }
+
+/// [`run`], handing each line of the child's standard error to `on_line` as it comes (a line
+/// ends at `\n` or `\r`, so a redrawn progress line counts too; empty ones are skipped). The
+/// whole standard error is still returned.
+pub fn run_lines(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> std::io::Result<Output> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, w) = spawn(cmd)?;
+    let mut out_pipe = child.stdout.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = out_pipe.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut stderr = String::new();
+    if let Some(p) = child.stderr.take() {
+        let mut r = BufReader::new(p);
+        let mut chunk = Vec::new();
+        // Split on '\n'; a chunk may hold several '\r'-separated redraws.
+        while r.read_until(b'\n', &mut chunk).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&chunk);
+            stderr.push_str(&text);
+            for line in text.split(['\n', '\r']).map(str::trim_end) {
+                if !line.trim().is_empty() {
+                    on_line(line);
+                }
+            }
+            chunk.clear();
+        }
+    }
+    let stdout = out_thread.join().unwrap_or_default();
+    Ok(Output {
+        code: w.wait(),
+        stdout,
+        stderr,
+    })
+}

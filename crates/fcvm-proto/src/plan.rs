@@ -37,6 +37,10 @@ pub enum ImageSource {
     Registry {
         /// Image reference, e.g. `docker.io/library/alpine:3.20`.
         reference: String,
+        /// Verify the registry's TLS certificate and refuse plain HTTP (podman's
+        /// `--tls-verify`, default true); false for a registry without TLS.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        tls_verify: bool,
     },
     /// `podman load` of an OCI or docker archive attached as a read-only raw drive.
     Archive {
@@ -47,6 +51,24 @@ pub enum ImageSource {
         #[serde(default)]
         reference: String,
     },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl ImageSource {
+    /// A registry image pulled with TLS verification on (podman's default).
+    pub fn registry(reference: impl Into<String>) -> Self {
+        ImageSource::Registry {
+            reference: reference.into(),
+            tls_verify: true,
+        }
+    }
 }
 
 /// A host directory shared into the container: the host serves it over FUSE on
@@ -293,7 +315,7 @@ impl Plan {
             return Err(PlanError::Version(self.version));
         }
         match &self.image {
-            ImageSource::Registry { reference } if reference.trim().is_empty() => {
+            ImageSource::Registry { reference, .. } if reference.trim().is_empty() => {
                 return Err(PlanError::EmptyImage)
             }
             ImageSource::Archive { device, .. }
@@ -426,10 +448,7 @@ mod tests {
     #[test]
     fn minimal_json_gets_defaults() {
         // Flags left at their defaults are not written: the plan reads as before they existed.
-        let doc = serde_json::to_value(Plan::new(ImageSource::Registry {
-            reference: "alpine".into(),
-        }))
-        .unwrap();
+        let doc = serde_json::to_value(Plan::new(ImageSource::registry("alpine"))).unwrap();
         for key in [
             "init",
             "privileged",
@@ -444,13 +463,17 @@ mod tests {
             r#"{"version":1,"image":{"kind":"registry","reference":"alpine"}}"#,
         )
         .unwrap();
-        assert_eq!(
-            p,
-            Plan::new(ImageSource::Registry {
-                reference: "alpine".into()
-            })
-        );
+        assert_eq!(p, Plan::new(ImageSource::registry("alpine")));
         assert!(serde_json::from_str::<Plan>(r#"{"version":1,"image":{"kind":"ftp"}}"#).is_err());
+        // TLS verification is on unless the plan turns it off, and only "off" is written.
+        assert!(doc["image"].get("tls_verify").is_none(), "{doc}");
+        let plain = ImageSource::Registry {
+            reference: "10.0.0.1:5000/a:1".into(),
+            tls_verify: false,
+        };
+        let json = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json["tls_verify"], false);
+        assert_eq!(serde_json::from_value::<ImageSource>(json).unwrap(), plain);
         assert!(serde_json::from_str::<Plan>(
             r#"{"version":1,"image":{"kind":"registry","reference":"a"},"x":1}"#
         )
@@ -462,9 +485,7 @@ mod tests {
         let mut p = archive_plan();
         p.version = 2;
         assert_eq!(p.validate(), Err(PlanError::Version(2)));
-        let p = Plan::new(ImageSource::Registry {
-            reference: " ".into(),
-        });
+        let p = Plan::new(ImageSource::registry(" "));
         assert_eq!(p.validate(), Err(PlanError::EmptyImage));
         let p = Plan::new(ImageSource::Archive {
             device: "/etc/passwd".into(),

@@ -19,6 +19,7 @@
 //! | 3    | Error      | UTF-8 text | guest → host: the agent could not run the container (bad plan, image load failed, ...); an Exit follows |
 //! | 4    | ImageReady | UTF-8 image id (`sha256:...`) | guest → host: the image is loaded and the agent waits for [`Status::Proceed`] (only when the plan asks for it, see [`crate::plan::Plan::await_proceed`]); sent again after every reconnect |
 //! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal). It carries the host's wall-clock time and fresh random bytes ([`Plan::host_time_ns`], [`Plan::entropy`]): the agent sets the guest's clock and reseeds its kernel's CRNG before the container starts |
+//! | 6    | PullProgress | UTF-8 text: one line of `podman pull`'s progress output, as podman wrote it | guest → host: the agent is pulling the plan's image; the host shows the lines on a terminal (nothing in a pipe) |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a
@@ -42,6 +43,7 @@ const T_EXIT: u8 = 2;
 const T_ERROR: u8 = 3;
 const T_IMAGE_READY: u8 = 4;
 const T_PROCEED: u8 = 5;
+const T_PULL_PROGRESS: u8 = 6;
 
 /// One status message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +61,9 @@ pub enum Status {
     },
     /// Host to guest: go on and start the container with this plan.
     Proceed(Box<Plan>),
+    /// One line of `podman pull`'s progress (`Copying blob sha256:...`), relayed as podman
+    /// wrote it: the host shows it, it never decides anything.
+    PullProgress(String),
 }
 
 /// Errors decoding or transporting status messages.
@@ -135,6 +140,7 @@ fn build(kind: u8, p: Vec<u8>) -> Result<Option<Status>, StatusError> {
         T_READY => Status::Ready,
         T_EXIT => Status::Exit(i32::from_le_bytes([p[0], p[1], p[2], p[3]])),
         T_ERROR => Status::Error(text("Error", p)?),
+        T_PULL_PROGRESS => Status::PullProgress(text("PullProgress", p)?),
         T_IMAGE_READY => Status::ImageReady {
             digest: text("ImageReady", p)?,
         },
@@ -156,6 +162,7 @@ impl Status {
             Status::Ready => (T_READY, Vec::new()),
             Status::Exit(code) => (T_EXIT, code.to_le_bytes().to_vec()),
             Status::Error(t) => (T_ERROR, cut(t).into_bytes()),
+            Status::PullProgress(t) => (T_PULL_PROGRESS, cut(t).into_bytes()),
             Status::ImageReady { digest } => (T_IMAGE_READY, cut(digest).into_bytes()),
             // A plan is strings, integers and maps: serialising cannot fail.
             Status::Proceed(plan) => (T_PROCEED, serde_json::to_vec(plan).unwrap_or_default()),
@@ -310,6 +317,7 @@ mod tests {
                 digest: "sha256:0123abcd".into(),
             },
             Status::Proceed(Box::new(plan())),
+            Status::PullProgress("Copying blob sha256:0123".into()),
         ]
     }
 

@@ -82,6 +82,17 @@ pub struct PodmanRunArgs {
     /// OCI or docker archive (`podman save`) to run; attached read-only to the VM.
     #[arg(long, value_name = "FILE")]
     pub image_archive: Option<PathBuf>,
+    /// Verify the registry's TLS certificate when the guest pulls IMAGE (podman's flag;
+    /// default true). `--tls-verify=false` (or `--tls-verify false`) for a registry that
+    /// serves plain HTTP or a certificate the guest does not trust.
+    #[arg(
+        long,
+        value_name = "true|false",
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_parser = parse_tls_verify
+    )]
+    pub tls_verify: Option<TlsVerifyArg>,
     /// Guest kernel: a path, or `probe` (default: the one from `fcvm setup kernel`).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -133,7 +144,7 @@ pub struct PodmanRunArgs {
         value_name = "IMAGE [CMD [ARG...]]",
         trailing_var_arg = true,
         num_args = 1..,
-        required_unless_present = "image_archive"
+        required_unless_present_any = ["image_archive", "tls_verify"]
     )]
     pub image_and_command: Vec<String>,
 }
@@ -147,8 +158,66 @@ of the command. Options of fcvm go before IMAGE.";
 impl PodmanRunArgs {
     /// IMAGE and the command after it (a `--` right after IMAGE is dropped).
     pub fn image_and_command(&self) -> (Option<String>, Vec<String>) {
-        split_leading(&self.image_and_command)
+        split_leading(&self.tls_verify_and_words().1)
     }
+
+    /// `--tls-verify`: None when not given.
+    pub fn tls_verify(&self) -> Option<bool> {
+        self.tls_verify_and_words().0
+    }
+
+    /// `--tls-verify` and the positional words. The flag takes the next word when it is
+    /// `true` or `false` (`--tls-verify false`, as well as `--tls-verify=false`); any other
+    /// word it took is IMAGE, after a bare `--tls-verify` (`--tls-verify IMAGE`).
+    fn tls_verify_and_words(&self) -> (Option<bool>, Vec<String>) {
+        let words = self.image_and_command.clone();
+        match &self.tls_verify {
+            None => (None, words),
+            Some(TlsVerifyArg::Bare) => (Some(true), words),
+            Some(TlsVerifyArg::Value(v)) => (Some(*v), words),
+            Some(TlsVerifyArg::Word(image)) => {
+                let mut all = vec![image.clone()];
+                all.extend(words);
+                (Some(true), all)
+            }
+        }
+    }
+
+    /// `--tls-verify=WORD` with a WORD that is no boolean (`args`: this process's
+    /// arguments): refused, where `--tls-verify WORD` makes WORD the image.
+    pub fn check_tls_verify_value(&self, args: &[String]) -> Result<(), String> {
+        match &self.tls_verify {
+            Some(TlsVerifyArg::Word(w))
+                if args.iter().any(|a| *a == format!("--tls-verify={w}")) =>
+            {
+                Err(format!(
+                    "invalid value {w:?} for --tls-verify: expected true or false"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `--tls-verify` as clap read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsVerifyArg {
+    /// `--tls-verify` alone (before another option, or last).
+    Bare,
+    /// `--tls-verify=BOOL` or `--tls-verify BOOL`.
+    Value(bool),
+    /// A word after `--tls-verify` that is no boolean: IMAGE.
+    Word(String),
+}
+
+/// `--tls-verify`'s value: the spellings of a boolean podman (Go's `ParseBool`) accepts.
+fn parse_tls_verify(s: &str) -> Result<TlsVerifyArg, String> {
+    Ok(match s {
+        "" => TlsVerifyArg::Bare,
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => TlsVerifyArg::Value(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => TlsVerifyArg::Value(false),
+        other => TlsVerifyArg::Word(other.to_owned()),
+    })
 }
 
 /// The first word, and the rest without a `--` that directly follows the first word.
@@ -266,10 +335,19 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
             }
         });
     }
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = a.check_tls_verify_value(&argv) {
+        eprintln!("fcvm: error: {e}");
+        return Ok(ExitCode::from(podman::EXIT_FCVM_FAILED));
+    }
     let (image, command) = a.image_and_command();
+    let tls_verify = a.tls_verify();
     let req = PodmanRunRequest {
         name: a.name,
         image,
+        tls_verify,
         image_archive: a.image_archive,
         command,
         cmd: a.cmd,
@@ -310,6 +388,10 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
     std::io::stdout().flush()?;
     if let Some(err) = &outcome.guest_error {
         eprintln!("fcvm: error: the container could not run: {err}");
+        // The default network carries nothing but the agent's metadata link.
+        if req.network == podman::NetworkRequest::None && err.starts_with("podman pull") {
+            eprintln!("fcvm: hint: with --network none the guest cannot reach a registry; pull with --network bridged");
+        }
     }
     if outcome.interrupted.is_some() {
         eprintln!(
@@ -412,6 +494,58 @@ mod tests {
         assert_eq!(image_cmd(&["--image-archive", "img.tar"]), (None, vec![]));
         // A mistyped option before the image is still a usage error, not an image name.
         assert!(Cli::try_parse_from(["fcvm", "podman", "run", "--nmae", "x", "img"]).is_err());
+    }
+
+    #[test]
+    fn tls_verify_is_spelled_as_podman_s() {
+        let tls = |args: &[&str]| {
+            let a = run_args(args);
+            (a.tls_verify(), a.image_and_command())
+        };
+        let img = |cmd: &[&str]| (Some("reg:5000/a:1".to_string()), words(cmd));
+        assert_eq!(tls(&["reg:5000/a:1", "echo"]), (None, img(&["echo"])));
+        for off in [
+            &["--tls-verify=false", "reg:5000/a:1", "echo"][..],
+            &["--tls-verify", "false", "reg:5000/a:1", "echo"],
+            &[
+                "--tls-verify",
+                "false",
+                "--name",
+                "x",
+                "reg:5000/a:1",
+                "echo",
+            ],
+            &["--tls-verify=0", "reg:5000/a:1", "echo"],
+        ] {
+            assert_eq!(tls(off), (Some(false), img(&["echo"])), "{off:?}");
+        }
+        for on in [
+            &["--tls-verify", "reg:5000/a:1", "echo"][..],
+            &["--tls-verify", "--name", "x", "reg:5000/a:1", "echo"],
+            &["--tls-verify", "true", "reg:5000/a:1", "echo"],
+            &["--tls-verify=true", "reg:5000/a:1", "echo"],
+        ] {
+            assert_eq!(tls(on), (Some(true), img(&["echo"])), "{on:?}");
+        }
+        assert_eq!(
+            tls(&["--tls-verify", "reg:5000/a:1"]),
+            (Some(true), img(&[]))
+        );
+        // After IMAGE it is the command's.
+        assert_eq!(
+            tls(&["reg:5000/a:1", "--tls-verify", "false"]),
+            (None, img(&["--tls-verify", "false"]))
+        );
+        // `=` with no boolean is a mistake, not an image.
+        let argv = ["fcvm", "podman", "run", "--tls-verify=maybe", "img"];
+        let a = run_args(&argv[3..]);
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let e = a.check_tls_verify_value(&argv).unwrap_err();
+        assert!(e.contains("expected true or false"), "{e}");
+        let argv = ["fcvm", "podman", "run", "--tls-verify", "img"];
+        let a = run_args(&argv[3..]);
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        a.check_tls_verify_value(&argv).unwrap();
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! - the image: the plan's image source (archive device and the reference run from it) and
 //!   the identity of the archive file (see below); `localhost/` images are exported once to
 //!   an archive named by their image id, so a new image under the same name is a new key;
-//!   registry images are not cached (their digest is only known after the pull);
+//!   registry images are not cached (their digest is only known after the guest's pull, and
+//!   a key of the name and tag would restore a stale image once the tag moves; see
+//!   `commands::podman::cached`);
 //! - the guest kernel, the rootfs image and the agent initrd (which is built from the agent
 //!   binary), by identity;
 //! - the Firecracker binary, by identity (a snapshot is loaded by the VMM that made it);

@@ -6,4 +6,5 @@
 pub mod network;
 pub mod podman;
 pub mod podman_cli;
+pub mod registry;
 pub mod volumes;

@@ -52,7 +52,7 @@ fn http_get(addr: &str) -> Option<String> {
 }
 
 /// What fcvm may leave of a VM's network: namespaces, host veth ends, nft tables.
-fn network_leftovers() -> Vec<String> {
+pub(super) fn network_leftovers() -> Vec<String> {
     let mut left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|rd| {
             rd.filter_map(|e| e.ok())

@@ -171,6 +171,27 @@ impl Guest {
         cmd
     }
 
+    /// `fcvm podman run FLAGS --kernel K --rootfs R IMAGE ARGS...`: no archive, so the
+    /// guest pulls IMAGE from its registry.
+    pub(super) fn run_pulled(
+        &self,
+        env: &TestEnv,
+        flags: &[&str],
+        image: &str,
+        args: &[&str],
+    ) -> Command {
+        let mut cmd = env.command();
+        cmd.args(["podman", "run"])
+            .args(flags)
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .arg(image)
+            .args(args);
+        cmd
+    }
+
     /// `fcvm podman run FLAGS --kernel K --rootfs R --image-archive A IMAGE ARGS...`, with no
     /// `--name` unless `flags` has one and no `--` unless `args` has one.
     fn run_bare(&self, env: &TestEnv, flags: &[&str], args: &[&str]) -> Command {

@@ -10,8 +10,17 @@
 //!   this run's plan (name, hostname, env, command, terminal) in Proceed. stderr:
 //!   `cache hit`. An entry that does not restore (load refused, VM gone, agent silent) is
 //!   removed and the run boots cold with a warning; nothing of the container has run then.
-//! - **Cold**: `--no-snapshot`, `FCVM_NO_SNAPSHOT=1`, a registry image, or another run busy
-//!   creating the entry (this run does not wait for it). stderr: `cold (why)`.
+//! - **Cold**: `--no-snapshot`, `FCVM_NO_SNAPSHOT=1`, a registry image, a network other than
+//!   `none`, or another run busy creating the entry (this run does not wait for it). stderr:
+//!   `cold (why)`.
+//!
+//! A registry image is never cached, so every run pulls it in its own VM: an entry's key must
+//! name the image by content, and a pulled image's digest is known only once the guest has
+//! pulled it. A key of the name and tag alone would restore the old image after the tag moved
+//! to a new digest; checking the digest after a restore needs the restored VM to reach the
+//! registry, and cached VMs have `--network none` (their restores cannot carry a bridged
+//! VM's pool address yet). Until both exist, pulled images run with the cache off, and the
+//! `cold (...)` line says why.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +36,10 @@ use crate::state::{GuestKind, VmKind};
 use crate::vm::{self, DriveSpec, Resources, VmSpec};
 
 use super::Prepared;
+
+/// Why a pulled image boots cold (printed as `fcvm: cold (...)`).
+pub const PULLED_NOT_CACHED: &str =
+    "images pulled from a registry are not cached: the cache key needs the image's digest, known only after the guest's pull";
 
 /// What this run does with the cache.
 #[derive(Debug)]
@@ -114,6 +127,13 @@ pub(super) fn decide(paths: &Paths, no_snapshot: bool, p: &Prepared) -> Decision
     if cache::disabled_by_env() {
         return Decision::Cold(format!("{} is set", cache::NO_SNAPSHOT_ENV));
     }
+    // Before the network's reason: it stays true with any network (see the module docs).
+    if matches!(
+        p.image.source,
+        fcvm_proto::plan::ImageSource::Registry { .. }
+    ) {
+        return Decision::Cold(PULLED_NOT_CACHED.into());
+    }
     // A restored guest keeps the address it was given at boot: a bridged VM's comes from a
     // pool slot of its own, which a snapshot cannot carry to another run (yet).
     if !matches!(p.network, super::PreparedNetwork::None) {
@@ -130,9 +150,7 @@ pub(super) fn decide(paths: &Paths, no_snapshot: bool, p: &Prepared) -> Decision
 
 fn try_decide(paths: &Paths, p: &Prepared) -> Result<Decision, crate::snapshot::StoreError> {
     let Some(inputs) = key_inputs(p)? else {
-        return Ok(Decision::Cold(
-            "registry images are not cached: their digest is known only after the pull".into(),
-        ));
+        return Ok(Decision::Cold(PULLED_NOT_CACHED.into()));
     };
     let key = inputs.key();
     let cache = ImageCache::open(paths)?;

@@ -37,6 +37,9 @@ pub enum ImageError {
         /// What is wrong.
         reason: String,
     },
+    /// `--tls-verify` for an image that is not pulled.
+    #[error("--tls-verify applies to images pulled from a registry; {0} is not pulled")]
+    TlsVerifyWithoutPull(String),
     /// A reference with whitespace or control characters.
     #[error("invalid image reference {0:?}")]
     BadReference(String),
@@ -65,7 +68,12 @@ pub enum ImageError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRequest {
     /// Pulled by the agent.
-    Registry(String),
+    Registry {
+        /// The reference.
+        reference: String,
+        /// `--tls-verify`.
+        tls_verify: bool,
+    },
     /// An archive file; `reference` may be empty (the agent then uses what `podman load` names).
     Archive {
         /// The file.
@@ -88,21 +96,38 @@ pub struct ResolvedImage {
     pub display: String,
 }
 
-/// Decide where the image comes from; checks only what costs nothing.
-pub fn classify(image: Option<&str>, archive: Option<&Path>) -> Result<ImageRequest, ImageError> {
+/// Decide where the image comes from; checks only what costs nothing. `tls_verify` is
+/// `--tls-verify` (None: not given), which only a registry pull takes.
+pub fn classify(
+    image: Option<&str>,
+    archive: Option<&Path>,
+    tls_verify: Option<bool>,
+) -> Result<ImageRequest, ImageError> {
     if let Some(r) = image {
         if r.is_empty() || r.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ImageError::BadReference(r.to_owned()));
         }
     }
-    match (image, archive) {
-        (reference, Some(file)) => Ok(ImageRequest::Archive {
+    let req = match (image, archive) {
+        (reference, Some(file)) => ImageRequest::Archive {
             file: file.to_owned(),
             reference: reference.unwrap_or_default().to_owned(),
-        }),
-        (Some(r), None) if r.starts_with(LOCAL_PREFIX) => Ok(ImageRequest::HostPodman(r.into())),
-        (Some(r), None) => Ok(ImageRequest::Registry(r.into())),
-        (None, None) => Err(ImageError::Missing),
+        },
+        (Some(r), None) if r.starts_with(LOCAL_PREFIX) => ImageRequest::HostPodman(r.into()),
+        (Some(r), None) => ImageRequest::Registry {
+            reference: r.into(),
+            tls_verify: tls_verify.unwrap_or(true),
+        },
+        (None, None) => return Err(ImageError::Missing),
+    };
+    match (&req, tls_verify) {
+        (ImageRequest::Archive { file, .. }, Some(_)) => Err(ImageError::TlsVerifyWithoutPull(
+            format!("the image from --image-archive {}", file.display()),
+        )),
+        (ImageRequest::HostPodman(r), Some(_)) => Err(ImageError::TlsVerifyWithoutPull(format!(
+            "{r} (from this host's podman storage)"
+        ))),
+        _ => Ok(req),
     }
 }
 
@@ -128,12 +153,16 @@ pub fn check_archive(file: &Path) -> Result<PathBuf, ImageError> {
 /// Make the image available to a VM: check an archive, or export a host image.
 pub fn resolve(paths: &Paths, req: &ImageRequest) -> Result<ResolvedImage, ImageError> {
     match req {
-        ImageRequest::Registry(r) => Ok(ResolvedImage {
+        ImageRequest::Registry {
+            reference,
+            tls_verify,
+        } => Ok(ResolvedImage {
             source: ImageSource::Registry {
-                reference: r.clone(),
+                reference: reference.clone(),
+                tls_verify: *tls_verify,
             },
             drive: None,
-            display: r.clone(),
+            display: reference.clone(),
         }),
         ImageRequest::Archive { file, reference } => {
             let drive = check_archive(file)?;
@@ -228,25 +257,51 @@ mod tests {
     #[test]
     fn classification() {
         assert_eq!(
-            classify(Some("docker.io/library/alpine"), None).unwrap(),
-            ImageRequest::Registry("docker.io/library/alpine".into())
+            classify(Some("docker.io/library/alpine"), None, None).unwrap(),
+            ImageRequest::Registry {
+                reference: "docker.io/library/alpine".into(),
+                tls_verify: true
+            }
         );
         assert_eq!(
-            classify(Some("localhost/app:1"), None).unwrap(),
+            classify(Some("10.0.0.1:5000/a:1"), None, Some(false)).unwrap(),
+            ImageRequest::Registry {
+                reference: "10.0.0.1:5000/a:1".into(),
+                tls_verify: false
+            }
+        );
+        assert_eq!(
+            classify(Some("localhost/app:1"), None, None).unwrap(),
             ImageRequest::HostPodman("localhost/app:1".into())
         );
         assert_eq!(
-            classify(Some("localhost/app:1"), Some(Path::new("/x.tar"))).unwrap(),
+            classify(Some("localhost/app:1"), Some(Path::new("/x.tar")), None).unwrap(),
             ImageRequest::Archive {
                 file: "/x.tar".into(),
                 reference: "localhost/app:1".into()
             }
         );
-        assert!(matches!(classify(None, None), Err(ImageError::Missing)));
         assert!(matches!(
-            classify(Some("a b"), None),
+            classify(None, None, None),
+            Err(ImageError::Missing)
+        ));
+        assert!(matches!(
+            classify(Some("a b"), None, None),
             Err(ImageError::BadReference(_))
         ));
+        // Only a pull verifies TLS: the flag elsewhere is a mistake, named.
+        for (image, archive) in [
+            (Some("localhost/app:1"), None),
+            (None, Some(Path::new("/x.tar"))),
+        ] {
+            let e = classify(image, archive, Some(false))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("--tls-verify applies to images pulled"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod env;
 pub mod image;
 pub mod machine;
 pub mod plan;
+pub mod pull;
 pub mod session;
 pub mod tty;
 
@@ -91,6 +92,8 @@ pub struct PodmanRunRequest {
     pub image: Option<String>,
     /// `--image-archive`.
     pub image_archive: Option<PathBuf>,
+    /// `--tls-verify` for a registry pull (None: not given, podman's default true).
+    pub tls_verify: Option<bool>,
     /// Trailing command.
     pub command: Vec<String>,
     /// `--cmd`.
@@ -462,10 +465,13 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
 }
 
 /// What becomes of the record: a container that ran is kept as exited (its code and logs)
-/// unless the run said `--rm`; a run that failed is forgotten (its error was reported).
+/// unless the run said `--rm`; a run that failed is forgotten (its error was reported),
+/// as is one whose container could not be created (podman keeps no container of a failed
+/// pull either).
 fn disposition(req: &PodmanRunRequest, result: &Result<PodmanOutcome, PodmanError>) -> Disposition {
     match result {
-        Ok(_) if !req.remove => Disposition::Exited,
+        // The agent's error: the container never existed (a pull or load that failed).
+        Ok(o) if !req.remove && o.guest_error.is_none() => Disposition::Exited,
         _ => Disposition::Forget,
     }
 }
@@ -560,7 +566,11 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let user = plan::user(req.user.as_deref())?;
     let workdir = plan::workdir(req.workdir.as_deref())?;
     let labels = plan::parse_labels(&req.labels)?;
-    let image_req = image::classify(req.image.as_deref(), req.image_archive.as_deref())?;
+    let image_req = image::classify(
+        req.image.as_deref(),
+        req.image_archive.as_deref(),
+        req.tls_verify,
+    )?;
     if let image::ImageRequest::Archive { file, .. } = &image_req {
         image::check_archive(file)?;
     }
@@ -980,6 +990,18 @@ async fn follow(
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     // Whether MMDS still holds this run's plan (a restored VM's MMDS holds none).
     let mut plan_in_mmds = vm.spec().mmds.is_some();
+    // The guest's pull of a registry image, shown on a terminal (see [`pull`]).
+    let mut pull = match &plan.image {
+        fcvm_proto::plan::ImageSource::Registry { reference, .. } => {
+            Some(pull::PullDisplay::new(reference))
+        }
+        fcvm_proto::plan::ImageSource::Archive { .. } => None,
+    };
+    let pull_over = |pull: &mut Option<pull::PullDisplay>, pulled: bool| {
+        if let Some(mut d) = pull.take() {
+            d.finish(pulled);
+        }
+    };
     loop {
         let mut escalate = false;
         tokio::select! {
@@ -991,17 +1013,28 @@ async fn follow(
                     empty_mmds(vm).await;
                 }
                 match st {
+                    Some(Status::PullProgress(line)) => {
+                        if let Some(d) = pull.as_mut() {
+                            d.line(&line);
+                        }
+                    }
                     Some(Status::Ready) => {
+                        pull_over(&mut pull, true);
                         timeline.mark("ready");
                         let _ = vm.update(|r| r.health = Health::Healthy);
                         release_detached(vm, paths, p);
                     }
-                    Some(Status::Error(text)) => end.guest_error = Some(text),
+                    Some(Status::Error(text)) => {
+                        pull_over(&mut pull, false);
+                        end.guest_error = Some(text);
+                    }
                     Some(Status::ImageReady { digest }) => {
+                        pull_over(&mut pull, true);
                         image_ready(vm, session, paths, p, timeline, gate, &digest).await;
                     }
                     Some(Status::Proceed(_)) => {}
                     Some(Status::Exit(code)) => {
+                        pull_over(&mut pull, false);
                         timeline.mark("exit-status");
                         end.exit_code = Some(code);
                         // Started and ended before its start was seen; a container that

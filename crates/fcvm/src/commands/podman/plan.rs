@@ -209,9 +209,7 @@ mod tests {
 
     #[test]
     fn proceed_plans_carry_the_time_and_fresh_entropy() {
-        let mut plan = Plan::new(ImageSource::Registry {
-            reference: "alpine".into(),
-        });
+        let mut plan = Plan::new(ImageSource::registry("alpine"));
         plan.await_proceed = true;
         let before = host_time_ns().unwrap();
         let (a, b) = (proceed(&plan), proceed(&plan));
@@ -257,9 +255,7 @@ mod tests {
     #[test]
     fn plan_carries_options_and_validates() {
         let p = build(
-            ImageSource::Registry {
-                reference: "alpine".into(),
-            },
+            ImageSource::registry("alpine"),
             PlanOptions {
                 cmd: Some(vec!["true".into()]),
                 env: [("A".to_owned(), "1".to_owned())].into(),
@@ -270,12 +266,7 @@ mod tests {
         p.validate().unwrap();
         assert_eq!(p.tty_size, Some(WindowSize { rows: 24, cols: 80 }));
         assert_eq!(p.env.get("A").map(String::as_str), Some("1"));
-        let p = build(
-            ImageSource::Registry {
-                reference: "alpine".into(),
-            },
-            PlanOptions::default(),
-        );
+        let p = build(ImageSource::registry("alpine"), PlanOptions::default());
         assert_eq!(p.tty_size, None);
         assert_eq!(p.cmd, None);
     }
@@ -283,9 +274,7 @@ mod tests {
     #[test]
     fn run_flags_travel_in_the_plan() {
         let p = build(
-            ImageSource::Registry {
-                reference: "alpine".into(),
-            },
+            ImageSource::registry("alpine"),
             PlanOptions {
                 user: user(Some("1000:1000")).unwrap(),
                 workdir: workdir(Some("/tmp")).unwrap(),
