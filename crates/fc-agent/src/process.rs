@@ -49,32 +49,68 @@ fn winsize(ws: WindowSize) -> Winsize {
     }
 }
 
+/// Renews a sink's connection after a failed write (the container's output follows the
+/// agent's reconnections, see [`crate::channels`]).
+pub type Renew = Box<dyn FnMut() -> Option<Box<dyn Write + Send>> + Send>;
+
 /// Where frames go: a shared connection, dropped after the first write error (the host left;
-/// the process keeps running and its output is discarded).
+/// the process keeps running and its output is discarded), unless the sink can renew it.
 #[derive(Clone, Default)]
-pub struct FrameSink(Arc<Mutex<Option<Box<dyn Write + Send>>>>);
+pub struct FrameSink(Arc<Mutex<SinkState>>);
+
+#[derive(Default)]
+struct SinkState {
+    writer: Option<Box<dyn Write + Send>>,
+    renew: Option<Renew>,
+}
 
 impl FrameSink {
     /// A sink writing to `w`.
     pub fn new(w: impl Write + Send + 'static) -> Self {
-        Self(Arc::new(Mutex::new(Some(Box::new(w)))))
+        Self(Arc::new(Mutex::new(SinkState {
+            writer: Some(Box::new(w)),
+            renew: None,
+        })))
     }
 
-    /// Sends one frame; returns false if the sink is gone.
+    /// A sink writing to `w` that, when a write fails, sends the frame again on what
+    /// `renew` gives (nothing: the frame is dropped and the next one tries again).
+    pub fn renewing(w: impl Write + Send + 'static, renew: Renew) -> Self {
+        Self(Arc::new(Mutex::new(SinkState {
+            writer: Some(Box::new(w)),
+            renew: Some(renew),
+        })))
+    }
+
+    /// Sends one frame, whole or not at all on one connection; returns false if it was
+    /// not sent.
     pub fn send(&self, frame: &Frame) -> bool {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = g.as_mut() else { return false };
-        if let Err(e) = write_frame(w, frame) {
-            crate::debug!("frame sink closed: {e}");
-            *g = None;
+        let mut bytes = Vec::new();
+        if write_frame(&mut bytes, frame).is_err() {
             return false;
         }
-        true
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = g.writer.as_mut() {
+            match w.write_all(&bytes) {
+                Ok(()) => return true,
+                Err(e) => crate::debug!("frame sink write failed: {e}"),
+            }
+        }
+        g.writer = None;
+        let Some(renew) = g.renew.as_mut() else {
+            return false;
+        };
+        let Some(mut w) = renew() else { return false };
+        let sent = w.write_all(&bytes).is_ok();
+        g.writer = Some(w);
+        sent
     }
 
     /// Drops the connection (the peer sees end of stream once all clones are gone).
     pub fn close(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.renew = None;
+        g.writer = None;
     }
 }
 

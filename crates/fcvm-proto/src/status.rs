@@ -19,6 +19,8 @@
 //! | 3    | Error      | UTF-8 text | guest → host: the agent could not run the container (bad plan, image load failed, ...); an Exit follows |
 //! | 4    | ImageReady | UTF-8 image id (`sha256:...`) | guest → host: the image is loaded and the agent waits for [`Status::Proceed`] (only when the plan asks for it, see [`crate::plan::Plan::await_proceed`]); sent again after every reconnect |
 //! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal). It carries the host's wall-clock time and fresh random bytes ([`Plan::host_time_ns`], [`Plan::entropy`]): the agent sets the guest's clock and reseeds its kernel's CRNG before the container starts |
+//! | 6    | Reconnected | empty | guest → host: the agent's channels were reset (a snapshot was taken of this VM, or it was restored from one) and it connected them again (status first, then output and input); it waits for [`Status::Resync`], applies it, then reports Ready again if the container runs |
+//! | 7    | Resync     | JSON [`Resync`] | host → guest: the host's wall clock and fresh random bytes, the answer to Reconnected |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a
@@ -42,6 +44,20 @@ const T_EXIT: u8 = 2;
 const T_ERROR: u8 = 3;
 const T_IMAGE_READY: u8 = 4;
 const T_PROCEED: u8 = 5;
+const T_RECONNECTED: u8 = 6;
+const T_RESYNC: u8 = 7;
+
+/// What a VM that was snapshotted or restored gets renewed (see [`crate::plan::Plan::host_time_ns`]
+/// and [`crate::plan::Plan::entropy`], which mean the same there).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resync {
+    /// The host's `CLOCK_REALTIME` in nanoseconds, stamped just before the send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_time_ns: Option<u64>,
+    /// Fresh random bytes for the guest kernel's pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<crate::plan::Entropy>,
+}
 
 /// One status message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +75,10 @@ pub enum Status {
     },
     /// Host to guest: go on and start the container with this plan.
     Proceed(Box<Plan>),
+    /// Guest to host: the channels were reset and are connected again; send Resync.
+    Reconnected,
+    /// Host to guest: the clock and entropy after a snapshot or restore.
+    Resync(Resync),
 }
 
 /// Errors decoding or transporting status messages.
@@ -89,6 +109,9 @@ pub enum StatusError {
     /// A Proceed payload is not a valid plan.
     #[error("Proceed status message does not carry a valid plan: {0}")]
     BadPlan(String),
+    /// A Resync payload is malformed.
+    #[error("Resync status message is malformed: {0}")]
+    BadResync(String),
     /// The stream ended inside a message.
     #[error("Status stream ended in the middle of a message")]
     Truncated,
@@ -112,6 +135,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), StatusError> {
     let fixed = match h[1] {
         T_READY => Some(("Ready", 0)),
         T_EXIT => Some(("Exit", 4)),
+        T_RECONNECTED => Some(("Reconnected", 0)),
         _ => None,
     };
     if let Some((kind, expected)) = fixed {
@@ -145,6 +169,18 @@ fn build(kind: u8, p: Vec<u8>) -> Result<Option<Status>, StatusError> {
                 .map_err(|e| StatusError::BadPlan(e.to_string()))?;
             Status::Proceed(Box::new(plan))
         }
+        T_RECONNECTED => Status::Reconnected,
+        T_RESYNC => {
+            let r: Resync =
+                serde_json::from_slice(&p).map_err(|e| StatusError::BadResync(e.to_string()))?;
+            if let Some(e) = &r.entropy {
+                let n = e.bytes().len();
+                if !(crate::plan::MIN_ENTROPY_BYTES..=crate::plan::MAX_ENTROPY_BYTES).contains(&n) {
+                    return Err(StatusError::BadResync(format!("{n} bytes of entropy")));
+                }
+            }
+            Status::Resync(r)
+        }
         _ => return Ok(None),
     }))
 }
@@ -159,6 +195,8 @@ impl Status {
             Status::ImageReady { digest } => (T_IMAGE_READY, cut(digest).into_bytes()),
             // A plan is strings, integers and maps: serialising cannot fail.
             Status::Proceed(plan) => (T_PROCEED, serde_json::to_vec(plan).unwrap_or_default()),
+            Status::Reconnected => (T_RECONNECTED, Vec::new()),
+            Status::Resync(r) => (T_RESYNC, serde_json::to_vec(r).unwrap_or_default()),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.push(VERSION);
@@ -310,6 +348,15 @@ mod tests {
                 digest: "sha256:0123abcd".into(),
             },
             Status::Proceed(Box::new(plan())),
+            Status::Reconnected,
+            Status::Resync(Resync {
+                host_time_ns: Some(1_764_000_000_000_000_001),
+                entropy: Some(crate::plan::Entropy::new(vec![7; 64])),
+            }),
+            Status::Resync(Resync {
+                host_time_ns: None,
+                entropy: None,
+            }),
         ]
     }
 

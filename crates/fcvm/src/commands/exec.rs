@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::commands::podman::{plan, tty};
 use crate::paths::{Paths, VmPaths};
-use crate::state::{Store, StoreError, VmKind, VmRecord};
+use crate::state::{Store, StoreError, VmRecord};
 use crate::vsock::{self, VsockError};
 
 /// How long the exec server may take to accept.
@@ -123,7 +123,7 @@ pub fn find_vm(paths: &Paths, target: &Target) -> Result<VmRecord, ExecError> {
         Target::Name(n) => store.find_by_name(n)?,
         Target::Pid(p) => store.find_by_pid(*p)?,
     };
-    if record.kind != VmKind::Container {
+    if !record.runs_container() {
         return Err(ExecError::NotContainer(record.name.as_str().to_owned()));
     }
     Ok(record)
