@@ -308,3 +308,73 @@ impl Running {
         code
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that a snapshot reset: every write fails.
+    struct Reset;
+    impl Write for Reset {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOTCONN))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut r = bytes;
+        let mut out = Vec::new();
+        while let Some(f) = fcvm_proto::frame::read_frame(&mut r).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn a_renewing_sink_sends_the_failed_frame_whole_on_the_new_connection() {
+        let new = Shared::default();
+        let handed = new.clone();
+        let mut renewals = 0;
+        let sink = FrameSink::renewing(
+            Reset,
+            Box::new(move || {
+                renewals += 1;
+                (renewals == 1).then(|| Box::new(handed.clone()) as Box<dyn Write + Send>)
+            }),
+        );
+        assert!(sink.send(&Frame::Stdout(b"one".to_vec())));
+        assert!(sink.send(&Frame::Stderr(b"two".to_vec())));
+        assert_eq!(
+            frames(&new.0.lock().unwrap()),
+            [
+                Frame::Stdout(b"one".to_vec()),
+                Frame::Stderr(b"two".to_vec())
+            ]
+        );
+        // Closed: no renewal any more.
+        sink.close();
+        assert!(!sink.send(&Frame::Eof));
+    }
+
+    #[test]
+    fn a_plain_sink_drops_its_connection_after_a_failure() {
+        let sink = FrameSink::new(Reset);
+        assert!(!sink.send(&Frame::Stdout(b"x".to_vec())));
+        assert!(!sink.send(&Frame::Stdout(b"y".to_vec())));
+    }
+}

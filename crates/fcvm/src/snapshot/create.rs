@@ -562,3 +562,61 @@ pub fn diff_warning(dirty: u64, mem_bytes: u64) -> Option<String> {
         None
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use crate::names::Name;
+    use crate::state::GuestKind;
+
+    fn container(dir: &Path) -> VmRecord {
+        let mut r = VmRecord::new(
+            "id".into(),
+            Name::parse("web").unwrap(),
+            VmKind::Container,
+            dir.to_owned(),
+        );
+        r.guest = GuestKind::Agent;
+        r
+    }
+
+    fn listener(dir: &Path, port: u32) {
+        std::fs::write(dir.join(format!("v.sock_{port}")), b"").unwrap();
+    }
+
+    #[test]
+    fn container_snapshots_refuse_what_clones_cannot_have_and_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = container(dir.path());
+        assert_eq!(container_refusal(&r, false), None);
+        assert!(container_refusal(&r, true)
+            .unwrap()
+            .contains("Diff snapshots of container VMs"));
+        // Raw VMs are not concerned.
+        let mut raw = r.clone();
+        raw.kind = VmKind::Raw;
+        raw.guest = GuestKind::Unknown;
+        assert_eq!(container_refusal(&raw, true), None);
+
+        let mut bridged = r.clone();
+        bridged.network = crate::network::NetworkAttachment::Bridged(
+            crate::network::bridged::BridgedNet::new("id", 1, "tap0", Vec::new(), Vec::new()),
+        );
+        assert!(container_refusal(&bridged, false)
+            .unwrap()
+            .contains("--network bridged"));
+
+        listener(dir.path(), fcvm_proto::vsock::STATUS_PORT);
+        listener(dir.path(), fcvm_proto::vsock::OUTPUT_PORT);
+        assert_eq!(container_refusal(&r, false), None);
+        listener(dir.path(), fcvm_proto::vsock::INPUT_PORT);
+        assert!(container_refusal(&r, false).unwrap().contains("-i or -t"));
+        listener(dir.path(), fcvm_proto::vsock::VOLUME_PORT_BASE + 2);
+        assert!(container_refusal(&r, false).unwrap().contains("volumes"));
+
+        // A clone of a container snapshot is a container VM too.
+        let mut clone = container(tempfile::tempdir().unwrap().path());
+        clone.kind = VmKind::Clone;
+        assert!(container_refusal(&clone, true).is_some());
+    }
+}

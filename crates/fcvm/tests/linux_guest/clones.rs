@@ -23,6 +23,12 @@ const RESTORED: Duration = Duration::from_secs(240);
 const SCRIPT: &str = "trap 'echo got-term; exit 143' TERM; echo original > /whoami; \
                       i=0; while :; do i=$((i+1)); echo tick-$i; echo err-$i >&2; sleep 1; done";
 
+/// With fcvm's debug log (a supervisor's goes to its `fcvm.log`, shown on a failure).
+fn debug(mut cmd: std::process::Command) -> std::process::Command {
+    cmd.env("FCVM_LOG", "fcvm=debug");
+    cmd
+}
+
 fn logs(env: &TestEnv, name: &str) -> String {
     String::from_utf8_lossy(&env.fcvm(&["logs", name]).stdout).into_owned()
 }
@@ -47,13 +53,25 @@ fn ticks_past(env: &TestEnv, name: &str, above: u64) -> u64 {
     )
 }
 
+/// `fcvm exec NAME -- sh -c SCRIPT`, bounded: a hang fails the test with what came.
 fn exec(env: &TestEnv, name: &str, script: &str) -> (Option<i32>, String, String) {
-    let o = env.fcvm(&["exec", name, "--", "sh", "-c", script]);
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let mut cmd = env.command();
+    cmd.args(["exec", name, "--", "sh", "-c", script]);
+    let t = std::time::Instant::now();
+    let r = run_to_end_within(cmd, &format!("fcvm exec {name}"), Duration::from_secs(120));
+    step(&format!(
+        "exec in {name}: {:?} in {:.1} s",
+        r.0,
+        t.elapsed().as_secs_f64()
+    ));
+    r
+}
+
+/// A progress line with the time since the test started (the test's log shows where it is).
+fn step(what: &str) {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(std::time::Instant::now).elapsed();
+    eprintln!("clones test: {:7.1} s: {what}", t.as_secs_f64());
 }
 
 fn row(env: &TestEnv, name: &str) -> Option<serde_json::Value> {
@@ -71,6 +89,36 @@ fn netns_list() -> Vec<String> {
         .collect()
 }
 
+/// On a failure, the clones' consoles and the supervisors' logs go to the test's output.
+struct DumpOnPanic<'a>(&'a TestEnv);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut files: Vec<std::path::PathBuf> = self
+            .0
+            .vm_dirs()
+            .into_iter()
+            .map(|d| d.join("console.log"))
+            .collect();
+        if let Ok(dirs) = std::fs::read_dir(self.0.base().join("logs")) {
+            files.extend(dirs.flatten().map(|d| d.path().join("fcvm.log")));
+        }
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!(
+                "==== {} (last 40 lines)\n{}",
+                f.display(),
+                lines[from..].join("\n")
+            );
+        }
+    }
+}
+
 #[test]
 fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shots() {
     let test = "container_clones";
@@ -78,14 +126,17 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
         return;
     };
     let env = TestEnv::new_in(&scratch_root());
+    let _dump = DumpOnPanic(&env);
+    step("start");
 
     // The original, detached (no image cache: a cold boot is all this test needs).
     let (code, out, err) = run_to_end(
-        g.run_kept(&env, "web", &["-d", "--no-snapshot"], SCRIPT),
+        debug(g.run_kept(&env, "web", &["-d", "--no-snapshot"], SCRIPT)),
         "podman run -d web",
     );
     assert_eq!((code, out.trim()), (Some(0), "web"), "{err}");
     let before = ticks_past(&env, "web", 1);
+    step(&format!("web runs (tick-{before})"));
 
     // Refused: a Diff of a container VM, with the reason, and no snapshot made.
     let o = env.fcvm(&["snapshot", "create", "web", "--tag", "d", "--diff"]);
@@ -97,6 +148,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
 
     let o = env.fcvm(&["snapshot", "create", "web", "--tag", "t1"]);
     assert!(o.status.success(), "{o:?}");
+    step("snapshot t1 created");
     let listed = env.ok(&["snapshots", "--json"]);
     assert!(
         listed.contains("\"t1\"") && !listed.contains("\"d\""),
@@ -110,10 +162,15 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
         (Some(4), "original\n".into(), "e\n".into())
     );
 
+    step("web goes on after its snapshot");
     // Clone c1 from the memory file, detached: its own record, name, netns, log, disk.
-    let o = env.fcvm(&["snapshot", "run", "--snapshot", "t1", "--name", "c1", "-d"]);
+    let o = debug(env.command())
+        .args(["snapshot", "run", "--snapshot", "t1", "--name", "c1", "-d"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "c1");
+    step("c1 started (-d)");
     let r = row(&env, "c1").expect("ls lists c1");
     assert_eq!(
         (r["kind"].as_str(), r["snapshot"].as_str()),
@@ -178,6 +235,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
     let first = rx
         .recv_timeout(RESTORED)
         .expect("c2 prints its container's output");
+    step(&format!("c2 prints {first:?}"));
     let n: u64 = first
         .strip_prefix("tick-")
         .and_then(|t| t.parse().ok())
@@ -217,6 +275,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
             std::thread::spawn(move || run_to_end_within(cmd, "snapshot run --exec", RESTORED))
         })
         .collect();
+    step("three --exec clones started");
     for ((script, code, out), run) in cases.iter().zip(runs) {
         let (got, stdout, stderr) = run.join().unwrap();
         assert_eq!(
@@ -241,6 +300,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
         "only web, c1 and the page server: {names:?}"
     );
 
+    step("--exec cases done");
     // stop and rm: the clone's container got SIGTERM (143), then nothing of it is left.
     env.ok(&["stop", "--timeout", "60", "c1"]);
     assert_eq!(env.ok(&["wait", "c1"]).trim(), "143");
@@ -259,6 +319,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
         env.ls().is_empty().then_some(())
     });
     env.ok(&["snapshots", "rm", "t1"]);
+    step("all stopped and removed");
     env.assert_clean();
     let left: Vec<String> = netns_list()
         .into_iter()

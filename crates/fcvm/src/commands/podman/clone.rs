@@ -88,7 +88,10 @@ impl ContainerCloneError {
 }
 
 /// Whether snapshot `tag` is of a container VM (its clones run through this module).
-pub fn is_container_snapshot(paths: &Paths, tag: &str) -> Result<bool, CloneError> {
+pub fn is_container_snapshot(
+    paths: &Paths,
+    tag: &str,
+) -> Result<bool, crate::snapshot::StoreError> {
     let meta = SnapshotStore::open(paths)?.get(tag)?;
     // Only container VMs (and their clones) run the agent.
     Ok(meta.guest == GuestKind::Agent)

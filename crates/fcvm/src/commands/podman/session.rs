@@ -206,11 +206,7 @@ async fn relay_output(listener: HostListener, first: Arc<OnceLock<Instant>>, mut
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut stdout_open = sink.terminal;
-    type Reader = (
-        mpsc::Receiver<Result<Option<Frame>, fcvm_proto::frame::FrameError>>,
-        JoinHandle<()>,
-    );
-    let mut current: Option<Reader> = None;
+    let mut current: Option<FrameReader> = None;
     loop {
         let frame = tokio::select! {
             conn = listener.accept() => {
@@ -275,11 +271,15 @@ async fn relay_output(listener: HostListener, first: Arc<OnceLock<Instant>>, mut
     }
 }
 
+/// The frames of one connection, read by a task of their own (see
+/// [`crate::commands::exec::spawn_frame_reader`]).
+type FrameReader = (
+    mpsc::Receiver<Result<Option<Frame>, fcvm_proto::frame::FrameError>>,
+    JoinHandle<()>,
+);
+
 async fn recv_current(
-    current: &mut Option<(
-        mpsc::Receiver<Result<Option<Frame>, fcvm_proto::frame::FrameError>>,
-        JoinHandle<()>,
-    )>,
+    current: &mut Option<FrameReader>,
 ) -> Option<Result<Option<Frame>, fcvm_proto::frame::FrameError>> {
     match current {
         Some((rx, _)) => rx.recv().await,
@@ -358,5 +358,68 @@ async fn recv_winch(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match s {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::UnixStream;
+
+    async fn frame(conn: &mut UnixStream, f: Frame) {
+        write_frame(conn, &f).await.unwrap();
+    }
+
+    /// What a snapshot does to the agent's output connection, as the host sees it: the old
+    /// connection stays open with nobody behind it (or ends, or breaks mid-frame), and the
+    /// agent opens a new one. The newest connection wins and only the end marker ends the
+    /// relay.
+    #[tokio::test]
+    async fn output_follows_the_newest_connection_until_the_end_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = HostListener::bind(&uds, OUTPUT_PORT).unwrap();
+        let logs = dir.path().join("logs");
+        let sink = OutputSink {
+            terminal: false,
+            log: Some(LogWriter::create(&logs, 1 << 20).unwrap()),
+            attached: None,
+        };
+        let relay = tokio::spawn(relay_output(listener, Arc::new(OnceLock::new()), sink));
+        let path = dir.path().join(format!("v.sock_{OUTPUT_PORT}"));
+        let mut zombie = UnixStream::connect(&path).await.unwrap();
+        frame(&mut zombie, Frame::Stdout(b"before\n".to_vec())).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A reset connection that stays open: the next one replaces it.
+        let mut second = UnixStream::connect(&path).await.unwrap();
+        frame(&mut second, Frame::Stderr(b"after\n".to_vec())).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Dropped by the host (which closed its end of the replaced connection).
+        let _ = write_frame(&mut zombie, &Frame::Stdout(b"lost\n".to_vec())).await;
+        // One that ends without the marker: the relay waits for the next.
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!relay.is_finished());
+        let mut third = UnixStream::connect(&path).await.unwrap();
+        frame(&mut third, Frame::Stdout(b"last\n".to_vec())).await;
+        frame(&mut third, Frame::Eof).await;
+        tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("the end marker ends the relay")
+            .unwrap();
+        let got: Vec<(Stream, Vec<u8>)> = crate::logs::read_all(&logs)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.stream, r.text))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Stream::Stdout, b"before".to_vec()),
+                (Stream::Stderr, b"after".to_vec()),
+                (Stream::Stdout, b"last".to_vec()),
+            ]
+        );
     }
 }
