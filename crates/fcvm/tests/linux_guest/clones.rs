@@ -138,6 +138,10 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
     let before = ticks_past(&env, "web", 1);
     step(&format!("web runs (tick-{before})"));
 
+    // An exec before the snapshot: its vsock connection (host port numbers from 1 << 30,
+    // which the clones' new Firecrackers number from again) must not linger into the clones.
+    assert_eq!(exec(&env, "web", "echo pre").1, "pre\n");
+
     // Refused: a Diff of a container VM, with the reason, and no snapshot made.
     let o = env.fcvm(&["snapshot", "create", "web", "--tag", "d", "--diff"]);
     let text = String::from_utf8_lossy(&o.stderr);
