@@ -421,6 +421,33 @@ mod tests {
             Err(StatusError::BadLength { kind: "Ready", .. })
         ));
         assert!(matches!(
+            Status::decode(&raw(T_RECONNECTED, b"x")),
+            Err(StatusError::BadLength {
+                kind: "Reconnected",
+                ..
+            })
+        ));
+        // Resync: JSON, and entropy within the plan's bounds.
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, b"not json")),
+            Err(StatusError::BadResync(_))
+        ));
+        let few = format!(r#"{{"entropy":"{}"}}"#, "ab".repeat(4));
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, few.as_bytes())),
+            Err(StatusError::BadResync(_))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, br#"{"host_time_ns":-1}"#)),
+            Err(StatusError::BadResync(_))
+        ));
+        // Debug never shows the bytes.
+        let r = Status::Resync(Resync {
+            host_time_ns: None,
+            entropy: Some(crate::plan::Entropy::new(vec![0xab; 64])),
+        });
+        assert!(!format!("{r:?}").contains("ab, "), "{r:?}");
+        assert!(matches!(
             Status::decode(&raw(T_ERROR, &[0xff, 0xfe])),
             Err(StatusError::BadUtf8("Error"))
         ));
