@@ -1,6 +1,5 @@
 //! The agent's main flow, from PID 1 start to the container's exit code.
 
-use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -12,11 +11,11 @@ use fcvm_proto::boot::Cmdline;
 use fcvm_proto::frame::read_frame;
 use fcvm_proto::plan::Plan;
 use fcvm_proto::status::{read_status, Status};
-use fcvm_proto::vsock::{INPUT_PORT, OUTPUT_PORT, STATUS_PORT};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::channels::{Channels, OutputRenewer};
 use crate::process::{FrameSink, Running, StdioMode};
-use crate::vsock::{Conn, Vsock};
+use crate::vsock::Vsock;
 use crate::{container, exec, init, mmds, net, power, reaper, resync};
 
 /// Exit code reported when the agent itself fails (podman uses the same for its own errors).
@@ -25,32 +24,14 @@ const AGENT_FAILURE: i32 = 125;
 const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the plan.
 const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long to wait for the host's status listener after a restore reset the connection.
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Status port connection; a missing host only costs the messages.
-#[derive(Clone, Default)]
-struct StatusSink(Arc<Mutex<Option<Conn>>>);
+/// The status channel, as the agent's threads use it.
+#[derive(Clone)]
+struct StatusSink(Arc<Channels>);
 
 impl StatusSink {
     fn send(&self, s: &Status) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = g.as_mut() {
-            if let Err(e) = c.write_all(&s.encode()) {
-                crate::info!("status port write failed: {e}");
-                *g = None;
-            }
-        }
-    }
-
-    /// A reading handle on the current connection, if there is one.
-    fn reader(&self) -> Option<Conn> {
-        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().and_then(|c| c.try_clone().ok())
-    }
-
-    fn replace(&self, conn: Option<Conn>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+        self.0.send_status(s);
     }
 
     fn fail(&self, e: &anyhow::Error) {
@@ -92,11 +73,8 @@ pub fn run() -> anyhow::Result<()> {
     reaper::start();
     crate::info!("root mounted ({})", cmdline.root());
 
-    let status = StatusSink::default();
-    match vsock.connect(STATUS_PORT, HOST_CONNECT_TIMEOUT) {
-        Ok(c) => *status.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
-        Err(e) => crate::info!("no status connection: {e}"),
-    }
+    let status = StatusSink(Arc::new(Channels::new(vsock)));
+    status.0.connect_status(HOST_CONNECT_TIMEOUT);
     let state = Arc::new(SignalState::default());
     {
         let (state, status) = (state.clone(), status.clone());
@@ -142,7 +120,7 @@ fn run_container(
     })?;
     crate::info!("image ready: {image}");
     let plan = if plan.await_proceed {
-        let plan = await_proceed(vsock, status, &image)?;
+        let plan = await_proceed(status, &image)?;
         // Restored from a snapshot (or paused while one was taken): the clock and the CRNG
         // are the snapshot's until the host's plan renews them.
         resync::after_proceed(&plan)?;
@@ -155,12 +133,19 @@ fn run_container(
     // plan in Proceed, and the snapshot never holds a FUSE channel.
     crate::volume::mount_all(&plan, vsock)?;
 
-    let output = FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?);
-    let input = if plan.interactive || plan.tty {
-        Some(vsock.connect(INPUT_PORT, HOST_CONNECT_TIMEOUT)?)
-    } else {
-        None
-    };
+    let channels = status.0.clone();
+    let (gen, output, input) =
+        channels.open_streams(plan.interactive || plan.tty, HOST_CONNECT_TIMEOUT)?;
+    let mut renewer = OutputRenewer::new(channels.clone(), gen);
+    let output = FrameSink::renewing(output, Box::new(move || renewer.renew()));
+    let started = Arc::new(AtomicBool::new(false));
+    {
+        let (channels, started) = (channels.clone(), started.clone());
+        std::thread::Builder::new()
+            .name("status-watch".into())
+            .spawn(move || watch_status(&channels, &started))
+            .context("cannot start the status watcher")?;
+    }
     // podman's conmon reports the container's start on this socket (`--sdnotify=conmon`):
     // no polling, which would start a podman process every few milliseconds beside the one
     // starting the container.
@@ -185,12 +170,25 @@ fn run_container(
     if let Some(mut conn) = input {
         let r = running.clone();
         let tty = plan.tty;
+        let mut gen = gen;
         std::thread::spawn(move || loop {
             match read_frame(&mut conn) {
                 // podman proxies signals to the container only without a terminal; with -t it
                 // would end itself, so the signal goes to the container through podman kill.
                 Ok(Some(fcvm_proto::frame::Frame::Signal(n))) if tty => container::kill(n),
                 Ok(Some(f)) => r.input(f),
+                // A reset (snapshot): read on from the new connection.
+                Err(e) if channels_alive(&e) => match channels.input_after(gen) {
+                    Some((g, c)) => {
+                        crate::info!("input channel renewed");
+                        gen = g;
+                        conn = c;
+                    }
+                    None => {
+                        r.input(fcvm_proto::frame::Frame::Eof);
+                        return;
+                    }
+                },
                 // The host closing its input side ends stdin; the container keeps running.
                 Ok(None) | Err(_) => {
                     r.input(fcvm_proto::frame::Frame::Eof);
@@ -201,14 +199,16 @@ fn run_container(
     }
     let done = Arc::new(AtomicBool::new(false));
     let ready = {
-        let (done, status) = (done.clone(), status.clone());
-        std::thread::spawn(move || wait_ready(&notify, &done, &status))
+        let (done, status, started) = (done.clone(), status.clone(), started.clone());
+        std::thread::spawn(move || wait_ready(&notify, &done, &status, &started))
     };
 
     let code = running.wait(Duration::from_secs(2));
     done.store(true, Ordering::SeqCst);
     let _ = ready.join();
-    // All output is relayed; closing the connection tells the host before it sees the code.
+    // All output is relayed; the end marker tells the host before it sees the code (a
+    // connection that merely ends may be a reset, after which the output goes on).
+    output.send(&fcvm_proto::frame::Frame::Eof);
     output.close();
     crate::info!("container exited with {code}");
     status.send(&Status::Exit(code));
@@ -219,13 +219,14 @@ fn run_container(
 /// may snapshot the VM meanwhile; in a VM restored from that snapshot the connection reads
 /// as reset, so the agent connects again and repeats the report, and the host answers with
 /// its run's plan.
-fn await_proceed(vsock: Vsock, status: &StatusSink, image: &str) -> anyhow::Result<Plan> {
+fn await_proceed(status: &StatusSink, image: &str) -> anyhow::Result<Plan> {
     let digest = container::image_id(image)?;
     loop {
         status.send(&Status::ImageReady {
             digest: digest.clone(),
         });
-        if let Some(mut conn) = status.reader() {
+        let (gen, conn) = status.0.status_reader();
+        if let Some(mut conn) = conn {
             loop {
                 match read_status(&mut conn) {
                     Ok(Some(Status::Proceed(plan))) => {
@@ -241,15 +242,70 @@ fn await_proceed(vsock: Vsock, status: &StatusSink, image: &str) -> anyhow::Resu
                 }
             }
         }
-        let conn = vsock
-            .connect(STATUS_PORT, RECONNECT_TIMEOUT)
-            .context("cannot reconnect to the host's status port")?;
-        status.replace(Some(conn));
+        if !status.0.reconnect(gen) {
+            anyhow::bail!("cannot reconnect to the host's status port");
+        }
     }
 }
 
+/// Whether a read error is a reset connection (which the agent reconnects) rather than
+/// garbage on it.
+fn channels_alive(e: &fcvm_proto::frame::FrameError) -> bool {
+    matches!(
+        e,
+        fcvm_proto::frame::FrameError::Io(_) | fcvm_proto::frame::FrameError::Truncated
+    )
+}
+
+/// Reads what the host sends on the status channel once the container's streams are open:
+/// Resync after a reconnection (then Ready again, if the container runs). A channel that
+/// fails or ends was reset by a snapshot: every channel is reconnected.
+fn watch_status(channels: &Channels, started: &AtomicBool) {
+    loop {
+        let (gen, conn) = channels.status_reader();
+        let Some(mut conn) = conn else {
+            if !channels.reconnect(gen) {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            continue;
+        };
+        loop {
+            // Polled with a timeout rather than read blocking: a reader blocked when the
+            // reset arrives is not always woken (Firecracker issues 4736 and 4811), while
+            // the socket's state, looked at again, shows it.
+            if !readable_or_broken(&conn) {
+                continue;
+            }
+            match read_status(&mut conn) {
+                Ok(Some(Status::Resync(r))) => {
+                    if let Err(e) = resync::apply(r.host_time_ns, r.entropy.as_ref()) {
+                        crate::info!("warning: after a reconnection: {e:#}");
+                    }
+                    if started.load(Ordering::SeqCst) {
+                        channels.send_status(&Status::Ready);
+                    }
+                }
+                Ok(Some(other)) => crate::debug!("ignoring status message {other:?}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        crate::info!("status channel lost: reconnecting");
+        if !channels.reconnect(gen) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Waits up to a second for `conn` to have data, or an error or hangup to show.
+fn readable_or_broken(conn: &crate::vsock::Conn) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0)
+}
+
 /// Reports `ready` once conmon says the container has started (`READY=1` on the notify socket).
-fn wait_ready(notify: &UnixDatagram, done: &AtomicBool, status: &StatusSink) {
+fn wait_ready(notify: &UnixDatagram, done: &AtomicBool, status: &StatusSink, started: &AtomicBool) {
     let _ = notify.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 4096];
     while !done.load(Ordering::SeqCst) {
@@ -258,6 +314,7 @@ fn wait_ready(notify: &UnixDatagram, done: &AtomicBool, status: &StatusSink) {
         };
         if is_ready_notification(&buf[..n]) {
             crate::info!("container started");
+            started.store(true, Ordering::SeqCst);
             status.send(&Status::Ready);
             return;
         }

@@ -5,6 +5,7 @@
 //! powers the VM off when the container ends. See `README.md` in this crate.
 
 mod agent;
+mod channels;
 mod container;
 mod exec;
 mod init;

@@ -49,32 +49,68 @@ fn winsize(ws: WindowSize) -> Winsize {
     }
 }
 
+/// Renews a sink's connection after a failed write (the container's output follows the
+/// agent's reconnections, see [`crate::channels`]).
+pub type Renew = Box<dyn FnMut() -> Option<Box<dyn Write + Send>> + Send>;
+
 /// Where frames go: a shared connection, dropped after the first write error (the host left;
-/// the process keeps running and its output is discarded).
+/// the process keeps running and its output is discarded), unless the sink can renew it.
 #[derive(Clone, Default)]
-pub struct FrameSink(Arc<Mutex<Option<Box<dyn Write + Send>>>>);
+pub struct FrameSink(Arc<Mutex<SinkState>>);
+
+#[derive(Default)]
+struct SinkState {
+    writer: Option<Box<dyn Write + Send>>,
+    renew: Option<Renew>,
+}
 
 impl FrameSink {
     /// A sink writing to `w`.
     pub fn new(w: impl Write + Send + 'static) -> Self {
-        Self(Arc::new(Mutex::new(Some(Box::new(w)))))
+        Self(Arc::new(Mutex::new(SinkState {
+            writer: Some(Box::new(w)),
+            renew: None,
+        })))
     }
 
-    /// Sends one frame; returns false if the sink is gone.
+    /// A sink writing to `w` that, when a write fails, sends the frame again on what
+    /// `renew` gives (nothing: the frame is dropped and the next one tries again).
+    pub fn renewing(w: impl Write + Send + 'static, renew: Renew) -> Self {
+        Self(Arc::new(Mutex::new(SinkState {
+            writer: Some(Box::new(w)),
+            renew: Some(renew),
+        })))
+    }
+
+    /// Sends one frame, whole or not at all on one connection; returns false if it was
+    /// not sent.
     pub fn send(&self, frame: &Frame) -> bool {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = g.as_mut() else { return false };
-        if let Err(e) = write_frame(w, frame) {
-            crate::debug!("frame sink closed: {e}");
-            *g = None;
+        let mut bytes = Vec::new();
+        if write_frame(&mut bytes, frame).is_err() {
             return false;
         }
-        true
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = g.writer.as_mut() {
+            match w.write_all(&bytes) {
+                Ok(()) => return true,
+                Err(e) => crate::debug!("frame sink write failed: {e}"),
+            }
+        }
+        g.writer = None;
+        let Some(renew) = g.renew.as_mut() else {
+            return false;
+        };
+        let Some(mut w) = renew() else { return false };
+        let sent = w.write_all(&bytes).is_ok();
+        g.writer = Some(w);
+        sent
     }
 
     /// Drops the connection (the peer sees end of stream once all clones are gone).
     pub fn close(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.renew = None;
+        g.writer = None;
     }
 }
 
@@ -270,5 +306,75 @@ impl Running {
             }
         }
         code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that a snapshot reset: every write fails.
+    struct Reset;
+    impl Write for Reset {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOTCONN))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut r = bytes;
+        let mut out = Vec::new();
+        while let Some(f) = fcvm_proto::frame::read_frame(&mut r).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn a_renewing_sink_sends_the_failed_frame_whole_on_the_new_connection() {
+        let new = Shared::default();
+        let handed = new.clone();
+        let mut renewals = 0;
+        let sink = FrameSink::renewing(
+            Reset,
+            Box::new(move || {
+                renewals += 1;
+                (renewals == 1).then(|| Box::new(handed.clone()) as Box<dyn Write + Send>)
+            }),
+        );
+        assert!(sink.send(&Frame::Stdout(b"one".to_vec())));
+        assert!(sink.send(&Frame::Stderr(b"two".to_vec())));
+        assert_eq!(
+            frames(&new.0.lock().unwrap()),
+            [
+                Frame::Stdout(b"one".to_vec()),
+                Frame::Stderr(b"two".to_vec())
+            ]
+        );
+        // Closed: no renewal any more.
+        sink.close();
+        assert!(!sink.send(&Frame::Eof));
+    }
+
+    #[test]
+    fn a_plain_sink_drops_its_connection_after_a_failure() {
+        let sink = FrameSink::new(Reset);
+        assert!(!sink.send(&Frame::Stdout(b"x".to_vec())));
+        assert!(!sink.send(&Frame::Stdout(b"y".to_vec())));
     }
 }

@@ -139,7 +139,13 @@ fn request<const N: usize>(bytes: &[u8]) -> RandPoolInfo<N> {
 /// plan. Either failing fails the run: a container must not start with a clock or random
 /// numbers cloned from a snapshot.
 pub fn after_proceed(plan: &fcvm_proto::plan::Plan) -> anyhow::Result<()> {
-    match plan.host_time_ns {
+    apply(plan.host_time_ns, plan.entropy.as_ref())
+}
+
+/// Sets the clock to the host's time and adds the host's entropy (reseeding from the
+/// guest's own pool without it): after Proceed, and after a Resync.
+pub fn apply(host_time_ns: Option<u64>, entropy: Option<&Entropy>) -> anyhow::Result<()> {
+    match host_time_ns {
         Some(ns) => {
             let moved = set_clock(ns)?;
             crate::info!(
@@ -149,7 +155,7 @@ pub fn after_proceed(plan: &fcvm_proto::plan::Plan) -> anyhow::Result<()> {
         }
         None => crate::info!("the host sent no time: the clock is left as the snapshot had it"),
     }
-    match &plan.entropy {
+    match entropy {
         Some(e) => {
             add_entropy(e)?;
             crate::info!(

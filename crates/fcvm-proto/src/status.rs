@@ -20,6 +20,8 @@
 //! | 4    | ImageReady | UTF-8 image id (`sha256:...`) | guest → host: the image is loaded and the agent waits for [`Status::Proceed`] (only when the plan asks for it, see [`crate::plan::Plan::await_proceed`]); sent again after every reconnect |
 //! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal). It carries the host's wall-clock time and fresh random bytes ([`Plan::host_time_ns`], [`Plan::entropy`]): the agent sets the guest's clock and reseeds its kernel's CRNG before the container starts |
 //! | 6    | PullProgress | UTF-8 text: one line of `podman pull`'s progress output, as podman wrote it | guest → host: the agent is pulling the plan's image; the host shows the lines on a terminal (nothing in a pipe) |
+//! | 7    | Reconnected | empty | guest → host: the agent's channels were reset (a snapshot was taken of this VM, or it was restored from one) and it connected them again (status first, then output and input); it waits for [`Status::Resync`], applies it, then reports Ready again if the container runs |
+//! | 8    | Resync     | JSON [`Resync`] | host → guest: the host's wall clock and fresh random bytes, the answer to Reconnected |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a
@@ -44,6 +46,20 @@ const T_ERROR: u8 = 3;
 const T_IMAGE_READY: u8 = 4;
 const T_PROCEED: u8 = 5;
 const T_PULL_PROGRESS: u8 = 6;
+const T_RECONNECTED: u8 = 7;
+const T_RESYNC: u8 = 8;
+
+/// What a VM that was snapshotted or restored gets renewed (see [`crate::plan::Plan::host_time_ns`]
+/// and [`crate::plan::Plan::entropy`], which mean the same there).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resync {
+    /// The host's `CLOCK_REALTIME` in nanoseconds, stamped just before the send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_time_ns: Option<u64>,
+    /// Fresh random bytes for the guest kernel's pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<crate::plan::Entropy>,
+}
 
 /// One status message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +80,10 @@ pub enum Status {
     /// One line of `podman pull`'s progress (`Copying blob sha256:...`), relayed as podman
     /// wrote it: the host shows it, it never decides anything.
     PullProgress(String),
+    /// Guest to host: the channels were reset and are connected again; send Resync.
+    Reconnected,
+    /// Host to guest: the clock and entropy after a snapshot or restore.
+    Resync(Resync),
 }
 
 /// Errors decoding or transporting status messages.
@@ -94,6 +114,9 @@ pub enum StatusError {
     /// A Proceed payload is not a valid plan.
     #[error("Proceed status message does not carry a valid plan: {0}")]
     BadPlan(String),
+    /// A Resync payload is malformed.
+    #[error("Resync status message is malformed: {0}")]
+    BadResync(String),
     /// The stream ended inside a message.
     #[error("Status stream ended in the middle of a message")]
     Truncated,
@@ -117,6 +140,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), StatusError> {
     let fixed = match h[1] {
         T_READY => Some(("Ready", 0)),
         T_EXIT => Some(("Exit", 4)),
+        T_RECONNECTED => Some(("Reconnected", 0)),
         _ => None,
     };
     if let Some((kind, expected)) = fixed {
@@ -151,6 +175,18 @@ fn build(kind: u8, p: Vec<u8>) -> Result<Option<Status>, StatusError> {
                 .map_err(|e| StatusError::BadPlan(e.to_string()))?;
             Status::Proceed(Box::new(plan))
         }
+        T_RECONNECTED => Status::Reconnected,
+        T_RESYNC => {
+            let r: Resync =
+                serde_json::from_slice(&p).map_err(|e| StatusError::BadResync(e.to_string()))?;
+            if let Some(e) = &r.entropy {
+                let n = e.bytes().len();
+                if !(crate::plan::MIN_ENTROPY_BYTES..=crate::plan::MAX_ENTROPY_BYTES).contains(&n) {
+                    return Err(StatusError::BadResync(format!("{n} bytes of entropy")));
+                }
+            }
+            Status::Resync(r)
+        }
         _ => return Ok(None),
     }))
 }
@@ -166,6 +202,8 @@ impl Status {
             Status::ImageReady { digest } => (T_IMAGE_READY, cut(digest).into_bytes()),
             // A plan is strings, integers and maps: serialising cannot fail.
             Status::Proceed(plan) => (T_PROCEED, serde_json::to_vec(plan).unwrap_or_default()),
+            Status::Reconnected => (T_RECONNECTED, Vec::new()),
+            Status::Resync(r) => (T_RESYNC, serde_json::to_vec(r).unwrap_or_default()),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.push(VERSION);
@@ -318,6 +356,15 @@ mod tests {
             },
             Status::Proceed(Box::new(plan())),
             Status::PullProgress("Copying blob sha256:0123".into()),
+            Status::Reconnected,
+            Status::Resync(Resync {
+                host_time_ns: Some(1_764_000_000_000_000_001),
+                entropy: Some(crate::plan::Entropy::new(vec![7; 64])),
+            }),
+            Status::Resync(Resync {
+                host_time_ns: None,
+                entropy: None,
+            }),
         ]
     }
 
@@ -381,6 +428,33 @@ mod tests {
             Status::decode(&raw(T_READY, b"x")),
             Err(StatusError::BadLength { kind: "Ready", .. })
         ));
+        assert!(matches!(
+            Status::decode(&raw(T_RECONNECTED, b"x")),
+            Err(StatusError::BadLength {
+                kind: "Reconnected",
+                ..
+            })
+        ));
+        // Resync: JSON, and entropy within the plan's bounds.
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, b"not json")),
+            Err(StatusError::BadResync(_))
+        ));
+        let few = format!(r#"{{"entropy":"{}"}}"#, "ab".repeat(4));
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, few.as_bytes())),
+            Err(StatusError::BadResync(_))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_RESYNC, br#"{"host_time_ns":-1}"#)),
+            Err(StatusError::BadResync(_))
+        ));
+        // Debug never shows the bytes.
+        let r = Status::Resync(Resync {
+            host_time_ns: None,
+            entropy: Some(crate::plan::Entropy::new(vec![0xab; 64])),
+        });
+        assert!(!format!("{r:?}").contains("ab, "), "{r:?}");
         assert!(matches!(
             Status::decode(&raw(T_ERROR, &[0xff, 0xfe])),
             Err(StatusError::BadUtf8("Error"))

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cleanup::{CleanupStep, Disposition};
+use crate::commands::podman::clone as container_clone;
 use crate::paths::Paths;
 use crate::snapshot::cache::{CacheEntryInfo, ImageCache};
 use crate::snapshot::clone::{self, CloneRequest, MemorySource};
@@ -414,12 +415,37 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
             MemorySource::File,
         ),
     };
-    if a.exec.is_some() {
+    let container = container_clone::is_container_snapshot(paths, &tag)?;
+    if a.exec.is_some() && !container {
         let meta = SnapshotStore::open(paths)?.get(&tag)?;
         if meta.guest == GuestKind::Probe {
             bail!("--exec needs the guest agent, and snapshot {tag} is of a probe guest, which has none; run the clone without --exec");
         }
         bail!("--exec on clones needs the guest agent of a container snapshot (`fcvm podman`); snapshot {tag} was not made by it");
+    }
+    if container && a.exec.is_some() && a.detach {
+        bail!("--exec and --detach do not go together: --exec removes the clone when the command ends");
+    }
+    let supervisor = std::env::var_os(crate::commands::podman::detach::NOTIFY_FD_ENV).is_some();
+    if container && a.detach && !supervisor {
+        // As `podman run -d`: the checks and the restore happen in the supervisor, which
+        // reports on our stderr until the container is back.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return Ok(
+            match crate::commands::podman::detach::spawn_supervisor(&args) {
+                Ok(crate::commands::podman::detach::Started::Ready(name)) => {
+                    println!("{name}");
+                    ExitCode::SUCCESS
+                }
+                Ok(crate::commands::podman::detach::Started::Failed(code)) => {
+                    ExitCode::from(code.clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                    ExitCode::from(crate::commands::podman::EXIT_FCVM_FAILED)
+                }
+            },
+        );
     }
     let req = CloneRequest {
         tag: tag.clone(),
@@ -429,6 +455,21 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
         ksm: a.ksm.enabled(),
         track_dirty_pages: a.track_dirty_pages,
     };
+    if container {
+        let mode = match a.exec {
+            Some(cmd) => container_clone::Mode::Exec(cmd),
+            None => container_clone::Mode::Follow,
+        };
+        return Ok(
+            match container_clone::run(paths, &req, mode, signals).await {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("fcvm: error: {}", crate::report::chain(&e));
+                    ExitCode::from(e.exit_code())
+                }
+            },
+        );
+    }
     let started = clone::start_clone(paths, &req).await?;
     let t = &started.timings;
     tracing::info!(

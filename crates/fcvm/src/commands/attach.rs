@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::commands::podman::{attach::socket_path, tty};
 use crate::paths::Paths;
-use crate::state::{Store, StoreError, VmKind};
+use crate::state::{Store, StoreError};
 
 /// docker's default.
 pub const DEFAULT_DETACH_KEYS: &str = "ctrl-p,ctrl-q";
@@ -133,7 +133,7 @@ pub async fn attach(paths: &Paths, name: &str, keys: &str) -> Result<AttachEnd, 
     let mut detach = DetachKeys::new(parse_detach_keys(keys)?);
     let store = Store::open(paths)?;
     let record = store.find_by_name(name)?;
-    if record.kind != VmKind::Container || !record.is_running() {
+    if !record.runs_container() || !record.is_running() {
         return Err(AttachError::NotRunning(name.to_owned()));
     }
     let socket = socket_path(&record.runtime_dir);

@@ -20,11 +20,14 @@ use tokio::sync::mpsc;
 
 use crate::commands::podman::{plan, tty};
 use crate::paths::{Paths, VmPaths};
-use crate::state::{Store, StoreError, VmKind, VmRecord};
+use crate::state::{Store, StoreError, VmRecord};
 use crate::vsock::{self, VsockError};
 
-/// How long the exec server may take to accept.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the exec server may take to accept. Generous: a clone restored through the page
+/// server faults in every page the agent's exec path touches first (in the emulated KVM host,
+/// under load, that handshake once took over 10 s); a VM that is gone fails at once anyway
+/// (its socket refuses), so only a stuck guest waits this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which VM.
 #[derive(Debug, Clone)]
@@ -123,7 +126,7 @@ pub fn find_vm(paths: &Paths, target: &Target) -> Result<VmRecord, ExecError> {
         Target::Name(n) => store.find_by_name(n)?,
         Target::Pid(p) => store.find_by_pid(*p)?,
     };
-    if record.kind != VmKind::Container {
+    if !record.runs_container() {
         return Err(ExecError::NotContainer(record.name.as_str().to_owned()));
     }
     Ok(record)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::commands::exec::{self, ExecError, ExecOptions, Target};
 use crate::logs::{self, Follower, Replay};
 use crate::paths::Paths;
-use crate::state::{Store, StoreError, VmKind, VmRecord};
+use crate::state::{Store, StoreError, VmRecord};
 
 /// How often `logs -f` and `wait` look again.
 const POLL: Duration = Duration::from_millis(200);
@@ -49,7 +49,7 @@ pub enum LogsError {
 
 fn container(store: &Store, name: &str) -> Result<VmRecord, LogsError> {
     let record = store.find_by_name(name)?;
-    if record.kind != VmKind::Container {
+    if !record.runs_container() {
         return Err(LogsError::NotContainer(name.to_owned()));
     }
     Ok(record)

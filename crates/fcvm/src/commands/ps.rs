@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cleanup::Disposition;
-use crate::state::{now_ms, Health, Store, StoreError, VmKind, VmRecord, VmStatus};
+use crate::state::{now_ms, Health, Store, StoreError, VmRecord, VmStatus};
 use crate::vm::StopReport;
 
 /// One row of `fcvm ps --format json`, with podman's key names where one applies.
@@ -39,7 +39,7 @@ pub fn entries(records: &[VmRecord], all: bool) -> Vec<PsEntry> {
     let now = now_ms();
     records
         .iter()
-        .filter(|r| r.kind == VmKind::Container)
+        .filter(|r| r.runs_container())
         .map(|r| entry(r, now))
         .filter(|e| all || matches!(e.state, "created" | "running" | "stopping"))
         .collect()
@@ -117,7 +117,7 @@ pub async fn rm(
     grace: Duration,
 ) -> Result<StopReport, RmError> {
     let record = store.find_by_name(name)?;
-    if record.kind != VmKind::Container {
+    if !record.runs_container() {
         let kind = serde_json::to_value(record.kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -144,7 +144,7 @@ pub async fn rm(
 mod tests {
     use super::*;
     use crate::names::Name;
-    use crate::state::new_vm_id;
+    use crate::state::{new_vm_id, VmKind};
 
     fn container(name: &str, status: VmStatus) -> VmRecord {
         let mut r = VmRecord::new(

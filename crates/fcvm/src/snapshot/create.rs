@@ -211,7 +211,53 @@ pub fn host_path(record: &VmRecord, vmm_path: &str) -> PathBuf {
 
 /// Take a snapshot of a running VM into `snapshots/`.
 pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome, CreateError> {
+    let record = Store::open(paths)?.find_by_name(&req.vm)?;
+    if let Some(why) = container_refusal(&record, req.diff) {
+        return Err(CreateError::NotSnapshottable(format!(
+            "cannot snapshot container VM {}: {why}",
+            req.vm
+        )));
+    }
     create_in(paths, &SnapshotStore::open(paths)?, req).await
+}
+
+/// Why a snapshot of container VM `record` (for clones) is refused, if it is. What the
+/// running container depends on must come back in a clone, and what does not is refused
+/// rather than broken: its volumes' FUSE channels are not reconnected after a snapshot, its
+/// terminal and input belong to the original's session, and a bridged VM's address and
+/// published ports are its own.
+pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
+    if !record.runs_container() {
+        return None;
+    }
+    if diff {
+        return Some(
+            "Diff snapshots of container VMs are not supported (they do not track dirty pages); take a Full snapshot (without --diff)".into(),
+        );
+    }
+    if matches!(
+        record.network,
+        crate::network::NetworkAttachment::Bridged(_)
+    ) {
+        return Some(
+            "it uses --network bridged, and clones of bridged container VMs (an address and published ports per clone) are not supported yet; run it with --network none to clone it".into(),
+        );
+    }
+    let vm = crate::paths::VmPaths::new(&record.runtime_dir);
+    let uds = vm.vsock_socket();
+    let listening = |port: u32| fcvm_proto::vsock::host_listener_path(&uds, port).exists();
+    let base = fcvm_proto::vsock::VOLUME_PORT_BASE;
+    if (base..base + crate::volume::MAX_VOLUMES as u32).any(listening) {
+        return Some(
+            "it has volumes (--map/-v), whose FUSE connections a snapshot resets and fcvm does not reconnect yet; run it without volumes to clone it".into(),
+        );
+    }
+    if listening(fcvm_proto::vsock::INPUT_PORT) {
+        return Some(
+            "it runs with -i or -t, and its input and terminal belong to the session that started it; run it without -i/-t to clone it".into(),
+        );
+    }
+    None
 }
 
 /// Take a snapshot of a running VM into `snapshots` (the named snapshots, or the image
@@ -514,5 +560,63 @@ pub fn diff_warning(dirty: u64, mem_bytes: u64) -> Option<String> {
         ))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use crate::names::Name;
+    use crate::state::GuestKind;
+
+    fn container(dir: &Path) -> VmRecord {
+        let mut r = VmRecord::new(
+            "id".into(),
+            Name::parse("web").unwrap(),
+            VmKind::Container,
+            dir.to_owned(),
+        );
+        r.guest = GuestKind::Agent;
+        r
+    }
+
+    fn listener(dir: &Path, port: u32) {
+        std::fs::write(dir.join(format!("v.sock_{port}")), b"").unwrap();
+    }
+
+    #[test]
+    fn container_snapshots_refuse_what_clones_cannot_have_and_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = container(dir.path());
+        assert_eq!(container_refusal(&r, false), None);
+        assert!(container_refusal(&r, true)
+            .unwrap()
+            .contains("Diff snapshots of container VMs"));
+        // Raw VMs are not concerned.
+        let mut raw = r.clone();
+        raw.kind = VmKind::Raw;
+        raw.guest = GuestKind::Unknown;
+        assert_eq!(container_refusal(&raw, true), None);
+
+        let mut bridged = r.clone();
+        bridged.network = crate::network::NetworkAttachment::Bridged(
+            crate::network::bridged::BridgedNet::new("id", 1, "tap0", Vec::new(), Vec::new()),
+        );
+        assert!(container_refusal(&bridged, false)
+            .unwrap()
+            .contains("--network bridged"));
+
+        listener(dir.path(), fcvm_proto::vsock::STATUS_PORT);
+        listener(dir.path(), fcvm_proto::vsock::OUTPUT_PORT);
+        assert_eq!(container_refusal(&r, false), None);
+        listener(dir.path(), fcvm_proto::vsock::INPUT_PORT);
+        assert!(container_refusal(&r, false).unwrap().contains("-i or -t"));
+        listener(dir.path(), fcvm_proto::vsock::VOLUME_PORT_BASE + 2);
+        assert!(container_refusal(&r, false).unwrap().contains("volumes"));
+
+        // A clone of a container snapshot is a container VM too.
+        let mut clone = container(tempfile::tempdir().unwrap().path());
+        clone.kind = VmKind::Clone;
+        assert!(container_refusal(&clone, true).is_some());
     }
 }

@@ -253,6 +253,13 @@ impl VmRecord {
         !self.container_ended() && self.is_live()
     }
 
+    /// Whether a container runs in it (exec, logs, ps, rm apply): a container VM, or a
+    /// clone of a snapshot of one.
+    pub fn runs_container(&self) -> bool {
+        self.kind == VmKind::Container
+            || (self.kind == VmKind::Clone && self.guest == GuestKind::Agent)
+    }
+
     /// Whether the owning process still runs.
     pub fn is_live(&self) -> bool {
         self.owner.is_alive()

@@ -3,6 +3,7 @@
 //! natively where the host's KVM boots Linux guests, otherwise inside the emulated KVM host
 //! (`fcvm-testhost`). Elsewhere they skip loudly, and fail under CI.
 
+pub mod clones;
 pub mod network;
 pub mod podman;
 pub mod podman_cli;

@@ -156,7 +156,13 @@ impl Guest {
     }
 
     /// [`Guest::run`] without `--rm`: the record and logs stay after the container exits.
-    fn run_kept(&self, env: &TestEnv, name: &str, flags: &[&str], script: &str) -> Command {
+    pub(super) fn run_kept(
+        &self,
+        env: &TestEnv,
+        name: &str,
+        flags: &[&str],
+        script: &str,
+    ) -> Command {
         let mut cmd = env.command();
         cmd.args(["podman", "run", "--name", name])
             .args(flags)

@@ -20,6 +20,7 @@
 
 pub mod attach;
 pub mod cached;
+pub mod clone;
 pub mod detach;
 pub mod env;
 pub mod image;
@@ -66,6 +67,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long output may trail the exit status.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long output may trail a VM that ended without an exit status.
+const NO_STATUS_DRAIN: Duration = Duration::from_millis(500);
 /// Environment variable: seconds the guest agent has, from InstanceStart, to connect to the
 /// status port (default [`AGENT_CONNECT_TIMEOUT`]).
 pub const AGENT_TIMEOUT_ENV: &str = "FCVM_AGENT_TIMEOUT";
@@ -451,7 +454,7 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
     let result = attach_and_follow(
         &mut vm,
         paths,
-        &prepared,
+        &prepared.run(),
         &mut timeline,
         &mut signals,
         &mut gate,
@@ -476,7 +479,33 @@ fn disposition(req: &PodmanRunRequest, result: &Result<PodmanOutcome, PodmanErro
     }
 }
 
+/// What following a running container needs, whether it booted, came from the image cache
+/// or is a clone of a container snapshot.
+pub(crate) struct Run<'a> {
+    pub name: &'a Name,
+    pub plan: &'a fcvm_proto::plan::Plan,
+    /// The image, as `fcvm ls` shows it.
+    pub image: &'a str,
+    pub stop_timeout: Duration,
+    pub log_max_bytes: u64,
+    /// The pipe to a waiting `-d` command (this process is its supervisor).
+    pub detached: Option<&'a std::sync::Mutex<detach::Notifier>>,
+    pub volumes: &'a [crate::volume::VolumeSpec],
+}
+
 impl Prepared {
+    fn run(&self) -> Run<'_> {
+        Run {
+            name: &self.name,
+            plan: &self.plan,
+            image: &self.image.display,
+            stop_timeout: self.stop_timeout,
+            log_max_bytes: self.log_max_bytes,
+            detached: self.detached.as_ref(),
+            volumes: &self.volumes,
+        }
+    }
+
     /// Another name for the VM, and so for the guest's hostname.
     fn set_name(&mut self, name: Name) {
         self.plan.hostname = Some(name.as_str().to_owned());
@@ -509,7 +538,7 @@ async fn run_hit(
         deadline: tokio::time::Instant::now() + RESTORE_AGENT_TIMEOUT,
         ready: false,
     };
-    let result = attach_and_follow(&mut vm, paths, p, timeline, signals, &mut gate).await;
+    let result = attach_and_follow(&mut vm, paths, &p.run(), timeline, signals, &mut gate).await;
     if std::env::var_os(TIMINGS_ENV).is_some() {
         timeline.print(&vm.paths().console_log());
     }
@@ -705,7 +734,7 @@ fn spec_for(paths: &Paths, p: &Prepared, gate: &Gate) -> VmSpec {
 async fn attach_and_follow(
     vm: &mut VmHandle,
     paths: &Paths,
-    p: &Prepared,
+    p: &Run<'_>,
     timeline: &mut Timeline,
     signals: &mut Signals,
     gate: &mut Gate,
@@ -715,7 +744,7 @@ async fn attach_and_follow(
     // Held until this function returns, which is after the VMM has exited.
     let _volumes = crate::volume::server::VolumeServers::start(
         &vm.paths().vsock_socket(),
-        &p.volumes,
+        p.volumes,
         crate::volume::server::ServeOptions::from_env(),
     )?;
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
@@ -774,8 +803,14 @@ async fn attach_and_follow(
         return Err(PodmanError::CacheRestore { why });
     }
     session.stop_input();
-    // All output is written before fcvm exits: the agent closes the output stream first.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
+    // All output is written before fcvm exits: the agent ends the output stream first. A VM
+    // that ended without an exit status sends no end marker: what came is all there is.
+    let drain = if end.exit_code.is_some() {
+        DRAIN_TIMEOUT
+    } else {
+        NO_STATUS_DRAIN
+    };
+    let _ = tokio::time::timeout(drain, &mut session.output).await;
     // All output relayed: an attached terminal learns the end (`fcvm attach` exits with it).
     if let Some(hub) = &hub {
         let code = exit_code(end.exit_code, end.interrupted, vm.stopped_elsewhere())
@@ -845,7 +880,7 @@ async fn image_ready(
     vm: &VmHandle,
     session: &session::Session,
     paths: &Paths,
-    p: &Prepared,
+    p: &Run<'_>,
     timeline: &mut Timeline,
     gate: &mut Gate,
     digest: &str,
@@ -855,10 +890,7 @@ async fn image_ready(
         Gate::Create(creator) if !creator.done() => {
             let t = Instant::now();
             let name = vm.record().name.to_string();
-            match creator
-                .snapshot(paths, &name, &p.image.display, digest)
-                .await
-            {
+            match creator.snapshot(paths, &name, p.image, digest).await {
                 Ok(out) => eprintln!(
                     "fcvm: cache created (entry {}, {} MiB, VM paused {} ms, {:.1} s in all)",
                     cached::short(&creator.key),
@@ -882,7 +914,7 @@ async fn image_ready(
     // Stamped now: the guest's clock is set to this time and its CRNG reseeded with these
     // bytes before the container starts (a restored guest has the snapshot's). Sent over the
     // vsock only, never logged or stored.
-    let go = plan::proceed(&p.plan);
+    let go = plan::proceed(p.plan);
     if let Err(e) = session.send_status(&Status::Proceed(Box::new(go))).await {
         tracing::warn!(
             "cannot send the plan to the agent: {}",
@@ -916,8 +948,8 @@ pub fn signal_action(sig: i32, tty: bool, interactive: bool, detached: bool) -> 
 }
 
 /// Tell a waiting `podman run -d` that the container runs (once; no-op in the foreground).
-fn release_detached(vm: &VmHandle, paths: &Paths, p: &Prepared) {
-    if let Some(n) = &p.detached {
+fn release_detached(vm: &VmHandle, paths: &Paths, p: &Run<'_>) {
+    if let Some(n) = p.detached {
         let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
         if n.pending() {
             let log = paths
@@ -963,12 +995,12 @@ async fn follow(
     vm: &mut VmHandle,
     session: &mut session::Session,
     paths: &Paths,
-    p: &Prepared,
+    p: &Run<'_>,
     timeline: &mut Timeline,
     signals: &mut Signals,
     gate: &mut Gate,
 ) -> End {
-    let plan = &p.plan;
+    let plan = p.plan;
     let stop_grace = if p.stop_timeout.is_zero() {
         STOP_GRACE
     } else {
@@ -1032,7 +1064,11 @@ async fn follow(
                         pull_over(&mut pull, true);
                         image_ready(vm, session, paths, p, timeline, gate, &digest).await;
                     }
-                    Some(Status::Proceed(_)) => {}
+                    Some(Status::Reconnected) => {
+                        tracing::info!("the agent reconnected (its VM was snapshotted or restored)");
+                        session.send_resync().await;
+                    }
+                    Some(Status::Proceed(_) | Status::Resync(_)) => {}
                     Some(Status::Exit(code)) => {
                         pull_over(&mut pull, false);
                         timeline.mark("exit-status");
