@@ -17,7 +17,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::process::{FrameSink, Running, StdioMode};
 use crate::vsock::{Conn, Vsock};
-use crate::{container, exec, init, mmds, net, power, reaper, resync};
+use crate::{container, exec, health, init, mmds, net, power, reaper, resync, rewire};
 
 /// Exit code reported when the agent itself fails (podman uses the same for its own errors).
 const AGENT_FAILURE: i32 = 125;
@@ -30,10 +30,10 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Status port connection; a missing host only costs the messages.
 #[derive(Clone, Default)]
-struct StatusSink(Arc<Mutex<Option<Conn>>>);
+pub(crate) struct StatusSink(Arc<Mutex<Option<Conn>>>);
 
 impl StatusSink {
-    fn send(&self, s: &Status) {
+    pub(crate) fn send(&self, s: &Status) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = g.as_mut() {
             if let Err(e) = c.write_all(&s.encode()) {
@@ -44,12 +44,12 @@ impl StatusSink {
     }
 
     /// A reading handle on the current connection, if there is one.
-    fn reader(&self) -> Option<Conn> {
+    pub(crate) fn reader(&self) -> Option<Conn> {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref().and_then(|c| c.try_clone().ok())
     }
 
-    fn replace(&self, conn: Option<Conn>) {
+    pub(crate) fn replace(&self, conn: Option<Conn>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = conn;
     }
 
@@ -152,7 +152,16 @@ fn run_container(
     // plan in Proceed, and the snapshot never holds a FUSE channel.
     crate::volume::mount_all(&plan, vsock)?;
 
-    let output = FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?);
+    // With a health check the host may snapshot the running container (its startup tier):
+    // the output channel must then survive a restore. The host takes none of a run with an
+    // input channel or volumes.
+    let rewired = plan.health_check.is_some() && !(plan.interactive || plan.tty);
+    let output = if rewired {
+        FrameSink::redialing(rewire::Redial::new(vsock, OUTPUT_PORT))
+            .context("cannot connect to the host's output port")?
+    } else {
+        FrameSink::new(vsock.connect(OUTPUT_PORT, HOST_CONNECT_TIMEOUT)?)
+    };
     let input = if plan.interactive || plan.tty {
         Some(vsock.connect(INPUT_PORT, HOST_CONNECT_TIMEOUT)?)
     } else {
@@ -197,6 +206,18 @@ fn run_container(
         });
     }
     let done = Arc::new(AtomicBool::new(false));
+    if let Some(check) = &plan.health_check {
+        let current = health::start(check, status.clone(), done.clone());
+        if rewired {
+            rewire::watch(
+                vsock,
+                status.clone(),
+                output.clone(),
+                AfterRestore(current),
+                done.clone(),
+            );
+        }
+    }
     let ready = {
         let (done, status) = (done.clone(), status.clone());
         std::thread::spawn(move || wait_ready(&notify, &done, &status))
@@ -242,6 +263,15 @@ fn await_proceed(vsock: Vsock, status: &StatusSink, image: &str) -> anyhow::Resu
             .connect(STATUS_PORT, RECONNECT_TIMEOUT)
             .context("cannot reconnect to the host's status port")?;
         status.replace(Some(conn));
+    }
+}
+
+/// What a restored VM's agent tells its new host: the container runs, and its health.
+struct AfterRestore(health::Current);
+
+impl rewire::Report for AfterRestore {
+    fn messages(&self) -> Vec<Status> {
+        vec![Status::Ready, Status::Health(self.0.get())]
     }
 }
 

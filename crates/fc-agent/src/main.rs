@@ -7,6 +7,7 @@
 mod agent;
 mod container;
 mod exec;
+mod health;
 mod init;
 mod log;
 mod mmds;
@@ -15,6 +16,7 @@ mod power;
 mod process;
 mod reaper;
 mod resync;
+mod rewire;
 mod volume;
 mod vsock;
 

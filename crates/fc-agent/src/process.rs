@@ -50,31 +50,70 @@ fn winsize(ws: WindowSize) -> Winsize {
 }
 
 /// Where frames go: a shared connection, dropped after the first write error (the host left;
-/// the process keeps running and its output is discarded).
+/// the process keeps running and its output is discarded), unless the sink can dial its
+/// connection again ([`FrameSink::redialing`]).
 #[derive(Clone, Default)]
-pub struct FrameSink(Arc<Mutex<Option<Box<dyn Write + Send>>>>);
+pub struct FrameSink {
+    conn: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
+    redial: Option<Arc<crate::rewire::Redial>>,
+}
 
 impl FrameSink {
     /// A sink writing to `w`.
     pub fn new(w: impl Write + Send + 'static) -> Self {
-        Self(Arc::new(Mutex::new(Some(Box::new(w)))))
+        Self {
+            conn: Arc::new(Mutex::new(Some(Box::new(w)))),
+            redial: None,
+        }
+    }
+
+    /// A sink on a vsock connection that a snapshot restore may reset: a write that fails
+    /// dials again with `redial` and sends the whole frame once more on the new connection
+    /// (a frame never straddles two connections).
+    pub fn redialing(redial: crate::rewire::Redial) -> io::Result<Self> {
+        let first = redial.dial()?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(Some(Box::new(first)))),
+            redial: Some(Arc::new(redial)),
+        })
     }
 
     /// Sends one frame; returns false if the sink is gone.
     pub fn send(&self, frame: &Frame) -> bool {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let Some(w) = g.as_mut() else { return false };
         if let Err(e) = write_frame(w, frame) {
             crate::debug!("frame sink closed: {e}");
             *g = None;
-            return false;
+            let Some(r) = &self.redial else { return false };
+            *g = r.redial();
+            let Some(w) = g.as_mut() else { return false };
+            if let Err(e) = write_frame(w, frame) {
+                crate::info!("frame sink closed after redialing: {e}");
+                *g = None;
+                return false;
+            }
         }
         true
     }
 
+    /// Dials again if the connection was reset (a restore): called when the status channel
+    /// found itself reset, so a container that writes nothing after a restore still has its
+    /// output connection (the host waits for it to close at the end).
+    pub fn renew_if_reset(&self) {
+        let Some(r) = &self.redial else { return };
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_some() && r.is_reset() {
+            *g = r.redial();
+        }
+    }
+
     /// Drops the connection (the peer sees end of stream once all clones are gone).
     pub fn close(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(r) = &self.redial {
+            r.close();
+        }
     }
 }
 

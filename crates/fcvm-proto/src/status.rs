@@ -19,6 +19,7 @@
 //! | 3    | Error      | UTF-8 text | guest → host: the agent could not run the container (bad plan, image load failed, ...); an Exit follows |
 //! | 4    | ImageReady | UTF-8 image id (`sha256:...`) | guest → host: the image is loaded and the agent waits for [`Status::Proceed`] (only when the plan asks for it, see [`crate::plan::Plan::await_proceed`]); sent again after every reconnect |
 //! | 5    | Proceed    | JSON [`Plan`]: the run's own settings | host → guest: start the container with this plan (after a restore it differs from the snapshotted one: name, hostname, env, command, terminal). It carries the host's wall-clock time and fresh random bytes ([`Plan::host_time_ns`], [`Plan::entropy`]): the agent sets the guest's clock and reseeds its kernel's CRNG before the container starts |
+//! | 6    | Health     | 1 byte: [`HealthState::to_byte`] | guest → host: the container's health check changed state (only with [`Plan::health_check`]); sent again after a restore reconnect |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a
@@ -28,6 +29,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::health::HealthState;
 use crate::plan::Plan;
 
 /// Protocol version written in every status header.
@@ -42,6 +44,7 @@ const T_EXIT: u8 = 2;
 const T_ERROR: u8 = 3;
 const T_IMAGE_READY: u8 = 4;
 const T_PROCEED: u8 = 5;
+const T_HEALTH: u8 = 6;
 
 /// One status message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,8 @@ pub enum Status {
     },
     /// Host to guest: go on and start the container with this plan.
     Proceed(Box<Plan>),
+    /// The container's health check changed state.
+    Health(HealthState),
 }
 
 /// Errors decoding or transporting status messages.
@@ -89,6 +94,9 @@ pub enum StatusError {
     /// A Proceed payload is not a valid plan.
     #[error("Proceed status message does not carry a valid plan: {0}")]
     BadPlan(String),
+    /// A Health payload is not a known state.
+    #[error("Health status message carries unknown state {0}")]
+    BadHealth(u8),
     /// The stream ended inside a message.
     #[error("Status stream ended in the middle of a message")]
     Truncated,
@@ -112,6 +120,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), StatusError> {
     let fixed = match h[1] {
         T_READY => Some(("Ready", 0)),
         T_EXIT => Some(("Exit", 4)),
+        T_HEALTH => Some(("Health", 1)),
         _ => None,
     };
     if let Some((kind, expected)) = fixed {
@@ -145,6 +154,10 @@ fn build(kind: u8, p: Vec<u8>) -> Result<Option<Status>, StatusError> {
                 .map_err(|e| StatusError::BadPlan(e.to_string()))?;
             Status::Proceed(Box::new(plan))
         }
+        T_HEALTH => match HealthState::from_byte(p[0]) {
+            Some(s) => Status::Health(s),
+            None => return Err(StatusError::BadHealth(p[0])),
+        },
         _ => return Ok(None),
     }))
 }
@@ -159,6 +172,7 @@ impl Status {
             Status::ImageReady { digest } => (T_IMAGE_READY, cut(digest).into_bytes()),
             // A plan is strings, integers and maps: serialising cannot fail.
             Status::Proceed(plan) => (T_PROCEED, serde_json::to_vec(plan).unwrap_or_default()),
+            Status::Health(h) => (T_HEALTH, vec![h.to_byte()]),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.push(VERSION);
@@ -310,6 +324,9 @@ mod tests {
                 digest: "sha256:0123abcd".into(),
             },
             Status::Proceed(Box::new(plan())),
+            Status::Health(HealthState::Starting),
+            Status::Health(HealthState::Healthy),
+            Status::Health(HealthState::Unhealthy),
         ]
     }
 
@@ -380,6 +397,14 @@ mod tests {
         assert!(matches!(
             Status::decode(&raw(T_IMAGE_READY, &[0xc3])),
             Err(StatusError::BadUtf8("ImageReady"))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_HEALTH, &[9])),
+            Err(StatusError::BadHealth(9))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_HEALTH, &[])),
+            Err(StatusError::BadLength { kind: "Health", .. })
         ));
         assert!(matches!(
             Status::decode(&raw(T_PROCEED, b"{not json")),
