@@ -85,7 +85,7 @@ impl Redial {
     /// that is no longer connected and does nothing on one that is.
     pub fn is_reset(&self) -> bool {
         let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().is_some_and(|c| is_reset(c))
+        g.as_ref().is_some_and(is_reset)
     }
 
     /// No more redials (the sink was closed on purpose).

@@ -104,7 +104,7 @@ pub enum Startup {
         /// Its key.
         key: String,
         /// The snapshot.
-        out: CreateOutcome,
+        out: Box<CreateOutcome>,
     },
     /// Not attempted (why).
     Skipped(String),
@@ -177,7 +177,10 @@ pub async fn snapshot_startup(
         ],
     };
     match create_in(paths, cache.store(), &req).await {
-        Ok(out) => Startup::Created { key, out },
+        Ok(out) => Startup::Created {
+            key,
+            out: Box::new(out),
+        },
         Err(e) => failed(&e),
     }
 }

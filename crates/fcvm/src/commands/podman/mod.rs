@@ -412,8 +412,7 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
             paths,
             req,
             &prepared,
-            entry,
-            startup,
+            Restore { entry, startup },
             &mut timeline,
             &mut signals,
         )
@@ -496,17 +495,24 @@ impl Prepared {
     }
 }
 
+/// The cache entry a run restores.
+struct Restore {
+    entry: crate::snapshot::cache::Entry,
+    /// A startup-tier entry (its container runs already).
+    startup: bool,
+}
+
 /// A cache hit: restore the entry, hand the agent this run's plan, follow the container.
 async fn run_hit(
     host: &Host,
     paths: &Paths,
     req: &PodmanRunRequest,
     p: &Prepared,
-    entry: crate::snapshot::cache::Entry,
-    startup: bool,
+    restore: Restore,
     timeline: &mut Timeline,
     signals: &mut Signals,
 ) -> Result<PodmanOutcome, PodmanError> {
+    let Restore { entry, startup } = restore;
     let key = entry.key.clone();
     let mut vm = launch(
         host,
