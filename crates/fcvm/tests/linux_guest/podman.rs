@@ -1640,7 +1640,8 @@ impl Env {
 /// second run with the same settings restores it: the httpd is already serving the first
 /// run's stamp (it never started again), and output the container writes after the restore
 /// still reaches fcvm's stdout (the agent redialled its output channel). A check that never
-/// passes makes the container `unhealthy` and takes no startup tier.
+/// passes makes the container `unhealthy` and takes no startup tier; a SIGKILL of fcvm while
+/// a startup tier is made publishes nothing.
 #[test]
 fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
     let Some(env) = Env::new("health_check_startup_tier") else {
@@ -1722,6 +1723,31 @@ fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
     assert!(err.contains("fcvm: cache hit (entry"), "{err}");
     assert!(!err.contains("(startup)"), "{err}");
     assert_eq!(env.cache_entries().len(), 2);
+    env.assert_nothing_left();
+
+    // 4: other settings hit the image's entry and take their startup tier (Full, from the
+    // restored VM); fcvm SIGKILLed just before it is published leaves no entry, and the next
+    // commands clean up after it.
+    let extra = check(8080);
+    let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    extra.extend(["-e", "STAGE=4"]);
+    let killed = env.run_cached(
+        "hc-d",
+        &extra,
+        &["sh", "-c", STAMP_SERVER],
+        &[("FCVM_FAULT", "snapshot:before-publish")],
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(libc::SIGKILL),
+        "{}",
+        text(&killed.stderr)
+    );
+    assert_eq!(text(&killed.stdout), "serving\n");
+    let listed = env.command(&["snapshots"]).output().unwrap();
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let _ = env.command(&["ls"]).output().unwrap();
+    assert_eq!(env.cache_entries().len(), 2, "{:?}", env.cache_entries());
     assert!(
         env.cache_leftovers().is_empty(),
         "{:?}",
