@@ -938,14 +938,18 @@ async fn startup_tier(
     let name = vm.record().name.to_string();
     match cached::snapshot_startup(paths, &name, &base, &p.plan, diff).await {
         cached::Startup::Created { key, out } => {
+            let how = if diff {
+                "diff merged onto the image's entry"
+            } else {
+                "full"
+            };
             eprintln!(
-            "fcvm: cache created (startup): entry {} ({}, {} MiB, VM paused {} ms, {:.1} s in all)",
-            cached::short(&key),
-            if diff { "diff merged onto the image's entry" } else { "full" },
-            out.meta.memory_allocated_bytes >> 20,
-            out.paused_for.as_millis(),
-            t.elapsed().as_secs_f64()
-        )
+                "fcvm: cache created (startup): entry {} ({how}, {} MiB, VM paused {} ms, {:.1} s in all)",
+                cached::short(&key),
+                out.meta.memory_allocated_bytes >> 20,
+                out.paused_for.as_millis(),
+                t.elapsed().as_secs_f64()
+            );
         }
         cached::Startup::Skipped(why) => tracing::info!("no startup tier: {why}"),
         cached::Startup::Failed(why) => eprintln!(
