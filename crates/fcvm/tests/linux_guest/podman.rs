@@ -1577,9 +1577,10 @@ const STAMP_SERVER: &str = "mkdir -p /tmp/www; \
 
 /// A stop of a stamp server by SIGINT to fcvm: the container's TERM trap exits 0, unless the
 /// guest's podman took longer than the 10 s grace to pass the signal on (the emulated host is
-/// that slow at times) and the VM was stopped by force: 130. Never fcvm's own failure.
+/// that slow at times) and the container was killed (137) or the VM stopped by force (130).
+/// Never fcvm's own failure; signal handling has its own tests.
 fn assert_stopped(st: std::process::ExitStatus, err: &str) {
-    assert!(matches!(st.code(), Some(0 | 130)), "{st:?}: {err}");
+    assert!(matches!(st.code(), Some(0 | 130 | 137)), "{st:?}: {err}");
 }
 
 impl Env {
