@@ -1637,7 +1637,8 @@ impl Env {
 
 /// `--health-check` on the real path, with the image cache: the first run boots cold, makes
 /// the image's entry, is `starting` until its httpd answers, then `healthy`, and at that first
-/// pass snapshots the warm application (the startup tier, a Diff merged onto the entry). The
+/// pass snapshots the warm application (the startup tier, a Diff merged onto the entry; its
+/// output goes on reaching fcvm after the snapshot reset its channels). The
 /// second run with the same settings restores it: the httpd is already serving the first
 /// run's stamp (it never started again), and output the container writes after the restore
 /// still reaches fcvm's stdout (the agent redialled its output channel). A check that never
@@ -1673,6 +1674,20 @@ fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
         (env.cache_entries().len() == 2).then_some(())
     });
     let stamp = env.stamp("hc-a");
+    // The snapshot reset the original VM's channels too: its output still reaches fcvm.
+    let o = env.exec(
+        &[
+            "--name",
+            "hc-a",
+            "--",
+            "sh",
+            "-c",
+            "echo after-snapshot > /proc/1/fd/1",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(miss.line(), "after-snapshot\n");
     nix::sys::signal::kill(miss.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
     let (st, _, err) = miss.finish();
     assert_stopped(st, &err);

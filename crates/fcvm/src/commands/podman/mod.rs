@@ -799,7 +799,7 @@ async fn attach_and_follow(
     }
     session.stop_input();
     // All output is written before fcvm exits: the agent closes the output stream first.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut session.output).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.output_drained()).await;
     // All output relayed: an attached terminal learns the end (`fcvm attach` exits with it).
     if let Some(hub) = &hub {
         let code = exit_code(end.exit_code, end.interrupted, vm.stopped_elsewhere())

@@ -76,8 +76,13 @@ pub struct Session {
     pub status: mpsc::UnboundedReceiver<Status>,
     /// The write side of the agent's latest status connection.
     status_writer: Arc<tokio::sync::Mutex<Option<OwnedWriteHalf>>>,
-    /// Ends when the agent closes the output connection (all output written).
-    pub output: JoinHandle<()>,
+    /// Accepts the agent's output connections and relays the newest (see
+    /// [`Session::output_drained`]).
+    output: JoinHandle<()>,
+    /// The generation of the output connection whose relay ended last (0: none yet).
+    output_ended: tokio::sync::watch::Receiver<u64>,
+    /// The generation of the newest output connection.
+    output_gen: Arc<std::sync::atomic::AtomicU64>,
     input: Option<JoinHandle<()>>,
     signals: mpsc::UnboundedSender<i32>,
     /// When the first byte of container output arrived.
@@ -111,9 +116,24 @@ impl Session {
         });
         let first_output = Arc::new(OnceLock::new());
         let first = first_output.clone();
+        let (ended_tx, output_ended) = tokio::sync::watch::channel(0u64);
+        let output_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gen = output_gen.clone();
+        // A snapshot resets the guest's vsock connections (in the VM snapshotted too, with a
+        // health check's startup tier), and the agent dials its output port again: the
+        // newest connection wins, an older one is gone behind its reset.
         let output = tokio::spawn(async move {
-            if let Ok(conn) = output_l.accept().await {
-                relay_output(conn, &first, sink).await;
+            let sink = Arc::new(tokio::sync::Mutex::new(sink));
+            // Dropped with this task (the session's end), it takes its relay along.
+            let mut relay: Option<AbortOnDrop> = None;
+            while let Ok(conn) = output_l.accept().await {
+                relay.take();
+                let n = gen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let (sink, first, ended) = (sink.clone(), first.clone(), ended_tx.clone());
+                relay = Some(AbortOnDrop(tokio::spawn(async move {
+                    relay_output(conn, &first, &mut *sink.lock().await).await;
+                    let _ = ended.send(n);
+                })));
             }
         });
         let (signals, signal_rx) = mpsc::unbounded_channel();
@@ -128,10 +148,26 @@ impl Session {
             status,
             status_writer,
             output,
+            output_ended,
+            output_gen,
             input,
             signals,
             first_output,
             agent_connected,
+        }
+    }
+
+    /// Returns once the agent closed its newest output connection (all output written).
+    pub async fn output_drained(&mut self) {
+        loop {
+            let newest = self.output_gen.load(std::sync::atomic::Ordering::SeqCst);
+            if newest > 0 && *self.output_ended.borrow_and_update() == newest {
+                return;
+            }
+            if self.output_ended.changed().await.is_err() {
+                // The acceptor is gone: nothing more will come.
+                return;
+            }
         }
     }
 
@@ -167,6 +203,15 @@ impl Drop for Session {
     }
 }
 
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Forward one connection's messages; false once nobody listens any more.
 async fn relay_status(mut conn: OwnedReadHalf, tx: &mpsc::UnboundedSender<Status>) -> bool {
     loop {
@@ -185,7 +230,7 @@ async fn relay_status(mut conn: OwnedReadHalf, tx: &mpsc::UnboundedSender<Status
     }
 }
 
-async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>, mut sink: OutputSink) {
+async fn relay_output(mut conn: UnixStream, first: &OnceLock<Instant>, sink: &mut OutputSink) {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut stdout_open = sink.terminal;
