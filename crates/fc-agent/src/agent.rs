@@ -16,7 +16,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::channels::{Channels, OutputRenewer};
 use crate::process::{FrameSink, Running, StdioMode};
 use crate::vsock::Vsock;
-use crate::{container, exec, init, mmds, net, power, reaper, resync};
+use crate::{container, exec, health, init, mmds, net, power, reaper, resync};
 
 /// Exit code reported when the agent itself fails (podman uses the same for its own errors).
 const AGENT_FAILURE: i32 = 125;
@@ -27,10 +27,10 @@ const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The status channel, as the agent's threads use it.
 #[derive(Clone)]
-struct StatusSink(Arc<Channels>);
+pub(crate) struct StatusSink(Arc<Channels>);
 
 impl StatusSink {
-    fn send(&self, s: &Status) {
+    pub(crate) fn send(&self, s: &Status) {
         self.0.send_status(s);
     }
 
@@ -139,11 +139,17 @@ fn run_container(
     let mut renewer = OutputRenewer::new(channels.clone(), gen);
     let output = FrameSink::renewing(output, Box::new(move || renewer.renew()));
     let started = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    // The health check's state, sent again after every reconnection.
+    let health = plan
+        .health_check
+        .as_ref()
+        .map(|check| health::start(check, status.clone(), done.clone()));
     {
         let (channels, started) = (channels.clone(), started.clone());
         std::thread::Builder::new()
             .name("status-watch".into())
-            .spawn(move || watch_status(&channels, &started))
+            .spawn(move || watch_status(&channels, &started, health.as_ref()))
             .context("cannot start the status watcher")?;
     }
     // podman's conmon reports the container's start on this socket (`--sdnotify=conmon`):
@@ -197,7 +203,6 @@ fn run_container(
             }
         });
     }
-    let done = Arc::new(AtomicBool::new(false));
     let ready = {
         let (done, status, started) = (done.clone(), status.clone(), started.clone());
         std::thread::spawn(move || wait_ready(&notify, &done, &status, &started))
@@ -260,7 +265,7 @@ fn channels_alive(e: &fcvm_proto::frame::FrameError) -> bool {
 /// Reads what the host sends on the status channel once the container's streams are open:
 /// Resync after a reconnection (then Ready again, if the container runs). A channel that
 /// fails or ends was reset by a snapshot: every channel is reconnected.
-fn watch_status(channels: &Channels, started: &AtomicBool) {
+fn watch_status(channels: &Channels, started: &AtomicBool, health: Option<&health::Current>) {
     loop {
         let (gen, conn) = channels.status_reader();
         let Some(mut conn) = conn else {
@@ -283,6 +288,9 @@ fn watch_status(channels: &Channels, started: &AtomicBool) {
                     }
                     if started.load(Ordering::SeqCst) {
                         channels.send_status(&Status::Ready);
+                    }
+                    if let Some(h) = health {
+                        channels.send_status(&Status::Health(h.get()));
                     }
                 }
                 Ok(Some(other)) => crate::debug!("ignoring status message {other:?}"),

@@ -8,6 +8,7 @@ mod agent;
 mod channels;
 mod container;
 mod exec;
+mod health;
 mod init;
 mod log;
 mod mmds;

@@ -156,6 +156,11 @@ pub struct Plan {
     /// its CRNG, so VMs restored from one snapshot do not share their random numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    /// `--health-check`: the agent checks the container with it and reports each change of
+    /// state ([`crate::status::Status::Health`]); without it, the container is healthy once
+    /// it has started ([`crate::status::Status::Ready`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 /// Fewest random bytes a plan's [`Plan::entropy`] may carry (256 bits, what the kernel's
@@ -227,6 +232,9 @@ pub fn proxy_settings(
 /// Why a plan is invalid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
+    /// A bad health check.
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthCheckError),
     /// Version mismatch between host and agent.
     #[error(
         "Plan version {0} is not supported (agent speaks {PLAN_VERSION}); rebuild the agent initrd"
@@ -306,6 +314,7 @@ impl Plan {
             proxy: BTreeMap::new(),
             host_time_ns: None,
             entropy: None,
+            health_check: None,
         }
     }
 
@@ -345,6 +354,9 @@ impl Plan {
         }
         validate_env(&self.env)?;
         validate_env(&self.proxy)?;
+        if let Some(h) = &self.health_check {
+            h.validate()?;
+        }
         if let Some(k) = self
             .proxy
             .keys()

@@ -22,6 +22,7 @@
 //! | 6    | PullProgress | UTF-8 text: one line of `podman pull`'s progress output, as podman wrote it | guest → host: the agent is pulling the plan's image; the host shows the lines on a terminal (nothing in a pipe) |
 //! | 7    | Reconnected | empty | guest → host: the agent's channels were reset (a snapshot was taken of this VM, or it was restored from one) and it connected them again (status first, then output and input); it waits for [`Status::Resync`], applies it, then reports Ready again if the container runs |
 //! | 8    | Resync     | JSON [`Resync`] | host → guest: the host's wall clock and fresh random bytes, the answer to Reconnected |
+//! | 9    | Health     | 1 byte: [`HealthState::to_byte`] | guest → host: the container's health check changed state (only with [`Plan::health_check`]); sent again after a restore reconnect |
 //!
 //! Type 0 is reserved as invalid. Versioning policy as for [`crate::frame`]: an incompatible
 //! header change takes a new version number; new types may be added within a version, and a
@@ -31,6 +32,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::health::HealthState;
 use crate::plan::Plan;
 
 /// Protocol version written in every status header.
@@ -48,6 +50,7 @@ const T_PROCEED: u8 = 5;
 const T_PULL_PROGRESS: u8 = 6;
 const T_RECONNECTED: u8 = 7;
 const T_RESYNC: u8 = 8;
+const T_HEALTH: u8 = 9;
 
 /// What a VM that was snapshotted or restored gets renewed (see [`crate::plan::Plan::host_time_ns`]
 /// and [`crate::plan::Plan::entropy`], which mean the same there).
@@ -84,6 +87,8 @@ pub enum Status {
     Reconnected,
     /// Host to guest: the clock and entropy after a snapshot or restore.
     Resync(Resync),
+    /// The container's health check changed state.
+    Health(HealthState),
 }
 
 /// Errors decoding or transporting status messages.
@@ -117,6 +122,9 @@ pub enum StatusError {
     /// A Resync payload is malformed.
     #[error("Resync status message is malformed: {0}")]
     BadResync(String),
+    /// A Health payload is not a known state.
+    #[error("Health status message carries unknown state {0}")]
+    BadHealth(u8),
     /// The stream ended inside a message.
     #[error("Status stream ended in the middle of a message")]
     Truncated,
@@ -141,6 +149,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), StatusError> {
         T_READY => Some(("Ready", 0)),
         T_EXIT => Some(("Exit", 4)),
         T_RECONNECTED => Some(("Reconnected", 0)),
+        T_HEALTH => Some(("Health", 1)),
         _ => None,
     };
     if let Some((kind, expected)) = fixed {
@@ -187,6 +196,10 @@ fn build(kind: u8, p: Vec<u8>) -> Result<Option<Status>, StatusError> {
             }
             Status::Resync(r)
         }
+        T_HEALTH => match HealthState::from_byte(p[0]) {
+            Some(s) => Status::Health(s),
+            None => return Err(StatusError::BadHealth(p[0])),
+        },
         _ => return Ok(None),
     }))
 }
@@ -204,6 +217,7 @@ impl Status {
             Status::Proceed(plan) => (T_PROCEED, serde_json::to_vec(plan).unwrap_or_default()),
             Status::Reconnected => (T_RECONNECTED, Vec::new()),
             Status::Resync(r) => (T_RESYNC, serde_json::to_vec(r).unwrap_or_default()),
+            Status::Health(h) => (T_HEALTH, vec![h.to_byte()]),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.push(VERSION);
@@ -365,6 +379,9 @@ mod tests {
                 host_time_ns: None,
                 entropy: None,
             }),
+            Status::Health(HealthState::Starting),
+            Status::Health(HealthState::Healthy),
+            Status::Health(HealthState::Unhealthy),
         ]
     }
 
@@ -462,6 +479,14 @@ mod tests {
         assert!(matches!(
             Status::decode(&raw(T_IMAGE_READY, &[0xc3])),
             Err(StatusError::BadUtf8("ImageReady"))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_HEALTH, &[9])),
+            Err(StatusError::BadHealth(9))
+        ));
+        assert!(matches!(
+            Status::decode(&raw(T_HEALTH, &[])),
+            Err(StatusError::BadLength { kind: "Health", .. })
         ));
         assert!(matches!(
             Status::decode(&raw(T_PROCEED, b"{not json")),

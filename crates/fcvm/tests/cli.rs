@@ -112,6 +112,66 @@ fn bad_container_flags_exit_125_naming_the_bad_part_and_leave_nothing() {
     env.assert_clean();
 }
 
+/// `--health-check` and its durations are checked before anything exists (no Firecracker
+/// needed: the run never gets that far).
+#[test]
+fn bad_health_checks_exit_125_naming_the_bad_part_and_leave_nothing() {
+    let env = TestEnv::new();
+    for (args, needle) in [
+        (
+            vec!["--health-check", "localhost:80"],
+            "\"localhost:80\" is not a URL",
+        ),
+        (
+            vec!["--health-check", "https://127.0.0.1/"],
+            "scheme \"https\" is not supported; only http://",
+        ),
+        (vec!["--health-check", "http://:80/"], "has no valid host"),
+        (
+            vec!["--health-check", "http://h:99999/"],
+            "has an invalid port",
+        ),
+        (
+            vec!["--health-check", "http://h/", "--health-interval", "0s"],
+            "--health-interval must be more than zero",
+        ),
+        (
+            vec!["--health-check", "http://h/", "--health-timeout=-1s"],
+            "--health-timeout \"-1s\" is not a duration",
+        ),
+        (
+            vec!["--health-check", "http://h/", "--health-interval", "soon"],
+            "--health-interval \"soon\" is not a duration",
+        ),
+        (
+            vec!["--health-check", "http://h/", "--health-retries", "0"],
+            "--health-retries must be at least 1",
+        ),
+    ] {
+        let mut argv = vec!["podman", "run"];
+        argv.extend(args);
+        argv.extend(["busybox", "true"]);
+        let (code, err) = stderr_of(&env, &argv);
+        assert_eq!(code, 125, "{argv:?}: {err}");
+        assert!(err.contains(needle), "{argv:?}: {err}");
+    }
+    // The settings need the check (a usage error: podman's 125).
+    let (code, err) = stderr_of(
+        &env,
+        &[
+            "podman",
+            "run",
+            "--health-interval",
+            "1s",
+            "busybox",
+            "true",
+        ],
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("--health-check"), "{err}");
+    env.assert_clean();
+}
+
 /// `--map` / `-v` items are checked before anything exists (no Firecracker needed: the run
 /// never gets that far).
 #[test]

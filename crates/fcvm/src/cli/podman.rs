@@ -119,6 +119,31 @@ pub struct PodmanRunArgs {
     /// Boot cold: neither restore nor create an image cache entry (env FCVM_NO_SNAPSHOT=1).
     #[arg(long)]
     pub no_snapshot: bool,
+    /// Check the container's health with an HTTP GET of URL from inside the VM (whose
+    /// network the container shares), e.g. http://127.0.0.1:80/: 2xx/3xx is healthy. It
+    /// drives `fcvm ls`'s HEALTH column; with the image cache, the first pass snapshots the
+    /// warm application (the startup tier), which later runs with the same settings restore.
+    #[arg(long, value_name = "URL")]
+    pub health_check: Option<String>,
+    /// Time between health checks (e.g. 500ms, 2s, 1m; a bare number is seconds).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        requires = "health_check"
+    )]
+    pub health_interval: String,
+    /// Time one health check may take.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        requires = "health_check"
+    )]
+    pub health_timeout: String,
+    /// Failed health checks in a row that make the container unhealthy.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "health_check")]
+    pub health_retries: u32,
     /// Run in the background: print the VM's name once the container has started and
     /// return. A supervisor process keeps the VM, its exit code and its output
     /// (`fcvm logs NAME`); it survives the terminal. Stop it with `fcvm stop NAME`.
@@ -374,6 +399,12 @@ async fn run(paths: &Paths, a: PodmanRunArgs) -> Result<ExitCode> {
         publish: a.publish,
         volumes: a.map.into_iter().chain(a.volume).collect(),
         no_snapshot: a.no_snapshot,
+        health: a.health_check.map(|url| podman::health::HealthRequest {
+            url,
+            interval: a.health_interval,
+            timeout: a.health_timeout,
+            retries: a.health_retries,
+        }),
         remove: a.rm,
         log_opts: a.log_opt,
         detached: a.detach && supervisor,

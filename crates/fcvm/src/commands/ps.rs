@@ -64,7 +64,7 @@ fn entry(r: &VmRecord, now: u64) -> PsEntry {
             match r.health {
                 Health::Healthy => format!("Up {up} (healthy)"),
                 Health::Unhealthy => format!("Up {up} (unhealthy)"),
-                Health::Unknown => format!("Up {up} (starting)"),
+                Health::Unknown | Health::Starting => format!("Up {up} (starting)"),
             },
         ),
     };

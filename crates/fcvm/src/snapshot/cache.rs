@@ -36,6 +36,22 @@
 //! it after a restore (it arrives in [`fcvm_proto::status::Status::Proceed`]): the VM name
 //! and hostname, environment, command, `-i`/`-t` and the terminal size.
 //!
+//! # The startup tier
+//!
+//! With `--health-check`, the first pass of the check in a run that created (or restored)
+//! the image's entry snapshots the warm application into a second entry of this cache,
+//! keyed by [`StartupInputs::key`]: the base entry's key plus everything the running
+//! container depends on (the health check itself, command, entrypoint, environment, proxy
+//! settings, user, workdir, `--init`, labels, `--privileged`). On a miss it is a Diff
+//! snapshot merged onto the base entry (the creating VM tracks dirty pages from its boot;
+//! its Full snapshot reset the log, so the diff is exactly what initialisation wrote); from
+//! a restored VM (a hit without a startup entry yet) it is Full, since a restored VM's dirty
+//! log does not start at its base. The entry holds `startup.json` ([`StartupInputs`]) beside
+//! `cache.json`. A restore of it resumes the container already serving; it keeps the
+//! creator's container hostname (the VM's name is the run's own). Runs with `-i`/`-t` or
+//! volumes have no startup tier (their input and FUSE channels are not rewired after a
+//! restore).
+//!
 //! # Concurrency
 //!
 //! `image-cache/.<key>.lock` is an flock: the run that creates an entry holds it exclusively
@@ -163,6 +179,90 @@ pub struct CacheMeta {
     pub digest: String,
     /// What the key was computed from.
     pub inputs: KeyInputs,
+}
+
+/// The startup tier's file beside `cache.json`.
+pub const STARTUP_FILE: &str = "startup.json";
+/// Version of the startup key.
+pub const STARTUP_FORMAT: u32 = 1;
+
+/// What a startup-tier entry depends on beyond its base entry (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupInputs {
+    /// [`STARTUP_FORMAT`].
+    pub format: u32,
+    /// The base entry's key.
+    pub base: String,
+    /// The health check (URL, interval, timeout, retries: the restored agent goes on
+    /// checking with the snapshot's).
+    pub health_check: fcvm_proto::health::HealthCheck,
+    /// The command.
+    pub cmd: Option<Vec<String>>,
+    /// The entrypoint.
+    pub entrypoint: Option<String>,
+    /// The environment.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Proxy settings (they reach the container's environment).
+    pub proxy: std::collections::BTreeMap<String, String>,
+    /// The user.
+    pub user: Option<String>,
+    /// The working directory.
+    pub workdir: Option<String>,
+    /// `--init`.
+    pub init: bool,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `--privileged`.
+    pub privileged: bool,
+}
+
+/// Why a run has no startup tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoStartupTier {
+    /// No `--health-check`.
+    #[error("no --health-check")]
+    NoHealthCheck,
+    /// `-i`/`-t`: the input channel is not rewired after a restore.
+    #[error("the startup tier does not cover -i/-t")]
+    Interactive,
+    /// Volumes: their FUSE channels are not rewired after a restore.
+    #[error("the startup tier does not cover volumes")]
+    Volumes,
+}
+
+impl StartupInputs {
+    /// The inputs of `plan`'s startup tier on base entry `base`.
+    pub fn of(base: &str, plan: &fcvm_proto::plan::Plan) -> Result<StartupInputs, NoStartupTier> {
+        let Some(health_check) = plan.health_check.clone() else {
+            return Err(NoStartupTier::NoHealthCheck);
+        };
+        if plan.interactive || plan.tty {
+            return Err(NoStartupTier::Interactive);
+        }
+        if !plan.volumes.is_empty() {
+            return Err(NoStartupTier::Volumes);
+        }
+        Ok(StartupInputs {
+            format: STARTUP_FORMAT,
+            base: base.to_owned(),
+            health_check,
+            cmd: plan.cmd.clone(),
+            entrypoint: plan.entrypoint.clone(),
+            env: plan.env.clone(),
+            proxy: plan.proxy.clone(),
+            user: plan.user.clone(),
+            workdir: plan.workdir.clone(),
+            init: plan.init,
+            labels: plan.labels.clone(),
+            privileged: plan.privileged,
+        })
+    }
+
+    /// The startup entry's key: 32 hex digits of the SHA-256 of these inputs' JSON.
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).expect("serialises");
+        fsutil::sha256_bytes(&json)[..32].to_owned()
+    }
 }
 
 /// One entry, for `fcvm snapshots`.
@@ -568,6 +668,80 @@ mod tests {
         let _again = ImageCache::open(&paths).unwrap();
         assert!(!staging.exists());
         assert!(matches!(cache.claim(key).unwrap(), Claim::Create(_)));
+    }
+
+    #[test]
+    fn the_startup_key_follows_what_the_running_container_depends_on() {
+        use fcvm_proto::health::HealthCheck;
+        let mut plan = fcvm_proto::plan::Plan::new(ImageSource::Archive {
+            device: "/dev/vdb".into(),
+            reference: String::new(),
+        });
+        let base = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            StartupInputs::of(base, &plan).unwrap_err(),
+            NoStartupTier::NoHealthCheck
+        );
+        plan.health_check = Some(HealthCheck::new("http://127.0.0.1:80/").unwrap());
+        plan.hostname = Some("one".into());
+        let key = StartupInputs::of(base, &plan).unwrap().key();
+        assert_eq!(key.len(), 32);
+        // The VM's name and hostname, the clock and entropy are the run's own: same key.
+        let mut same = plan.clone();
+        same.hostname = Some("two".into());
+        same.host_time_ns = Some(5);
+        assert_eq!(StartupInputs::of(base, &same).unwrap().key(), key);
+        let mut keys = vec![key.clone()];
+        keys.push(
+            StartupInputs::of("ffffffffffffffffffffffffffffffff", &plan)
+                .unwrap()
+                .key(),
+        );
+        let variants: Vec<fn(&mut fcvm_proto::plan::Plan)> = vec![
+            |p| p.health_check.as_mut().unwrap().url = "http://127.0.0.1:81/".into(),
+            |p| p.health_check.as_mut().unwrap().interval_ms += 1,
+            |p| p.cmd = Some(vec!["httpd".into()]),
+            |p| p.entrypoint = Some("/bin/sh".into()),
+            |p| {
+                p.env.insert("A".into(), "1".into());
+            },
+            |p| {
+                p.proxy.insert("http_proxy".into(), "http://p".into());
+            },
+            |p| p.user = Some("nobody".into()),
+            |p| p.workdir = Some("/tmp".into()),
+            |p| p.init = true,
+            |p| {
+                p.labels.insert("l".into(), "v".into());
+            },
+            |p| p.privileged = true,
+        ];
+        for change in variants {
+            let mut p = plan.clone();
+            change(&mut p);
+            keys.push(StartupInputs::of(base, &p).unwrap().key());
+        }
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "{keys:?}");
+        // Runs whose other channels a restore would break have none.
+        let mut p = plan.clone();
+        p.tty = true;
+        assert_eq!(
+            StartupInputs::of(base, &p).unwrap_err(),
+            NoStartupTier::Interactive
+        );
+        let mut p = plan.clone();
+        p.volumes.push(fcvm_proto::plan::Volume {
+            guest_path: "/data".into(),
+            vsock_port: 5000,
+            read_only: false,
+        });
+        assert_eq!(
+            StartupInputs::of(base, &p).unwrap_err(),
+            NoStartupTier::Volumes
+        );
     }
 
     #[test]

@@ -78,12 +78,16 @@ pub enum VmStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
-    /// Not checked yet, or no check applies.
+    /// No check applies (a plain VM), or none has run yet.
     #[default]
     Unknown,
-    /// The guest (agent or health check) reported ready.
+    /// A container VM whose container has not started yet, or whose health check has not
+    /// passed yet (`--health-check`).
+    Starting,
+    /// The guest reported the container started (no `--health-check`), or the health check
+    /// passed last.
     Healthy,
-    /// The check failed.
+    /// The health check failed `--health-retries` times in a row.
     Unhealthy,
 }
 

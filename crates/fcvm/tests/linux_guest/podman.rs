@@ -1567,3 +1567,207 @@ fn image_cache_no_snapshot_is_cold_and_a_killed_snapshot_leaves_no_entry() {
     );
     env.assert_nothing_left();
 }
+
+/// An httpd that writes a start stamp into the directory it serves, then serves it: the time
+/// and 8 random bytes (busybox's `date` has no `%N`; two starts within a second still differ).
+/// sh stays PID 1 of the container with a TERM trap, so a stop ends it at once with code 0.
+const STAMP_SERVER: &str = "mkdir -p /tmp/www; \
+     echo $(date +%s).$(od -An -tx1 -N8 /dev/urandom | tr -d ' ') > /tmp/www/stamp; \
+     echo serving; trap 'exit 0' TERM; httpd -f -p 8080 -h /tmp/www & wait";
+
+/// A stop of a stamp server by SIGINT to fcvm: the container's TERM trap exits 0, unless the
+/// guest's podman took longer than the 10 s grace to pass the signal on (the emulated host is
+/// that slow at times) and the container was killed (137) or the VM stopped by force (130).
+/// Never fcvm's own failure; signal handling has its own tests.
+fn assert_stopped(st: std::process::ExitStatus, err: &str) {
+    assert!(matches!(st.code(), Some(0 | 130 | 137)), "{st:?}: {err}");
+}
+
+impl Env {
+    /// [`Self::spawn`] with the image cache on.
+    fn spawn_cached(&self, args: &[String]) -> Spawned {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = self
+            .command(&args)
+            .env_remove("FCVM_NO_SNAPSHOT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fcvm");
+        Spawned::new(child, format!("fcvm {args:?}"))
+    }
+
+    /// Wait until `fcvm ls` shows `name` with `health`.
+    fn wait_health(&self, name: &str, health: &str) -> serde_json::Value {
+        wait_until(READY_TIMEOUT, &format!("{name} to be {health}"), || {
+            self.env
+                .ls()
+                .into_iter()
+                .find(|v| v["name"] == name && v["health"] == health)
+        })
+    }
+
+    /// The stamp the container's httpd serves, fetched from inside the container.
+    fn stamp(&self, name: &str) -> String {
+        let o = self.exec(
+            &[
+                "--name",
+                name,
+                "--",
+                "wget",
+                "-qO-",
+                "http://127.0.0.1:8080/stamp",
+            ],
+            b"",
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let stamp = text(&o.stdout).trim().to_owned();
+        let (secs, random) = stamp.split_once('.').unwrap_or_default();
+        assert!(
+            secs.len() >= 10
+                && secs.bytes().all(|b| b.is_ascii_digit())
+                && random.len() == 16
+                && random.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not a start stamp: {stamp:?}"
+        );
+        stamp
+    }
+}
+
+/// `--health-check` on the real path, with the image cache: the first run boots cold, makes
+/// the image's entry, is `starting` until its httpd answers, then `healthy`, and at that first
+/// pass snapshots the warm application (the startup tier, a Diff merged onto the entry; its
+/// output goes on reaching fcvm after the snapshot reset its channels). The
+/// second run with the same settings restores it: the httpd is already serving the first
+/// run's stamp (it never started again), and output the container writes after the restore
+/// still reaches fcvm's stdout (the agent redialled its output channel). A check that never
+/// passes makes the container `unhealthy` and takes no startup tier; a SIGKILL of fcvm while
+/// a startup tier is made publishes nothing.
+#[test]
+fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
+    let Some(env) = Env::new("health_check_startup_tier") else {
+        return;
+    };
+    let check = |port: u16| {
+        vec![
+            "--health-check".to_owned(),
+            format!("http://127.0.0.1:{port}/stamp"),
+            "--health-interval".to_owned(),
+            "1s".to_owned(),
+            "--health-retries".to_owned(),
+            "2".to_owned(),
+        ]
+    };
+    let args = |name: &str, port: u16| {
+        let extra = check(port);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        env.run_args(name, &extra, &["sh", "-c", STAMP_SERVER])
+    };
+
+    // 1: a miss. Healthy once httpd answers; the startup tier is the second entry.
+    let mut miss = env.spawn_cached(&args("hc-a", 8080));
+    assert_eq!(miss.line(), "serving\n");
+    let rec = env.wait_health("hc-a", "healthy");
+    assert_eq!(rec["kind"], "container");
+    wait_until(READY_TIMEOUT, "the startup tier", || {
+        (env.cache_entries().len() == 2).then_some(())
+    });
+    let stamp = env.stamp("hc-a");
+    // The snapshot reset the original VM's channels too: its output still reaches fcvm.
+    let o = env.exec(
+        &[
+            "--name",
+            "hc-a",
+            "--",
+            "sh",
+            "-c",
+            "echo after-snapshot > /proc/1/fd/1",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(miss.line(), "after-snapshot\n");
+    nix::sys::signal::kill(miss.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+    let (st, _, err) = miss.finish();
+    assert_stopped(st, &err);
+    assert!(err.contains("fcvm: cache created (entry"), "{err}");
+    assert!(
+        err.contains("fcvm: cache created (startup): entry")
+            && err.contains("diff merged onto the image's entry"),
+        "{err}"
+    );
+    let inspect = text(&env.command(&["ls", "--json"]).output().unwrap().stdout);
+    assert!(!inspect.contains("hc-a"), "{inspect}");
+    env.assert_nothing_left();
+
+    // 2: the same settings restore the warm application: the same stamp, no restart.
+    let mut hit = env.spawn_cached(&args("hc-b", 8080));
+    env.wait_health("hc-b", "healthy");
+    assert_eq!(env.stamp("hc-b"), stamp, "the restored httpd started again");
+    let inspect = env.command(&["inspect", "hc-b"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(rows[0]["health"], "healthy", "{rows}");
+    // The container's stdout after the restore reaches this run's stdout.
+    let o = env.exec(
+        &[
+            "--name",
+            "hc-b",
+            "--",
+            "sh",
+            "-c",
+            "echo after-restore > /proc/1/fd/1",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(hit.line(), "after-restore\n");
+    nix::sys::signal::kill(hit.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+    let (st, _, err) = hit.finish();
+    assert_stopped(st, &err);
+    assert!(err.contains("fcvm: cache hit (startup): entry"), "{err}");
+    assert!(!err.contains("cache created"), "{err}");
+    env.assert_nothing_left();
+
+    // 3: a check of a port nobody serves: unhealthy, and no startup tier for it.
+    let mut bad = env.spawn_cached(&args("hc-c", 8081));
+    assert_eq!(bad.line(), "serving\n");
+    env.wait_health("hc-c", "unhealthy");
+    nix::sys::signal::kill(bad.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+    let (st, _, err) = bad.finish();
+    assert_stopped(st, &err);
+    assert!(err.contains("fcvm: cache hit (entry"), "{err}");
+    assert!(!err.contains("(startup)"), "{err}");
+    assert_eq!(env.cache_entries().len(), 2);
+    env.assert_nothing_left();
+
+    // 4: other settings hit the image's entry and take their startup tier (Full, from the
+    // restored VM); fcvm SIGKILLed just before it is published leaves no entry, and the next
+    // commands clean up after it.
+    let extra = check(8080);
+    let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    extra.extend(["-e", "STAGE=4"]);
+    let killed = env.run_cached(
+        "hc-d",
+        &extra,
+        &["sh", "-c", STAMP_SERVER],
+        &[("FCVM_FAULT", "snapshot:before-publish")],
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(libc::SIGKILL),
+        "{}",
+        text(&killed.stderr)
+    );
+    assert_eq!(text(&killed.stdout), "serving\n");
+    let listed = env.command(&["snapshots"]).output().unwrap();
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let _ = env.command(&["ls"]).output().unwrap();
+    assert_eq!(env.cache_entries().len(), 2, "{:?}", env.cache_entries());
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
+    env.assert_nothing_left();
+}

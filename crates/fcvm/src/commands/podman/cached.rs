@@ -10,6 +10,12 @@
 //!   this run's plan (name, hostname, env, command, terminal) in Proceed. stderr:
 //!   `cache hit`. An entry that does not restore (load refused, VM gone, agent silent) is
 //!   removed and the run boots cold with a warning; nothing of the container has run then.
+//! - **Startup hit** (`--health-check`, a startup-tier entry for this key and these
+//!   settings, see [`crate::snapshot::cache`]): the warm VM is restored with its container
+//!   running; its agent reconnects its channels (status first, then output), gets Resync
+//!   for the clock and entropy, and reports Ready and its health again. stderr:
+//!   `cache hit (startup)`. A miss or plain hit with a health check snapshots the startup
+//!   tier at the check's first pass (stderr: `cache created (startup)`).
 //! - **Cold**: `--no-snapshot`, `FCVM_NO_SNAPSHOT=1`, a registry image, a network other than
 //!   `none`, or another run busy creating the entry (this run does not wait for it). stderr:
 //!   `cold (why)`.
@@ -27,8 +33,8 @@ use std::path::{Path, PathBuf};
 use crate::network::NetworkAttachment;
 use crate::paths::{Paths, VMM_VIEW_DIR};
 use crate::snapshot::cache::{
-    self, CacheMeta, Claim, Entry, FileIdentity, ImageCache, KeyInputs, CACHE_FILE, CACHE_FORMAT,
-    CACHE_TAP, NETWORK_MODE,
+    self, CacheMeta, Claim, Entry, FileIdentity, ImageCache, KeyInputs, StartupInputs, CACHE_FILE,
+    CACHE_FORMAT, CACHE_TAP, NETWORK_MODE, STARTUP_FILE,
 };
 use crate::snapshot::create::{create_in, CreateError, CreateOutcome, CreateRequest};
 use crate::snapshot::meta::{MEMORY_FILE, VMSTATE_FILE};
@@ -50,6 +56,8 @@ pub enum Decision {
     Create(Creator),
     /// Restore this entry.
     Hit(Entry),
+    /// Restore this startup-tier entry (its container runs already).
+    Startup(Entry),
 }
 
 /// The run that creates an entry: it holds the key's lock until done.
@@ -60,6 +68,8 @@ pub struct Creator {
     pub key: String,
     inputs: KeyInputs,
     lock: Option<crate::fsutil::FileLock>,
+    /// The entry was published (the VM's next Diff has it as its parent).
+    pub published: bool,
 }
 
 impl Creator {
@@ -94,7 +104,97 @@ impl Creator {
         };
         let out = create_in(paths, self.cache.store(), &req).await;
         self.lock = None;
+        self.published = out.is_ok();
         out
+    }
+}
+
+/// What became of a startup-tier snapshot.
+#[derive(Debug)]
+pub enum Startup {
+    /// Published as this key.
+    Created {
+        /// Its key.
+        key: String,
+        /// The snapshot.
+        out: Box<CreateOutcome>,
+    },
+    /// Not attempted (why).
+    Skipped(String),
+    /// Attempted and failed (why); nothing was published.
+    Failed(String),
+}
+
+/// Snapshot VM `vm`, whose health check just passed for the first time, as the startup
+/// tier of base entry `base` for `plan`: a Diff merged onto the base entry when `diff` (the
+/// VM booted tracking dirty pages and its last snapshot was that entry), else Full.
+pub async fn snapshot_startup(
+    paths: &Paths,
+    vm: &str,
+    base: &str,
+    plan: &fcvm_proto::plan::Plan,
+    diff: bool,
+) -> Startup {
+    let inputs = match StartupInputs::of(base, plan) {
+        Ok(i) => i,
+        Err(why) => return Startup::Skipped(why.to_string()),
+    };
+    let key = inputs.key();
+    let failed = |e: &(dyn std::error::Error + 'static)| Startup::Failed(crate::report::chain(e));
+    let cache = match ImageCache::open(paths) {
+        Ok(c) => c,
+        Err(e) => return failed(&e),
+    };
+    // Held until published: a concurrent run of the same settings does not snapshot too.
+    let _lock = match cache.claim(&key) {
+        Ok(Claim::Create(lock)) => lock,
+        Ok(Claim::Busy) => {
+            return Startup::Skipped(format!("another run is creating entry {}", short(&key)))
+        }
+        Ok(Claim::Published) => {
+            return Startup::Skipped(format!("entry {} exists already", short(&key)))
+        }
+        Err(e) => return failed(&e),
+    };
+    // The base entry's own metadata, under the startup key (`fcvm snapshots` lists both).
+    let base_meta = cache.store().path(base).join(CACHE_FILE);
+    let meta: CacheMeta = match std::fs::read(&base_meta)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return Startup::Skipped(format!(
+                "the base entry's {} is unreadable: {e}",
+                base_meta.display()
+            ))
+        }
+    };
+    let meta = CacheMeta {
+        key: key.clone(),
+        ..meta
+    };
+    let req = CreateRequest {
+        vm: vm.to_owned(),
+        tag: key.clone(),
+        diff,
+        extra_files: vec![
+            (
+                CACHE_FILE.to_owned(),
+                serde_json::to_vec_pretty(&meta).expect("serialises"),
+            ),
+            (
+                STARTUP_FILE.to_owned(),
+                serde_json::to_vec_pretty(&inputs).expect("serialises"),
+            ),
+        ],
+    };
+    match create_in(paths, cache.store(), &req).await {
+        Ok(out) => Startup::Created {
+            key,
+            out: Box::new(out),
+        },
+        Err(e) => failed(&e),
     }
 }
 
@@ -154,6 +254,12 @@ fn try_decide(paths: &Paths, p: &Prepared) -> Result<Decision, crate::snapshot::
     };
     let key = inputs.key();
     let cache = ImageCache::open(paths)?;
+    // The warm application first: it also skips the container's initialisation.
+    if let Ok(startup) = StartupInputs::of(&key, &p.plan) {
+        if let Some(entry) = cache.lookup(&startup.key())? {
+            return Ok(Decision::Startup(entry));
+        }
+    }
     // Twice: an entry published between the lookup and the claim is restored too.
     for _ in 0..2 {
         if let Some(entry) = cache.lookup(&key)? {
@@ -166,6 +272,7 @@ fn try_decide(paths: &Paths, p: &Prepared) -> Result<Decision, crate::snapshot::
                     key,
                     inputs,
                     lock: Some(lock),
+                    published: false,
                 }))
             }
             Claim::Busy => {

@@ -23,6 +23,7 @@ pub mod cached;
 pub mod clone;
 pub mod detach;
 pub mod env;
+pub mod health;
 pub mod image;
 pub mod machine;
 pub mod plan;
@@ -34,6 +35,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fcvm_proto::cmdline::CmdlineBuilder;
+use fcvm_proto::health::HealthState;
 use fcvm_proto::status::Status;
 
 use crate::cleanup::Disposition;
@@ -134,6 +136,8 @@ pub struct PodmanRunRequest {
     pub stop_timeout: Duration,
     /// `--no-snapshot`: boot cold, neither using nor creating an image cache entry.
     pub no_snapshot: bool,
+    /// `--health-check` and its settings, unchecked.
+    pub health: Option<health::HealthRequest>,
     /// `--network`.
     pub network: NetworkRequest,
     /// `--publish` occurrences.
@@ -196,6 +200,9 @@ pub enum PodmanError {
     /// Bad network arguments.
     #[error(transparent)]
     Network(#[from] NetworkArgsError),
+    /// Bad health check arguments.
+    #[error(transparent)]
+    Health(#[from] health::HealthArgsError),
     /// A bad `--map` / `-v` item.
     #[error(transparent)]
     Volume(#[from] crate::volume::MapError),
@@ -395,14 +402,23 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
 
     let host = Host::new(Store::open(paths)?);
     let mut decision = cached::decide(paths, req.no_snapshot, &prepared);
-    if let cached::Decision::Hit(entry) = decision {
+    // A startup entry that fails to restore falls back to its base entry, which may fail too.
+    for _ in 0..2 {
+        let (entry, startup) = match decision {
+            cached::Decision::Hit(e) => (e, false),
+            cached::Decision::Startup(e) => (e, true),
+            other => {
+                decision = other;
+                break;
+            }
+        };
         let key = entry.key.clone();
         match run_hit(
             &host,
             paths,
             req,
             &prepared,
-            entry,
+            Restore { entry, startup },
             &mut timeline,
             &mut signals,
         )
@@ -410,8 +426,9 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
         {
             Err(PodmanError::CacheRestore { why }) => {
                 eprintln!(
-                    "fcvm: warning: cache entry {} failed to restore ({why}); removed it, booting cold",
-                    cached::short(&key)
+                    "fcvm: warning: cache entry {} failed to restore ({why}); removed it, booting {}",
+                    cached::short(&key),
+                    if startup { "from the image's entry or cold" } else { "cold" }
                 );
                 cached::discard(paths, &key);
                 decision = cached::decide(paths, req.no_snapshot, &prepared);
@@ -425,8 +442,8 @@ pub async fn run(paths: &Paths, req: &PodmanRunRequest) -> Result<PodmanOutcome,
             eprintln!("fcvm: cold ({why})");
             Gate::Cold
         }
-        // A restore failed twice in a row: do not loop.
-        cached::Decision::Hit(_) => {
+        // Restores failed twice in a row: do not loop.
+        cached::Decision::Hit(_) | cached::Decision::Startup(_) => {
             eprintln!("fcvm: cold (the cache entry cannot be used)");
             Gate::Cold
         }
@@ -513,16 +530,24 @@ impl Prepared {
     }
 }
 
+/// The cache entry a run restores.
+struct Restore {
+    entry: crate::snapshot::cache::Entry,
+    /// A startup-tier entry (its container runs already).
+    startup: bool,
+}
+
 /// A cache hit: restore the entry, hand the agent this run's plan, follow the container.
 async fn run_hit(
     host: &Host,
     paths: &Paths,
     req: &PodmanRunRequest,
     p: &Prepared,
-    entry: crate::snapshot::cache::Entry,
+    restore: Restore,
     timeline: &mut Timeline,
     signals: &mut Signals,
 ) -> Result<PodmanOutcome, PodmanError> {
+    let Restore { entry, startup } = restore;
     let key = entry.key.clone();
     let mut vm = launch(
         host,
@@ -537,6 +562,7 @@ async fn run_hit(
         key: key.clone(),
         deadline: tokio::time::Instant::now() + RESTORE_AGENT_TIMEOUT,
         ready: false,
+        startup,
     };
     let result = attach_and_follow(&mut vm, paths, &p.run(), timeline, signals, &mut gate).await;
     if std::env::var_os(TIMINGS_ENV).is_some() {
@@ -562,11 +588,13 @@ enum Gate {
     Cold,
     /// Snapshot at ImageReady.
     Create(Box<cached::Creator>),
-    /// A restored VM: its agent must report ImageReady before `deadline`.
+    /// A restored VM: its agent must report ImageReady (Ready for a startup-tier entry,
+    /// `startup`) before `deadline`.
     Restored {
         key: String,
         deadline: tokio::time::Instant,
         ready: bool,
+        startup: bool,
     },
 }
 
@@ -582,6 +610,7 @@ fn with_log_dir(paths: &Paths, mut spec: VmSpec) -> VmSpec {
 
 fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanError> {
     let log_max_bytes = crate::logs::parse_log_opts(&req.log_opts)?;
+    let health_check = req.health.as_ref().map(health::parse).transpose()?;
     let name = match &req.name {
         Some(n) => Name::parse(n)?,
         None => crate::names::generate(),
@@ -635,6 +664,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
         },
     );
     plan.volumes = volumes.iter().map(|v| v.plan_volume()).collect();
+    plan.health_check = health_check;
     plan.validate()?;
     // The root device is the first drive `spec_for` attaches.
     let cmdline = CmdlineBuilder::parse(BOOT_ARGS)
@@ -675,7 +705,10 @@ fn spec_for(paths: &Paths, p: &Prepared, gate: &Gate) -> VmSpec {
         Resources {
             vcpus: p.vcpus,
             mem_mib: p.mem_mib,
-            track_dirty_pages: false,
+            // A run that creates the cache entry and may then take its startup tier tracks
+            // dirty pages from its boot: the startup tier is a Diff onto the entry.
+            track_dirty_pages: matches!(gate, Gate::Create(_))
+                && crate::snapshot::cache::StartupInputs::of("", &p.plan).is_ok(),
         },
         Source::Boot {
             kernel: p.kernel.clone(),
@@ -740,6 +773,7 @@ async fn attach_and_follow(
     gate: &mut Gate,
 ) -> Result<PodmanOutcome, PodmanError> {
     let with_input = p.plan.interactive || p.plan.tty;
+    let _ = vm.update(|r| r.health = Health::Starting);
     let listeners = session::Listeners::bind(&vm.paths().vsock_socket(), with_input)?;
     // Held until this function returns, which is after the VMM has exited.
     let _volumes = crate::volume::server::VolumeServers::start(
@@ -923,6 +957,50 @@ async fn image_ready(
     }
 }
 
+/// The health check passed for the first time: snapshot the warm application as the
+/// startup tier of the entry this run created (a Diff onto it) or restored (Full).
+async fn startup_tier(
+    vm: &VmHandle,
+    p: &Run<'_>,
+    paths: &Paths,
+    gate: &Gate,
+    timeline: &mut Timeline,
+) {
+    let (base, diff) = match gate {
+        Gate::Create(c) if c.published => (c.key.clone(), true),
+        Gate::Restored {
+            key,
+            startup: false,
+            ready: true,
+            ..
+        } => (key.clone(), false),
+        _ => return,
+    };
+    let t = Instant::now();
+    let name = vm.record().name.to_string();
+    match cached::snapshot_startup(paths, &name, &base, p.plan, diff).await {
+        cached::Startup::Created { key, out } => {
+            let how = if diff {
+                "diff merged onto the image's entry"
+            } else {
+                "full"
+            };
+            eprintln!(
+                "fcvm: cache created (startup): entry {} ({how}, {} MiB, VM paused {} ms, {:.1} s in all)",
+                cached::short(&key),
+                out.meta.memory_allocated_bytes >> 20,
+                out.paused_for.as_millis(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        cached::Startup::Skipped(why) => tracing::info!("no startup tier: {why}"),
+        cached::Startup::Failed(why) => eprintln!(
+            "fcvm: warning: the startup snapshot failed ({why}); the container runs without it"
+        ),
+    }
+    timeline.mark("startup-snapshot");
+}
+
 /// What a signal to fcvm does to the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalAction {
@@ -1034,6 +1112,8 @@ async fn follow(
             d.finish(pulled);
         }
     };
+    // The startup tier is taken at the check's first pass, once.
+    let mut startup_tried = false;
     loop {
         let mut escalate = false;
         tokio::select! {
@@ -1053,12 +1133,37 @@ async fn follow(
                     Some(Status::Ready) => {
                         pull_over(&mut pull, true);
                         timeline.mark("ready");
-                        let _ = vm.update(|r| r.health = Health::Healthy);
+                        // With a check, health is the check's; without, the start is it.
+                        if p.plan.health_check.is_none() {
+                            let _ = vm.update(|r| r.health = Health::Healthy);
+                        }
+                        if let Gate::Restored { key, ready: ready @ false, startup: true, .. } = gate {
+                            *ready = true;
+                            eprintln!(
+                                "fcvm: cache hit (startup): entry {}, the container restored running",
+                                cached::short(key)
+                            );
+                            // The clock and entropy came with Resync, the answer to the
+                            // agent's Reconnected: nothing else to send a running container.
+                        }
                         release_detached(vm, paths, p);
                     }
                     Some(Status::Error(text)) => {
                         pull_over(&mut pull, false);
                         end.guest_error = Some(text);
+                    }
+                    Some(Status::Health(state)) => {
+                        tracing::debug!("health: {state}");
+                        let health = match state {
+                            HealthState::Starting => Health::Starting,
+                            HealthState::Healthy => Health::Healthy,
+                            HealthState::Unhealthy => Health::Unhealthy,
+                        };
+                        let _ = vm.update(|r| r.health = health);
+                        if state == HealthState::Healthy && !startup_tried {
+                            startup_tried = true;
+                            startup_tier(vm, p, paths, gate, timeline).await;
+                        }
                     }
                     Some(Status::ImageReady { digest }) => {
                         pull_over(&mut pull, true);
