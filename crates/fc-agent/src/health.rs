@@ -126,10 +126,18 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let h = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
-            let mut req = [0u8; 512];
-            let n = c.read(&mut req).unwrap();
+            // The whole request head: the probe may write it in more than one piece.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+            }
             c.write_all(answer).unwrap();
-            String::from_utf8_lossy(&req[..n]).into_owned()
+            String::from_utf8_lossy(&req).into_owned()
         });
         (port, h)
     }

@@ -216,30 +216,7 @@ pub struct Output {
 
 /// Runs `cmd` to completion capturing its output (stdin is /dev/null).
 pub fn run(cmd: &mut Command) -> std::io::Result<Output> {
-    use std::io::Read;
-    use std::process::Stdio;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let (mut child, w) = spawn(cmd)?;
-    let mut err_pipe = child.stderr.take();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = err_pipe.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
-    let mut stdout = String::new();
-    if let Some(mut p) = child.stdout.take() {
-        let _ = p.read_to_string(&mut stdout);
-    }
-    let stderr = err_thread.join().unwrap_or_default();
-    Ok(Output {
-        code: w.wait(),
-        stdout,
-        stderr,
-    })
+    run_lines(cmd, |_| {})
 }
 
 /// [`run`], handing each line of the child's standard error to `on_line` as it comes (a line

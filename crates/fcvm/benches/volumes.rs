@@ -16,8 +16,9 @@
 //! `BENCH_MIB` (default 100) MiB, `BENCH_FILES` (default 2000) small files.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn var_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -125,13 +126,20 @@ fn main() {
         if !writeback {
             c.env("FCVM_NO_WRITEBACK_CACHE", "1");
         }
-        let o = c.output().unwrap();
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        // The figures as they come (a round takes minutes in the emulated host); fcvm's and
+        // the tool's stderr straight through.
+        let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
+        let mut out = String::new();
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            eprintln!("{name}: {line}");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let status = child.wait().unwrap();
         assert!(
-            o.status.success(),
-            "bench run {name} failed: {}\nstdout:\n{out}\nstderr:\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
+            status.success(),
+            "bench run {name} failed: {status}\nstdout:\n{out}"
         );
         out
     };

@@ -129,6 +129,8 @@ fn fs_bench(dir: &str, mib: &str, files: &str) -> Result<(), String> {
         .map(|i| (i * 7 + i / 4096) as u8)
         .collect();
 
+    let step = |what: &str| eprintln!("fs-bench {}: {what}", dir.display());
+    step("write");
     let start = Instant::now();
     let mut f = File::create(&data).map_err(|e| format!("create {}: {e}", data.display()))?;
     for _ in 0..mib {
@@ -138,6 +140,7 @@ fn fs_bench(dir: &str, mib: &str, files: &str) -> Result<(), String> {
     drop(f);
     let write_s = start.elapsed().as_secs_f64();
 
+    step("read");
     let mut f = File::open(&data).map_err(|e| format!("open {}: {e}", data.display()))?;
     // Drop the file's cached pages so the read goes to the file system (the FUSE server, or
     // the VM's disk), not the guest's page cache.
@@ -164,6 +167,7 @@ fn fs_bench(dir: &str, mib: &str, files: &str) -> Result<(), String> {
     }
     std::fs::remove_file(&data).map_err(|e| format!("remove {}: {e}", data.display()))?;
 
+    step("creates");
     let many = dir.join("fs-bench-files");
     std::fs::create_dir(&many).map_err(|e| format!("mkdir {}: {e}", many.display()))?;
     let names: Vec<_> = (0..files).map(|i| many.join(format!("f{i}"))).collect();
@@ -172,15 +176,18 @@ fn fs_bench(dir: &str, mib: &str, files: &str) -> Result<(), String> {
         File::create(n).map_err(|e| format!("create {}: {e}", n.display()))?;
     }
     let create_s = start.elapsed().as_secs_f64();
+    step("stat");
     let start = Instant::now();
     for n in &names {
         std::fs::metadata(n).map_err(|e| format!("stat {}: {e}", n.display()))?;
     }
     let stat_s = start.elapsed().as_secs_f64();
+    step("statx force-sync");
     let start = Instant::now();
     for n in &names {
         stat_force_sync(n)?;
     }
+    step("remove");
     let stat_sync_s = start.elapsed().as_secs_f64();
     std::fs::remove_dir_all(&many).map_err(|e| format!("remove {}: {e}", many.display()))?;
 

@@ -1609,6 +1609,13 @@ impl Env {
     }
 
     /// The stamp the container's httpd serves, fetched from inside the container.
+    /// Has the container of VM `name` print `word` on its stdout (its PID 1's), through exec.
+    fn print_from_the_container(&self, name: &str, word: &str) {
+        let script = format!("echo {word} > /proc/1/fd/1");
+        let o = self.exec(&["--name", name, "--", "sh", "-c", &script], b"");
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    }
+
     fn stamp(&self, name: &str) -> String {
         let o = self.exec(
             &[
@@ -1675,18 +1682,7 @@ fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
     });
     let stamp = env.stamp("hc-a");
     // The snapshot reset the original VM's channels too: its output still reaches fcvm.
-    let o = env.exec(
-        &[
-            "--name",
-            "hc-a",
-            "--",
-            "sh",
-            "-c",
-            "echo after-snapshot > /proc/1/fd/1",
-        ],
-        b"",
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    env.print_from_the_container("hc-a", "after-snapshot");
     assert_eq!(miss.line(), "after-snapshot\n");
     nix::sys::signal::kill(miss.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
     let (st, _, err) = miss.finish();
@@ -1709,18 +1705,7 @@ fn health_check_drives_ls_and_the_startup_tier_restores_the_warm_application() {
     let rows: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(rows[0]["health"], "healthy", "{rows}");
     // The container's stdout after the restore reaches this run's stdout.
-    let o = env.exec(
-        &[
-            "--name",
-            "hc-b",
-            "--",
-            "sh",
-            "-c",
-            "echo after-restore > /proc/1/fd/1",
-        ],
-        b"",
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    env.print_from_the_container("hc-b", "after-restore");
     assert_eq!(hit.line(), "after-restore\n");
     nix::sys::signal::kill(hit.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
     let (st, _, err) = hit.finish();
