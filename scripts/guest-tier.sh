@@ -4,7 +4,8 @@
 # CI budget. Runs where real guests boot: natively, or inside fcvm-testhost (scripts/test.sh
 # calls it through on_real_kvm).
 #
-#   guest-tier.sh [--budget SECONDS] [--per-test SECONDS] [--each-on-real-kvm] TEST_BINARY [FILTER]
+#   guest-tier.sh [--budget SECONDS] [--per-test SECONDS] [--each-on-real-kvm [--lanes N|auto]]
+#                 TEST_BINARY [FILTER]
 #
 # --budget bounds the whole tier: a test is given at most what remains of it, and tests that
 # no longer fit are reported as not run (a failure), never silently dropped.
@@ -12,21 +13,43 @@
 # guests do not boot natively, each test gets an emulated KVM host of its own (~10 s to boot),
 # so an emulated host that dies (its kernel once hit a stack guard page under three
 # concurrent guests) fails one test run, not every test after it.
+# --lanes runs that many emulated hosts at once, each taking the next test from one queue. The
+# tests spend much of their time waiting on guests that sleep, boot or time out, so two lanes
+# on 2 cores finish well before one lane would (each test a little slower); `auto` gives as many as
+# memory holds (FCVM_TESTHOST_MEM each, with 4 GiB to spare), at most 2 and at most the cores.
 set -uo pipefail
 
 budget=3600
 per_test=600
 each=""
+lanes=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --budget) budget=$2; shift 2 ;;
     --per-test) per_test=$2; shift 2 ;;
     --each-on-real-kvm) each=1; shift ;;
+    --lanes) lanes=$2; shift 2 ;;
     *) break ;;
     esac
 done
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
-    echo "usage: guest-tier.sh [--budget SECONDS] [--per-test SECONDS] [--each-on-real-kvm] TEST_BINARY [FILTER]" >&2
+    echo "usage: guest-tier.sh [--budget SECONDS] [--per-test SECONDS] [--each-on-real-kvm [--lanes N|auto]] TEST_BINARY [FILTER]" >&2
+    exit 2
+fi
+if [ "$lanes" = auto ]; then
+    avail_mib=$(($(sed -n 's/^MemAvailable: *\([0-9]*\) kB/\1/p' /proc/meminfo) / 1024))
+    lanes=$(((avail_mib - 4096) / ${FCVM_TESTHOST_MEM:-8192}))
+    cores=$(nproc)
+    [ "$lanes" -gt 2 ] && lanes=2
+    [ "$lanes" -gt "$cores" ] && lanes=$cores
+    [ "$lanes" -lt 1 ] && lanes=1
+fi
+case "$lanes" in
+'' | *[!0-9]* | 0) echo "error: --lanes wants a positive number or auto, not '$lanes'" >&2; exit 2 ;;
+esac
+if [ "$lanes" -gt 1 ] && [ -z "$each" ]; then
+    # Natively, the tests of two lanes would share one host's VMs, TAPs and leftovers reaping.
+    echo "error: --lanes above 1 needs --each-on-real-kvm (an emulated host per test)" >&2
     exit 2
 fi
 bin=$1
@@ -34,6 +57,12 @@ filter=${2:-linux_guest::}
 if [ -n "$each" ]; then
     # shellcheck source=lib.sh
     source "$(dirname "$0")/lib.sh"
+fi
+if [ "$lanes" -gt 1 ] && guests_boot_natively; then
+    # on_real_kvm then runs the tests on this host itself, where two at once would share its
+    # VMs, TAPs and leftovers reaping.
+    echo "== guests boot natively here: one lane" >&2
+    lanes=1
 fi
 logs=$(mktemp -d /tmp/guest-tier.XXXXXX)
 deadline=$((SECONDS + budget))
@@ -54,21 +83,21 @@ if [ "${#tests[@]}" -eq 0 ]; then
     echo "error: no test matches '$filter' in $bin" >&2
     exit 1
 fi
-echo "== ${#tests[@]} real-guest tests, at most ${per_test}s each, ${budget}s in all (logs in $logs)"
+echo "== ${#tests[@]} real-guest tests, at most ${per_test}s each, ${budget}s in all, $lanes at a time (logs in $logs)"
 
 # A test killed on its time limit cannot clean up. timeout(1) signals its whole process group,
 # which takes the fcvm processes the test started; a VMM that outlived them is ended here, but
 # only in a host that exists for these tests (fcvm-testhost's L1, or a CI machine), never among
 # a developer's own VMs. The next fcvm command reaps records and namespaces.
 reap_leftovers() {
+    # With an emulated host per test, the test's VMs ended with that host.
+    [ -n "$each" ] && return
     if grep -q 'fcvm.runner=' /proc/cmdline || [ -n "${CI:-}" ]; then
         pkill -KILL -x firecracker 2>/dev/null
         sleep 1
     fi
 }
 
-passed=0 failed=0 ignored=0
-summary=()
 # One run of test $1 with a limit of what remains (at most --per-test); sets `result` to
 # ok, ignored, failed or timeout, and `took` to its seconds. Returns 1 when no time is left.
 run_one() {
@@ -106,32 +135,40 @@ run_one() {
     fi
 }
 
-passed=0 failed=0 ignored=0 flaky=0
-summary=()
-for t in "${tests[@]}"; do
+# What one test ended as, for the table: one line in $logs/result.INDEX, written by its lane.
+# Output about a failure is written whole under a lock, so two lanes' reports never interleave.
+report() {
+    flock "$logs/print.lock" cat "$1"
+}
+# Run test number $1 (one run, and a second after a failure), and write its result line.
+run_test() {
+    local i=$1 t=${tests[$1]} log out first hosts_died
     log="$logs/${t//::/__}.log"
+    out="$logs/report.$i"
+    : >"$out"
     if ! run_one "$t" "$log"; then
-        summary+=("NOT RUN  $t (the tier's ${budget}s budget is spent)")
-        failed=$((failed + 1))
-        continue
+        echo "NOT RUN  $t (the tier's ${budget}s budget is spent)" >"$logs/result.$i"
+        return
     fi
     if [ "$result" = ignored ]; then
-        summary+=("ignored  $t")
-        ignored=$((ignored + 1))
-        continue
+        echo "ignored  $t" >"$logs/result.$i"
+        return
     fi
     if [ "$result" = ok ]; then
-        summary+=("ok       $t (${took}s)")
-        passed=$((passed + 1))
-        continue
+        echo "ok       $t (${took}s)" >"$logs/result.$i"
+        return
     fi
     # The emulated host runs guests 5-10x slower than bare metal, with rare stalls of its own:
     # a failed test runs once more, and a pass on the second run is reported as FLAKY (with the
     # first run's output above), never as a plain pass.
     first="$result after ${took}s"
-    echo "---- $t: $first; the last 150 lines of its output:"
-    tail -n 150 "$log"
-    echo "---- end of $t; running it once more"
+    {
+        echo "---- $t: $first; the last 150 lines of its output:"
+        tail -n 150 "$log"
+        echo "---- end of $t; running it once more"
+    } >>"$out"
+    report "$out"
+    : >"$out"
     # A dead emulated host says nothing of the test: up to two more hosts are tried for it.
     hosts_died=0
     while run_one "$t" "$log.2" && [ "$result" = "emulated host died" ] && [ "$hosts_died" -lt 2 ]; do
@@ -140,18 +177,50 @@ for t in "${tests[@]}"; do
         echo "---- $t: the emulated host died again; one more"
     done
     if [ "${result:-}" = ok ] && [ -f "$log.2" ]; then
-        summary+=("FLAKY    $t (first run $first; second run passed in ${took}s)")
-        flaky=$((flaky + 1))
-        passed=$((passed + 1))
-        continue
+        echo "FLAKY    $t (first run $first; second run passed in ${took}s)" >"$logs/result.$i"
+        return
     fi
-    summary+=("FAILED   $t (first run $first; second run ${result:-not run} after ${took:-0}s)")
-    failed=$((failed + 1))
+    echo "FAILED   $t (first run $first; second run ${result:-not run} after ${took:-0}s)" >"$logs/result.$i"
     if [ -f "$log.2" ]; then
-        echo "---- $t, second run: the last 150 lines of its output:"
-        tail -n 150 "$log.2"
-        echo "---- end of $t"
+        {
+            echo "---- $t, second run: the last 150 lines of its output:"
+            tail -n 150 "$log.2"
+            echo "---- end of $t"
+        } >>"$out"
+        report "$out"
     fi
+}
+
+# A lane takes the next test number from the queue (a counter file under a lock) until none
+# is left.
+echo 0 >"$logs/next"
+lane() {
+    local i
+    while :; do
+        i=$(flock "$logs/next.lock" sh -c 'i=$(cat "$1"); echo $((i + 1)) >"$1"; echo "$i"' _ "$logs/next")
+        [ "$i" -lt "${#tests[@]}" ] || return 0
+        result="" took=""
+        run_test "$i"
+    done
+}
+for n in $(seq 1 "$lanes"); do
+    lane &
+    # Emulated hosts starting in the same second contend for the cores while both boot.
+    [ "$n" -lt "$lanes" ] && sleep 5
+done
+wait
+
+passed=0 failed=0 ignored=0 flaky=0
+summary=()
+for i in "${!tests[@]}"; do
+    line=$(cat "$logs/result.$i" 2>/dev/null || echo "NOT RUN  ${tests[$i]} (its lane ended without a result)")
+    summary+=("$line")
+    case "$line" in
+    "ok "* ) passed=$((passed + 1)) ;;
+    FLAKY*) passed=$((passed + 1)); flaky=$((flaky + 1)) ;;
+    ignored*) ignored=$((ignored + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+    esac
 done
 
 echo "== real-guest tier: $passed passed ($flaky of them on a second run), $failed failed, $ignored ignored, ${SECONDS}s"

@@ -45,5 +45,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
 left=$((budget_total - SECONDS))
-bash scripts/guest-tier.sh --budget "$left" --each-on-real-kvm "$integration" "$@"
+# Two emulated hosts at a time where memory holds them (FCVM_TEST_LANES overrides).
+bash scripts/guest-tier.sh --budget "$left" --each-on-real-kvm --lanes "${FCVM_TEST_LANES:-auto}" \
+    "$integration" "$@"
 echo "$(stamp)== done"
