@@ -75,6 +75,17 @@ if ! "$bin" --list "$filter" >"$logs/list" 2>"$logs/list.err"; then
     exit 1
 fi
 sed -n 's/: test$//p' "$logs/list" >"$logs/names"
+# Longest first, by the times of an earlier full run (scripts/guest-tier.times: seconds and
+# name per line; FCVM_TEST_TIMES overrides), so that no lane is left with a long test while
+# the other has nothing to do. Tests it does not list go first: they may be long too. Only the
+# order depends on it. Remake it from a run's table:
+#   sed -n 's/^ *ok *\([^ ]*\) (\([0-9]*\)s)$/\2 \1/p' RUN.log | sort -nr >scripts/guest-tier.times
+times=${FCVM_TEST_TIMES:-$(dirname "$0")/guest-tier.times}
+if [ -f "$times" ]; then
+    awk 'NR == FNR { t[$2] = $1; next } { print ($0 in t ? t[$0] : 999999), $0 }' \
+        "$times" "$logs/names" | sort -s -k1,1nr | cut -d' ' -f2- >"$logs/names.sorted"
+    mv "$logs/names.sorted" "$logs/names"
+fi
 tests=()
 while IFS= read -r name; do
     tests+=("$name")

@@ -32,10 +32,6 @@ use crate::vm::{launch, Event, Host, LaunchError, Launcher, Lifetime, Signals, V
 
 use super::{attach_and_follow, detach, session, Gate, PodmanError, Run, Timeline};
 
-/// How long a restored clone's agent has to reconnect and report Ready before `--exec`
-/// gives up.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// What to do with the clone.
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -61,8 +57,10 @@ pub enum ContainerCloneError {
     #[error("snapshot {0} is not of a container VM (`fcvm podman run`)")]
     NotContainer(String),
     /// The restored agent never said it was back.
-    #[error("the clone's agent did not report within {} s after the restore; the clone was removed; last console lines:\n{console}", READY_TIMEOUT.as_secs())]
+    #[error("the clone's agent did not report within {} s after the restore (set {} to wait longer); the clone was removed; last console lines:\n{console}", waited.as_secs(), super::AGENT_TIMEOUT_ENV)]
     AgentSilent {
+        /// How long it was given (`super::agent_timeout`).
+        waited: Duration,
         /// Console tail.
         console: String,
     },
@@ -189,7 +187,10 @@ async fn exec_in(
         },
     );
     vm.start().await.map_err(PodmanError::from)?;
-    let deadline = tokio::time::sleep(READY_TIMEOUT);
+    // How long a restored clone's agent has to reconnect and report Ready before `--exec`
+    // gives up.
+    let waited = super::agent_timeout();
+    let deadline = tokio::time::sleep(waited);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -210,6 +211,7 @@ async fn exec_in(
             },
             _ = &mut deadline => {
                 return Err(ContainerCloneError::AgentSilent {
+                    waited,
                     console: crate::vm::spawn::tail(&vm.paths().console_log(), 15),
                 })
             }
