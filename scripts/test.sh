@@ -23,9 +23,10 @@ echo "$(stamp)== host packages"
 install_host_packages
 echo "$(stamp)== build"
 build_workspace
+kernel_build_start
 build_test_tools
 echo "$(stamp)== setup"
-setup_fcvm
+setup_fcvm --no-kernel
 
 echo "$(stamp)== cargo fmt --check"
 cargo fmt --all --check
@@ -37,6 +38,8 @@ echo "$(stamp)== cargo test, native tier (Firecracker: $FCVM_FIRECRACKER_BIN)"
 # machine has 2 cores.
 cargo test --workspace --locked -- --test-threads=2 --skip linux_guest:: "$@"
 
+echo "$(stamp)== guest kernel"
+kernel_build_wait
 echo "$(stamp)== cargo test, container tier on the real path"
 integration=$(cargo test -p fcvm --test integration --locked --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
