@@ -162,6 +162,11 @@ fn create_bridged(
     step("namespace and TAP", &mut || {
         net.create_netns(&b.netns, Some(&b.tap), tap_owner)
     })?;
+    if let Some(mac) = &b.tap_mac {
+        step("TAP address", &mut || {
+            net.ip(ns, &["link", "set", &b.tap, "address", mac])
+        })?;
+    }
     step("veth pair", &mut || {
         net.ip(
             None,
@@ -224,6 +229,11 @@ fn create_bridged(
             "1",
         )
     })?;
+    if let Some(rules) = b.ns_ruleset() {
+        step("clone address translation", &mut || {
+            net.nft_apply_in(&b.netns, &rules)
+        })?;
+    }
     step("nftables table", &mut || net.nft_apply(&b.nft_ruleset()))
 }
 
@@ -298,9 +308,23 @@ mod tests {
         a.create(&net, None).unwrap();
         let calls = net.calls();
         assert_eq!(calls[0], "create_netns fcvm-abc tap0");
+        // The TAP's MAC is the VM's own, fixed before the guest ever sees it.
+        let NetworkAttachment::Bridged(b) = &a else {
+            unreachable!()
+        };
+        let mac = b.tap_mac.clone().unwrap();
         assert_eq!(
             calls[1],
+            format!("ip -n fcvm-abc link set tap0 address {mac}")
+        );
+        assert_eq!(
+            calls[2],
             "ip link add vhabc type veth peer name veth0 netns fcvm-abc"
+        );
+        // A VM that booted with its own address needs no translation in its namespace.
+        assert!(
+            !calls.iter().any(|c| c.starts_with("nft_apply_in")),
+            "{calls:?}"
         );
         assert!(calls.contains(&"ip addr add 10.209.0.17/30 dev vhabc".to_owned()));
         assert!(calls.contains(&"ip -n fcvm-abc addr add 10.209.0.21/30 dev tap0".to_owned()));
@@ -329,6 +353,50 @@ mod tests {
         let back: NetworkAttachment =
             serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
         assert_eq!(back, a);
+    }
+
+    /// A clone of a bridged VM: the source's TAP MAC, its own veth and slot, the 1:1
+    /// translation loaded in its namespace before the host's table, the same undo.
+    #[test]
+    fn a_bridged_clone_keeps_the_guest_side_and_translates_in_its_namespace() {
+        let NetworkAttachment::Bridged(original) = bridged("abc") else {
+            unreachable!()
+        };
+        let publish = super::super::bridged::parse_publish(&["9090:80".into()]).unwrap();
+        let mut c = BridgedNet::clone_of("def", 0, &original, publish);
+        c.assign(5);
+        let a = NetworkAttachment::Bridged(c.clone());
+        let net = super::super::fake::RecordingNet::default();
+        a.create(&net, None).unwrap();
+        let calls = net.calls();
+        let mac = original.tap_mac.clone().unwrap();
+        assert_eq!(calls[0], "create_netns fcvm-def tap0");
+        assert_eq!(
+            calls[1],
+            format!("ip -n fcvm-def link set tap0 address {mac}")
+        );
+        // The guest's gateway is the source's; the host routes the clone's own slot.
+        assert!(calls.contains(&format!(
+            "ip -n fcvm-def addr add {}/30 dev tap0",
+            original.gateway
+        )));
+        assert!(calls.contains(&"ip route add 10.209.0.44/30 via 10.209.0.42 dev vhdef".to_owned()));
+        let n = calls.len();
+        assert_eq!(
+            &calls[n - 2..],
+            [
+                "nft_apply_in fcvm-def table ip fcvm-clone",
+                "nft_apply table ip fcvm-def"
+            ]
+        );
+        assert_eq!(
+            a.undo_steps()[0],
+            CleanupStep::DeleteNftTable {
+                table: "fcvm-def".into()
+            }
+        );
+        // The guest is configured already: no `ip=` for a restore.
+        assert_eq!(a.ip_config().unwrap().address, original.guest_addr);
     }
 
     #[test]

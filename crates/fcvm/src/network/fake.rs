@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use super::{NetError, NetOps};
 
 /// Records calls as `"create_netns NAME TAP"`, `"delete_netns NAME"`, `"ip [-n NS] ARGS"`,
-/// `"sysctl NS|- KEY=VALUE"`, `"nft_apply table ip NAME"`, `"nft_delete_table NAME"`,
+/// `"sysctl NS|- KEY=VALUE"`, `"nft_apply table ip NAME"`,
+/// `"nft_apply_in NS table ip NAME"`, `"nft_delete_table NAME"`,
 /// `"delete_link NAME"`.
 #[derive(Debug, Default)]
 pub struct RecordingNet {
@@ -79,6 +80,14 @@ impl NetOps for RecordingNet {
             .unwrap_or_default()
             .trim_end_matches(" {");
         self.call(format!("nft_apply {table}"), table)
+    }
+    fn nft_apply_in(&self, netns: &str, ruleset: &str) -> Result<(), NetError> {
+        let table = ruleset
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches(" {");
+        self.call(format!("nft_apply_in {netns} {table}"), netns)
     }
     fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
         self.call(format!("nft_delete_table {name}"), name)
