@@ -380,7 +380,10 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
 
     // The original: a small VM serving "original" on its published port.
     let web_port = free_port();
-    let script = "mkdir -p /www && echo original > /www/index.html && exec httpd -f -p 80 -h /www";
+    // httpd in the background and a shell that ends at SIGTERM (`fcvm stop`): PID 1 of the
+    // container ignores a signal it has no handler for.
+    let script = "mkdir -p /www && echo original > /www/index.html && httpd -p 80 -h /www && \
+                  trap 'exit 143' TERM; while :; do sleep 1; done";
     let publish = format!("{web_port}:80");
     let flags = [
         "-d",
@@ -545,10 +548,21 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     answers(&others);
     step("c4 killed, the other nine answer");
 
-    for i in others {
-        env.ok(&["stop", "--timeout", "30", &format!("c{i}")]);
+    // `fcvm stop` of all at once, as the clones started.
+    let stops: Vec<_> = others
+        .iter()
+        .map(|i| format!("c{i}"))
+        .chain(["web".to_owned()])
+        .map(|name| {
+            let mut cmd = env.command();
+            cmd.args(["stop", "--timeout", "30", &name]);
+            std::thread::spawn(move || (name, run_to_end_within(cmd, "fcvm stop", RESTORED)))
+        })
+        .collect();
+    for s in stops {
+        let (name, (code, _, err)) = s.join().unwrap();
+        assert_eq!(code, Some(0), "stop {name}: {err}");
     }
-    env.ok(&["stop", "--timeout", "30", "web"]);
     for name in (0..CLONES)
         .map(|i| format!("c{i}"))
         .chain(["web".to_owned()])
