@@ -482,6 +482,18 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
         );
     }
     step("ten clones running");
+    // The network's steps, from the supervisors' debug logs (figures, not assertions).
+    if let Ok(dirs) = std::fs::read_dir(env.base().join("logs")) {
+        for d in dirs.flatten() {
+            let log = std::fs::read_to_string(d.path().join("fcvm.log")).unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("bridged setup") || l.contains("clone timings"))
+            {
+                eprintln!("timing: {l}");
+            }
+        }
+    }
 
     // Each: the original's guest address, a host side and published port of its own, and
     // the first request to its port answered.
