@@ -13,6 +13,15 @@
 //! The host routes `b+4/30` to `b+2`; the namespace forwards. Every rule is in the table
 //! `ip fcvm-<id>` (NAT for the guest's egress, DNAT for `--publish`, forwarding accepts), so
 //! teardown is one idempotent `nft delete table`, and one VM's teardown never touches another's.
+//!
+//! A clone restored from a snapshot of a bridged VM ([`BridgedNet::clone_of`]) cannot be
+//! given a new address: its guest configured `eth0` before the snapshot. It keeps the
+//! source's guest address, gateway and TAP (name and MAC, so the guest's neighbour entry for
+//! its gateway is still right) inside its own namespace, and takes a slot of its own for the
+//! host side. The host reaches it at that slot's guest address (`routed_addr`), and a table
+//! in the clone's namespace ([`BridgedNet::ns_ruleset`]) maps that address to the guest's
+//! one to one, so the original and any number of clones share a guest address while each
+//! has its own veth, NAT and published ports.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
