@@ -67,6 +67,14 @@ impl NetOps for RecordingNet {
         let ns = netns.map(|n| format!("-n {n} ")).unwrap_or_default();
         self.call(format!("ip {ns}{}", args.join(" ")), netns.unwrap_or("-"))
     }
+    /// Each command is recorded (and may fail) as an `ip` call of its own.
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError> {
+        for c in commands {
+            let words: Vec<&str> = c.iter().map(String::as_str).collect();
+            self.ip(netns, &words)?;
+        }
+        Ok(())
+    }
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
         self.call(
             format!("sysctl {} {key}={value}", netns.unwrap_or("-")),

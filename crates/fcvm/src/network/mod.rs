@@ -111,6 +111,9 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     fn delete_netns(&self, name: &str) -> Result<(), NetError>;
     /// Run `ip [-n NETNS] ARGS...`.
     fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError>;
+    /// Run each of `commands` (the arguments of one `ip` call each) in order, in one `ip
+    /// [-n NETNS] -batch -`; it stops at the first that fails.
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError>;
     /// Write `value` to `/proc/sys/<key>` in namespace `netns` (None: the host's).
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError>;
     /// Load a ruleset with `nft -f -`.
@@ -146,6 +149,15 @@ impl NetOps for HostNet {
         }
         full.extend(args);
         run_program("ip", &full, None).map(drop)
+    }
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError> {
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ns) = netns {
+            args.extend(["-n", ns]);
+        }
+        args.extend(["-batch", "-"]);
+        let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
+        run_program("ip", &args, Some(&script)).map(drop)
     }
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
         write_sysctl(netns, key, value).map_err(|source| NetError::Sysctl {

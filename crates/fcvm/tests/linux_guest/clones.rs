@@ -470,7 +470,8 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
                 "bridged",
             ])
             .args(["--name", &format!("c{i}"), "-p", &format!("{port}:80")]);
-            std::thread::spawn(move || run_to_end_within(cmd, "a bridged clone", RESTORED))
+            // Ten restores at once share the emulated host's two vCPUs.
+            std::thread::spawn(move || run_to_end_within(cmd, "a bridged clone", 2 * RESTORED))
         })
         .collect();
     for (i, run) in runs.into_iter().enumerate() {
