@@ -344,7 +344,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
 }
 
 /// Clones of a bridged container VM (issue 9 item 3): a busybox httpd with `--network
-/// bridged` is snapshotted; ten clones started at once, each `-d` with a published port of
+/// bridged` is snapshotted; four clones started at once, each `-d` with a published port of
 /// its own, each keep the original's guest address in a namespace of their own (the
 /// original still serves beside them), answer the first GET on their own port, and each
 /// serves its own page once `fcvm exec` wrote it. Bad `--publish` is refused before
@@ -355,7 +355,9 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
 #[test]
 fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     use super::network::{free_port, http_get, network_leftovers};
-    const CLONES: usize = 10;
+    // Four at once: ten restores at once starve the emulated KVM host's two vCPUs (the
+    // clones' kernels report RCU stalls and none is back within 8 minutes).
+    const CLONES: usize = 4;
     let test = "bridged_clones";
     let Some(g) = guest_or_skip(test) else {
         return;
@@ -482,7 +484,7 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
             "{err}"
         );
     }
-    step("ten clones running");
+    step("the clones run");
     // The network's steps, from the supervisors' debug logs (figures, not assertions).
     if let Ok(dirs) = std::fs::read_dir(env.base().join("logs")) {
         for d in dirs.flatten() {
@@ -515,7 +517,7 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
         );
     }
     let table = env.ok(&["ls"]);
-    assert!(table.contains(&format!("{}->80/tcp", ports[3])), "{table}");
+    assert!(table.contains(&format!("{}->80/tcp", ports[1])), "{table}");
     // Each serves its own page: the port leads to that clone and no other.
     for i in 0..CLONES {
         let (code, _, err) = exec(
@@ -536,8 +538,8 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     assert!(page.contains("original"), "web: {page}");
     step("each clone serves its own page");
 
-    // SIGKILL of c4's fcvm: the others answer; the next command removes its network.
-    let c4 = row(&env, "c4").unwrap();
+    // SIGKILL of c2's fcvm: the others answer; the next command removes its network.
+    let c4 = row(&env, "c2").unwrap();
     let c4_netns = c4["network"]["netns"].as_str().unwrap().to_owned();
     let c4_veth = c4["network"]["veth_host"].as_str().unwrap().to_owned();
     let owner = c4["owner"]["pid"].as_i64().unwrap() as i32;
@@ -546,7 +548,7 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_until(Duration::from_secs(30), "c4's fcvm to die", || {
+    wait_until(Duration::from_secs(30), "c2's fcvm to die", || {
         (!std::path::Path::new(&format!("/proc/{owner}")).exists()).then_some(())
     });
     env.ok(&["ls"]);
@@ -555,11 +557,11 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
         !left
             .iter()
             .any(|l| l.contains(&c4_netns) || l.contains(&c4_veth)),
-        "c4's network after SIGKILL + ls: {left:?}"
+        "c2's network after SIGKILL + ls: {left:?}"
     );
-    let others: Vec<usize> = (0..CLONES).filter(|&i| i != 4).collect();
+    let others: Vec<usize> = (0..CLONES).filter(|&i| i != 2).collect();
     answers(&others);
-    step("c4 killed, the other nine answer");
+    step("c2 killed, the others answer");
 
     // `fcvm stop` of all at once, as the clones started.
     let stops: Vec<_> = others
