@@ -539,10 +539,10 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     step("each clone serves its own page");
 
     // SIGKILL of c2's fcvm: the others answer; the next command removes its network.
-    let c4 = row(&env, "c2").unwrap();
-    let c4_netns = c4["network"]["netns"].as_str().unwrap().to_owned();
-    let c4_veth = c4["network"]["veth_host"].as_str().unwrap().to_owned();
-    let owner = c4["owner"]["pid"].as_i64().unwrap() as i32;
+    let killed = row(&env, "c2").unwrap();
+    let killed_netns = killed["network"]["netns"].as_str().unwrap().to_owned();
+    let killed_veth = killed["network"]["veth_host"].as_str().unwrap().to_owned();
+    let owner = killed["owner"]["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(owner),
         nix::sys::signal::Signal::SIGKILL,
@@ -556,7 +556,7 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     assert!(
         !left
             .iter()
-            .any(|l| l.contains(&c4_netns) || l.contains(&c4_veth)),
+            .any(|l| l.contains(&killed_netns) || l.contains(&killed_veth)),
         "c2's network after SIGKILL + ls: {left:?}"
     );
     let others: Vec<usize> = (0..CLONES).filter(|&i| i != 2).collect();
