@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use fcvm::paths::Paths;
 use fcvm::process::ProcessRef;
-use fcvm::snapshot::clone::{start_clone, CloneRequest, MemorySource};
+use fcvm::snapshot::clone::{start_clone, CloneNetwork, CloneRequest, MemorySource};
 use fcvm::state::Store;
 
 fn fcvm_cli(base: &Path, args: &[&str]) -> String {
@@ -157,6 +157,7 @@ async fn fcvm_restore(paths: &Paths, tag: &str, memory: MemorySource) -> Duratio
             detach: false,
             ksm: false,
             track_dirty_pages: false,
+            network: CloneNetwork::Inherit,
         },
     )
     .await
@@ -222,6 +223,7 @@ async fn memory_figures(paths: &Paths, server_sock: &Path, tag: &str, ksm: bool)
                 detach: false,
                 ksm,
                 track_dirty_pages: false,
+                network: CloneNetwork::Inherit,
             },
         )
         .await
@@ -356,6 +358,7 @@ async fn main() {
                 detach: false,
                 ksm: false,
                 track_dirty_pages: false,
+                network: CloneNetwork::Inherit,
             },
         )
         .await
@@ -418,6 +421,7 @@ async fn main() {
                         detach: false,
                         ksm: false,
                         track_dirty_pages: false,
+                        network: CloneNetwork::Inherit,
                     },
                 )
                 .await

@@ -687,3 +687,234 @@ fn setup_storage_gives_reflinks_and_clones_get_their_own_disk() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// What of a bridged VM's network (from its `ls --json` row) still exists on the host.
+fn bridged_left(net: &serde_json::Value) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns = net["netns"].as_str().unwrap();
+    if Path::new("/run/netns").join(netns).exists() {
+        left.push(format!("netns {netns}"));
+    }
+    let veth = net["veth_host"].as_str().unwrap();
+    let link = Command::new("ip")
+        .args(["link", "show", veth])
+        .output()
+        .unwrap();
+    if link.status.success() {
+        left.push(format!("link {veth}"));
+    }
+    let table = net["nft_table"].as_str().unwrap();
+    let t = Command::new("nft")
+        .args(["list", "table", "ip", table])
+        .output()
+        .unwrap();
+    if t.status.success() {
+        left.push(format!("table {table}"));
+    }
+    left
+}
+
+/// `ip -n NETNS ARGS...` (or the host's with None), its stdout.
+fn ip_in(netns: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let out = cmd.args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `nft list table ip TABLE` inside `netns` (None: the host's).
+fn nft_table(netns: Option<&str>, table: &str) -> String {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let out = cmd.args(["list", "table", "ip", table]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Bridged networks on the real Firecracker with the probe guest (which ignores its
+/// network: this checks the plumbing, the guest side is `linux_guest::clones`): `fcvm run
+/// --network bridged -p`, its clones (`snapshot run --network bridged -p`, the default,
+/// `--network none`) keeping the source's TAP name and MAC and guest address, each with its
+/// own namespace, veth, slot, host table and 1:1 translation; a port another VM publishes
+/// and bad specs refused before anything starts; SIGKILL of a clone's VMM then `ls`, and
+/// `stop`, leave nothing.
+#[test]
+fn bridged_vms_and_their_clones_get_networks_of_their_own() {
+    let test = "bridged_vms_and_their_clones";
+    if firecracker_or_skip(test).is_none() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("SKIPPED {test}: needs root and nft (Debian package nftables)");
+        return;
+    }
+    let free_port = || {
+        std::net::TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let env = TestEnv::new();
+    let (p0, p1) = (free_port(), free_port());
+    let b = boot_source(
+        &env,
+        "src",
+        &["--network", "bridged", "-p", &format!("{p0}:80")],
+    );
+    let model = ProbeModel::from_banner(&b);
+    let src = vm(&env, "src")["network"].clone();
+    assert_eq!(src["mode"], "bridged", "{src}");
+    let guest = src["guest_addr"].as_str().unwrap().to_owned();
+    let tap_mac = src["tap_mac"].as_str().unwrap().to_owned();
+    assert!(src["routed_addr"].is_null(), "{src}");
+    let src_ns = src["netns"].as_str().unwrap().to_owned();
+    assert!(
+        ip_in(Some(&src_ns), &["link", "show", "tap0"]).contains(&tap_mac),
+        "the TAP's MAC is the record's"
+    );
+    let table = nft_table(None, src["nft_table"].as_str().unwrap());
+    assert!(table.contains(&format!("dnat to {guest}:80")), "{table}");
+    assert_eq!(src["publish"][0]["host_port"], p0, "{src}");
+
+    // Refused before anything starts: a port src publishes, a bad spec, ports without a
+    // network that carries them.
+    let refused = |args: &[&str], want: &str| {
+        let o = env.fcvm(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    };
+    let p0_spec = format!("{p0}:80");
+    let run = ["run", "--name", "x", "--kernel", "probe", "--detach"];
+    refused(
+        &[&run[..], &["--network", "bridged", "-p", &p0_spec]].concat(),
+        &format!("host port {p0}/tcp is already published by VM src"),
+    );
+    refused(
+        &[&run[..], &["--network", "bridged", "-p", "0:80"]].concat(),
+        "host port \"0\"",
+    );
+    refused(
+        &[&run[..], &["--network", "tap", "-p", "8080:80"]].concat(),
+        "--publish needs --network bridged",
+    );
+    assert_eq!(env.ls().len(), 1, "only src");
+
+    let window = snapshot(&env, "src", "bt", false);
+    let p1_spec = format!("{p1}:80");
+    clone_detached(
+        &env,
+        "c1",
+        &["--snapshot", "bt", "--network", "bridged", "-p", &p1_spec],
+    );
+    clone_detached(&env, "c2", &["--snapshot", "bt"]);
+    clone_detached(&env, "c3", &["--snapshot", "bt", "--network", "none"]);
+    refused(
+        &["snapshot", "run", "--snapshot", "bt", "-d", "-p", &p1_spec],
+        &format!("host port {p1}/tcp is already published by VM c1"),
+    );
+    refused(
+        &[
+            "snapshot",
+            "run",
+            "--snapshot",
+            "bt",
+            "-d",
+            "--network",
+            "rootless",
+        ],
+        "--network rootless is not yet supported",
+    );
+    for c in ["c1", "c2", "c3"] {
+        verify_clone(&env, c, &model, window, 3);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in ["c1", "c2"] {
+        let net = vm(&env, c)["network"].clone();
+        assert_eq!(
+            (
+                &net["mode"],
+                &net["guest_addr"],
+                &net["tap_mac"],
+                &net["gateway"]
+            ),
+            (
+                &src["mode"],
+                &src["guest_addr"],
+                &src["tap_mac"],
+                &src["gateway"]
+            ),
+            "{c}: {net}"
+        );
+        let ns = net["netns"].as_str().unwrap();
+        let routed = net["routed_addr"].as_str().unwrap().to_owned();
+        assert!(seen.insert(routed.clone()) && seen.insert(net["host_addr"].to_string()));
+        assert_ne!(net["host_addr"], src["host_addr"]);
+        // The TAP the restored guest expects: its name and MAC.
+        assert!(
+            ip_in(Some(ns), &["link", "show", "tap0"]).contains(&tap_mac),
+            "{c}: {}",
+            ip_in(Some(ns), &["link", "show", "tap0"])
+        );
+        let inside = nft_table(Some(ns), "fcvm-clone");
+        assert!(
+            inside.contains(&format!("ip daddr {routed} dnat to {guest}"))
+                && inside.contains(&format!(
+                    "ip saddr {guest} oifname \"veth0\" snat to {routed}"
+                )),
+            "{c}: {inside}"
+        );
+        let host = nft_table(None, net["nft_table"].as_str().unwrap());
+        if c == "c1" {
+            assert!(
+                host.contains(&format!("dport {p1} dnat to {routed}:80")),
+                "{host}"
+            );
+        } else {
+            assert!(!host.contains("dnat to"), "c2 publishes nothing: {host}");
+        }
+    }
+    let c3 = vm(&env, "c3")["network"].clone();
+    assert_eq!(c3["mode"], "namespaced_tap", "{c3}");
+    let table = env.ok(&["ls"]);
+    assert!(table.contains(&format!("{p1}->80/tcp")), "{table}");
+
+    // SIGKILL of c1's VMM (a detached clone's owner): the next command removes its network,
+    // and the others' stay.
+    let c1 = vm(&env, "c1");
+    let pid = c1["vmm"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(WAIT, "c1's VMM to die", || {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    env.ok(&["ls"]);
+    assert_eq!(
+        bridged_left(&c1["network"]),
+        Vec::<String>::new(),
+        "c1 after SIGKILL + ls"
+    );
+    let c2 = vm(&env, "c2")["network"].clone();
+    assert_eq!(bridged_left(&c2).len(), 3, "c2's network is untouched");
+    assert_eq!(bridged_left(&src).len(), 3, "src's network is untouched");
+
+    let namespaces = env_netns(&env);
+    for n in ["c2", "c3", "src"] {
+        stop(&env, n);
+    }
+    env.ok(&["snapshots", "rm", "bt"]);
+    for net in [&src, &c2] {
+        assert_eq!(bridged_left(net), Vec::<String>::new(), "after stop: {net}");
+    }
+    assert_all_gone(&env, &namespaces);
+}

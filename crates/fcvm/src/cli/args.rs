@@ -257,10 +257,16 @@ pub struct RunArgs {
     /// Return once the VM has booted and leave it running.
     #[arg(short, long)]
     pub detach: bool,
-    /// Network: `none`, or `tap` (eth0 on a TAP named tap0 in the VM's own network
-    /// namespace; snapshot clones get the same in theirs).
+    /// Network: `none`, `tap` (eth0 on a TAP named tap0 in the VM's own network
+    /// namespace; snapshot clones get the same in theirs), or `bridged` (root: as `podman
+    /// run --network bridged`; the guest's address goes on the kernel command line as
+    /// `ip=`, which a kernel with CONFIG_IP_PNP applies).
     #[arg(long, value_enum, default_value_t = NetworkMode::None)]
     pub network: NetworkMode,
+    /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]; repeat it, or join
+    /// with commas. Needs --network bridged.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
     /// Let KSM merge the VM's identical pages with other VMs' (auto: when ksmd runs).
     #[arg(long, value_enum, default_value_t = super::snapshot::KsmMode::Auto)]
     pub ksm: super::snapshot::KsmMode,
@@ -273,6 +279,8 @@ pub enum NetworkMode {
     None,
     /// A TAP in the VM's own network namespace.
     Tap,
+    /// A TAP in the VM's own namespace, a veth pair to the host, NAT, published ports.
+    Bridged,
 }
 
 /// `fcvm stop`.

@@ -361,7 +361,12 @@ async fn cmd_run(paths: &Paths, a: args::RunArgs) -> Result<ExitCode> {
         mem_mib: a.mem,
         track_dirty_pages: a.track_dirty_pages,
         detach: a.detach,
-        network_tap: a.network == args::NetworkMode::Tap,
+        network: match a.network {
+            args::NetworkMode::None => commands::run::RunNetwork::None,
+            args::NetworkMode::Tap => commands::run::RunNetwork::Tap,
+            args::NetworkMode::Bridged => commands::run::RunNetwork::Bridged,
+        },
+        publish: a.publish,
         ksm: a.ksm.enabled(),
     };
     let mut stdout = std::io::stdout();

@@ -113,6 +113,38 @@ pub struct RunArgs {
     /// writes to each page a little).
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// Network (default: the snapshot's source's). `bridged` (a clone of a bridged VM, as
+    /// root): the guest keeps its address in the clone's own namespace, with a veth, NAT
+    /// and published ports of the clone's own; `none`: the guest's interface leads nowhere.
+    #[arg(long, value_enum)]
+    pub network: Option<crate::cli::podman::PodmanNetwork>,
+    /// Publish a container port of this clone: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp];
+    /// repeat it, or join with commas. Needs a bridged clone.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+}
+
+/// The clone's network from `--network` and `--publish`, checked as `podman run` checks
+/// them (bad specs, ports in use, a host without bridged mode); without `--network`, the
+/// source's mode.
+fn clone_network(
+    a: &RunArgs,
+    source_bridged: bool,
+) -> Result<clone::CloneNetwork, crate::network::args::NetworkArgsError> {
+    use crate::cli::podman::PodmanNetwork;
+    use crate::network::args::{self, NetworkRequest, PreparedNetwork};
+    let wanted = match a.network {
+        Some(PodmanNetwork::None) => NetworkRequest::None,
+        Some(PodmanNetwork::Bridged) => NetworkRequest::Bridged,
+        Some(PodmanNetwork::Rootless) => NetworkRequest::Rootless,
+        None if source_bridged => NetworkRequest::Bridged,
+        None => NetworkRequest::None,
+    };
+    Ok(match args::prepare(wanted, &a.publish)? {
+        PreparedNetwork::None => clone::CloneNetwork::None,
+        // The guest keeps the source's name servers: they are in its resolv.conf.
+        PreparedNetwork::Bridged { publish, .. } => clone::CloneNetwork::Bridged { publish },
+    })
 }
 
 /// `fcvm snapshots`.
@@ -447,6 +479,15 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
             },
         );
     }
+    let source_bridged = SnapshotStore::open(paths)?.get(&tag)?.bridged.is_some();
+    let network = match clone_network(&a, source_bridged) {
+        Ok(n) => n,
+        // Refused before anything starts, with `podman run`'s message and exit code.
+        Err(e) => {
+            eprintln!("fcvm: error: {}", crate::report::chain(&e));
+            return Ok(ExitCode::from(crate::commands::podman::EXIT_FCVM_FAILED));
+        }
+    };
     let req = CloneRequest {
         tag: tag.clone(),
         name: a.name.clone(),
@@ -454,6 +495,7 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
         detach: a.detach,
         ksm: a.ksm.enabled(),
         track_dirty_pages: a.track_dirty_pages,
+        network,
     };
     if container {
         let mode = match a.exec {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::firecracker::binary::{self, BinaryError, Program};
 use crate::names::{Name, NameError};
+use crate::network::args::{NetworkRequest, PreparedNetwork};
 use crate::network::{self, NetworkAttachment};
 use crate::paths::Paths;
 use crate::setup::probe::{self, PROBE_KEYWORD};
@@ -39,11 +40,27 @@ pub struct RunRequest {
     pub track_dirty_pages: bool,
     /// Return once booted, leaving the VM running.
     pub detach: bool,
-    /// Give the VM an eth0 backed by a TAP ([`network::DEFAULT_TAP`]) in its own network
-    /// namespace `fcvm-<id>`, so its snapshots can be cloned with the same TAP name.
-    pub network_tap: bool,
+    /// Its network.
+    pub network: RunNetwork,
+    /// `--publish` values, unchecked (bridged only).
+    pub publish: Vec<String>,
     /// Mark the VMM's memory mergeable by KSM.
     pub ksm: bool,
+}
+
+/// `fcvm run --network`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RunNetwork {
+    /// No network device.
+    #[default]
+    None,
+    /// An eth0 backed by a TAP ([`network::DEFAULT_TAP`]) in the VM's own network namespace
+    /// `fcvm-<id>`, so its snapshots can be cloned with the same TAP name.
+    Tap,
+    /// As `podman run --network bridged` (see [`crate::network::bridged`]): the guest's
+    /// address, gateway and name servers go on the kernel command line (`ip=`), which the
+    /// kernel applies itself when it has `CONFIG_IP_PNP`.
+    Bridged,
 }
 
 /// Why `fcvm run` failed.
@@ -55,6 +72,9 @@ pub enum RunError {
     /// Bad sizing.
     #[error(transparent)]
     Sizing(#[from] SizingError),
+    /// Bad `--network` or `--publish`.
+    #[error(transparent)]
+    Network(#[from] crate::network::args::NetworkArgsError),
     /// A file argument is missing.
     #[error("{what} {} does not exist", path.display())]
     MissingFile {
@@ -139,6 +159,12 @@ pub async fn run(
     let (kernel, guest) = resolve_kernel(paths, &req.kernel)?;
     require_file("initrd", &req.initrd)?;
     require_file("rootfs", &req.rootfs)?;
+    // Checked before anything starts, as `podman run` checks them.
+    let wanted = match req.network {
+        RunNetwork::Bridged => NetworkRequest::Bridged,
+        RunNetwork::None | RunNetwork::Tap => NetworkRequest::None,
+    };
+    let prepared = crate::network::args::prepare(wanted, &req.publish)?;
     let firecracker = binary::find(Program::Firecracker, paths)?;
 
     let mut spec = VmSpec::new(
@@ -179,9 +205,16 @@ pub async fn run(
             read_only: false,
         })
         .collect();
-    if req.network_tap {
-        spec.network = NetworkAttachment::namespaced(&spec.id, network::DEFAULT_TAP);
-    }
+    spec.network = match prepared {
+        PreparedNetwork::None if req.network == RunNetwork::Tap => {
+            NetworkAttachment::namespaced(&spec.id, network::DEFAULT_TAP)
+        }
+        PreparedNetwork::None => NetworkAttachment::None,
+        // Slot 0 until launch takes a free one under the store lock.
+        PreparedNetwork::Bridged { dns, publish } => NetworkAttachment::Bridged(
+            network::bridged::BridgedNet::new(&spec.id, 0, network::DEFAULT_TAP, dns, publish),
+        ),
+    };
 
     let host = Host::new(Store::open(paths)?);
     let mut vm = launch(&host, spec).await?;

@@ -13,6 +13,15 @@
 //! The host routes `b+4/30` to `b+2`; the namespace forwards. Every rule is in the table
 //! `ip fcvm-<id>` (NAT for the guest's egress, DNAT for `--publish`, forwarding accepts), so
 //! teardown is one idempotent `nft delete table`, and one VM's teardown never touches another's.
+//!
+//! A clone restored from a snapshot of a bridged VM ([`BridgedNet::clone_of`]) cannot be
+//! given a new address: its guest configured `eth0` before the snapshot. It keeps the
+//! source's guest address, gateway and TAP (name and MAC, so the guest's neighbour entry for
+//! its gateway is still right) inside its own namespace, and takes a slot of its own for the
+//! host side. The host reaches it at that slot's guest address (`routed_addr`), and a table
+//! in the clone's namespace ([`BridgedNet::ns_ruleset`]) maps that address to the guest's
+//! one to one, so the original and any number of clones share a guest address while each
+//! has its own veth, NAT and published ports.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
@@ -123,6 +132,18 @@ pub enum PublishError {
         port: u16,
         /// Its protocol.
         protocol: &'static str,
+    },
+    /// A running VM publishes the port already.
+    #[error("--publish {spec:?}: host port {port}/{protocol} is already published by VM {vm}")]
+    Published {
+        /// The spec.
+        spec: String,
+        /// The port.
+        port: u16,
+        /// Its protocol.
+        protocol: &'static str,
+        /// The VM that publishes it.
+        vm: String,
     },
     /// Something on the host holds the port already.
     #[error("--publish {spec:?}: host port {addr}/{protocol} is already in use")]
@@ -255,6 +276,17 @@ pub struct BridgedNet {
     /// Published ports.
     #[serde(default)]
     pub publish: Vec<PortMapping>,
+    /// The MAC address of the TAP (the guest's gateway). Derived from the id of the VM that
+    /// booted, and kept by its clones: a restored guest's neighbour cache names it, so the
+    /// clone's TAP answers to it from the first packet on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_mac: Option<String>,
+    /// A clone's own pool address (its slot's guest address) when its guest keeps the
+    /// address of the VM it was cloned from: the host routes and DNATs to this one, and the
+    /// clone's namespace translates it 1:1 to the guest's (see [`BridgedNet::ns_ruleset`]).
+    /// None for a VM that booted with its own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_addr: Option<Ipv4Addr>,
 }
 
 fn block(slot: u32) -> u32 {
@@ -281,18 +313,49 @@ impl BridgedNet {
             guest_addr: Ipv4Addr::UNSPECIFIED,
             dns,
             publish,
+            tap_mac: Some(super::mac_for(&format!("tap:{id}"))),
+            routed_addr: None,
         };
         net.assign(slot);
         net
     }
 
-    /// Take pool slot `slot` (addresses follow from it).
+    /// The network of clone `id` of a VM whose network was `original`: the same TAP (name
+    /// and MAC), guest address, gateway and name servers (the restored guest has them
+    /// configured), its own namespace, veth, table, pool slot (`slot`, as for
+    /// [`BridgedNet::new`]) and published ports.
+    pub fn clone_of(
+        id: &str,
+        slot: u32,
+        original: &BridgedNet,
+        publish: Vec<PortMapping>,
+    ) -> BridgedNet {
+        let mut net = BridgedNet::new(id, slot, &original.tap, original.dns.clone(), publish);
+        net.tap_mac = original.tap_mac.clone();
+        net.guest_addr = original.guest_addr;
+        net.gateway = original.gateway;
+        net.routed_addr = Some(Ipv4Addr::UNSPECIFIED);
+        net.assign(slot);
+        net
+    }
+
+    /// Take pool slot `slot` (addresses follow from it; a clone's guest keeps its own and
+    /// the slot's guest address becomes its routed one).
     pub fn assign(&mut self, slot: u32) {
         let b = block(slot);
         self.slot = slot;
         self.host_addr = Ipv4Addr::from(b + 1);
-        self.gateway = Ipv4Addr::from(b + 5);
-        self.guest_addr = Ipv4Addr::from(b + 6);
+        if self.routed_addr.is_some() {
+            self.routed_addr = Some(Ipv4Addr::from(b + 6));
+        } else {
+            self.gateway = Ipv4Addr::from(b + 5);
+            self.guest_addr = Ipv4Addr::from(b + 6);
+        }
+    }
+
+    /// The address the host reaches the guest at: its own, or a clone's routed one.
+    pub fn reached_at(&self) -> Ipv4Addr {
+        self.routed_addr.unwrap_or(self.guest_addr)
     }
 
     /// The namespace end of the veth.
@@ -300,7 +363,8 @@ impl BridgedNet {
         Ipv4Addr::from(block(self.slot) + 2)
     }
 
-    /// The guest's /30 (TAP and guest).
+    /// The /30 of the slot's TAP and guest addresses, which the host routes into the
+    /// namespace (a clone's guest is reached there at its routed address).
     pub fn guest_net(&self) -> Ipv4Addr {
         Ipv4Addr::from(block(self.slot) + 4)
     }
@@ -321,7 +385,7 @@ impl BridgedNet {
     pub fn nft_ruleset(&self) -> String {
         let t = &self.nft_table;
         let veth = &self.veth_host;
-        let guest = self.guest_addr;
+        let guest = self.reached_at();
         let mut dnat = String::new();
         for p in &self.publish {
             let daddr = match p.host_ip {
@@ -348,6 +412,56 @@ impl BridgedNet {
              }}\n"
         )
     }
+}
+
+impl BridgedNet {
+    /// For a clone whose guest keeps another VM's address: the table loaded inside its
+    /// namespace (it goes with the namespace), translating the slot's routed address to the
+    /// guest's address one to one. DNAT of what the host sends to the routed address, SNAT
+    /// of what the guest sends out of the veth; conntrack undoes both on the replies.
+    pub fn ns_ruleset(&self) -> Option<String> {
+        let routed = self.routed_addr?;
+        let guest = self.guest_addr;
+        Some(format!(
+            "table ip fcvm-clone {{\n\
+             \x20 chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;\n\
+             \x20   ip daddr {routed} dnat ip to {guest}\n  }}\n\
+             \x20 chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n\
+             \x20   ip saddr {guest} oifname \"{NS_VETH}\" snat ip to {routed}\n  }}\n\
+             }}\n"
+        ))
+    }
+}
+
+/// Refuse a mapping of `wanted` whose host port a live VM in `records` publishes already
+/// (DNAT holds no socket, so [`check_free`] cannot see it). Called under the store lock, so
+/// two VMs started at once never publish the same port.
+pub fn check_unpublished(records: &[VmRecord], wanted: &[PortMapping]) -> Result<(), PublishError> {
+    let live = records
+        .iter()
+        .filter(|r| !r.has_ended())
+        .filter_map(|r| match &r.network {
+            super::NetworkAttachment::Bridged(b) => Some((b, r)),
+            _ => None,
+        });
+    for (b, r) in live {
+        for w in wanted {
+            let clash = b.publish.iter().any(|p| {
+                w.host_port == p.host_port
+                    && w.protocol == p.protocol
+                    && (w.host_ip.is_none() || p.host_ip.is_none() || w.host_ip == p.host_ip)
+            });
+            if clash {
+                return Err(PublishError::Published {
+                    spec: w.to_string(),
+                    port: w.host_port,
+                    protocol: w.protocol.as_str(),
+                    vm: r.name.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The lowest pool slot no record holds (any status: a failed VM's leftovers may still hold
@@ -689,6 +803,86 @@ tun0\t0000D10A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         assert!(r.contains("fib daddr type local tcp dport 8080 dnat ip to 10.209.0.6:80"));
         assert!(r.contains("ip daddr 127.0.0.1 udp dport 5353 dnat ip to 10.209.0.6:53"));
         assert!(r.contains("ip saddr 10.209.0.6 oifname != \"vhabc\" masquerade"));
+    }
+
+    /// A clone keeps the guest side of the source (address, gateway, TAP, name servers) and
+    /// takes its own slot for the host side; the host reaches it at the slot's guest
+    /// address, which its namespace translates to the source's.
+    #[test]
+    fn a_clone_keeps_the_guest_side_and_is_reached_at_its_own_slot() {
+        let dns = vec![Ipv4Addr::new(192, 0, 2, 53)];
+        let original = BridgedNet::new("aaa", 1, "tap0", dns.clone(), pm("8080:80").unwrap());
+        assert!(original.tap_mac.is_some() && original.ns_ruleset().is_none());
+        assert_eq!(original.reached_at(), original.guest_addr);
+        let mut c = BridgedNet::clone_of("bbb", 0, &original, pm("9090:80").unwrap());
+        c.assign(3);
+        assert_eq!(
+            (c.guest_addr, c.gateway, &c.tap, &c.tap_mac, &c.dns),
+            (
+                original.guest_addr,
+                original.gateway,
+                &original.tap,
+                &original.tap_mac,
+                &dns
+            )
+        );
+        assert_eq!(
+            (c.netns.as_str(), c.veth_host.as_str()),
+            ("fcvm-bbb", "vhbbb")
+        );
+        assert_eq!(c.host_addr, Ipv4Addr::new(10, 209, 0, 25));
+        assert_eq!(c.routed_addr, Some(Ipv4Addr::new(10, 209, 0, 30)));
+        assert_eq!(c.reached_at(), Ipv4Addr::new(10, 209, 0, 30));
+        let host = c.nft_ruleset();
+        assert!(
+            host.contains("tcp dport 9090 dnat ip to 10.209.0.30:80"),
+            "{host}"
+        );
+        assert!(
+            host.contains("ip saddr 10.209.0.30 oifname != \"vhbbb\" masquerade"),
+            "{host}"
+        );
+        assert!(!host.contains("8080"), "{host}");
+        let ns = c.ns_ruleset().unwrap();
+        assert!(
+            ns.contains("ip daddr 10.209.0.30 dnat ip to 10.209.0.14"),
+            "{ns}"
+        );
+        assert!(
+            ns.contains("ip saddr 10.209.0.14 oifname \"veth0\" snat ip to 10.209.0.30"),
+            "{ns}"
+        );
+        // The record keeps it all (a snapshot of the clone clones the same guest side).
+        let back: BridgedNet = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let old: BridgedNet = serde_json::from_value(serde_json::json!({
+            "netns": "n", "tap": "tap0", "veth_host": "v", "nft_table": "t", "slot": 0,
+            "host_addr": "10.209.0.1", "gateway": "10.209.0.5", "guest_addr": "10.209.0.6"
+        }))
+        .unwrap();
+        assert!(old.tap_mac.is_none() && old.routed_addr.is_none());
+    }
+
+    /// A host port a live VM publishes is refused for the next one (any host address
+    /// overlapping), but not the other protocol, another address, or an ended VM's.
+    #[test]
+    fn a_port_published_by_a_live_vm_is_refused() {
+        let mut web = record_in(0);
+        web.name = Name::parse("web").unwrap();
+        if let NetworkAttachment::Bridged(b) = &mut web.network {
+            b.publish = pm("8080:80,127.0.0.1:9000:90").unwrap();
+        }
+        let records = vec![web.clone(), record_in(1)];
+        let e = check_unpublished(&records, &pm("8081:81,8080:80").unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--publish \"8080->80/tcp\": host port 8080/tcp is already published by VM web"
+        );
+        assert!(check_unpublished(&records, &pm("9000:90").unwrap()).is_err());
+        check_unpublished(&records, &pm("127.0.0.2:9000:90").unwrap()).unwrap();
+        check_unpublished(&records, &pm("8080:80/udp").unwrap()).unwrap();
+        web.status = crate::state::VmStatus::Exited;
+        check_unpublished(&[web], &pm("8080:80").unwrap()).unwrap();
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use super::{NetError, NetOps};
 
 /// Records calls as `"create_netns NAME TAP"`, `"delete_netns NAME"`, `"ip [-n NS] ARGS"`,
-/// `"sysctl NS|- KEY=VALUE"`, `"nft_apply table ip NAME"`, `"nft_delete_table NAME"`,
+/// `"sysctl NS|- KEY=VALUE"`, `"nft_apply table ip NAME"`,
+/// `"nft_apply_in NS table ip NAME"`, `"nft_delete_table NAME"`,
 /// `"delete_link NAME"`.
 #[derive(Debug, Default)]
 pub struct RecordingNet {
@@ -66,6 +67,14 @@ impl NetOps for RecordingNet {
         let ns = netns.map(|n| format!("-n {n} ")).unwrap_or_default();
         self.call(format!("ip {ns}{}", args.join(" ")), netns.unwrap_or("-"))
     }
+    /// Each command is recorded (and may fail) as an `ip` call of its own.
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError> {
+        for c in commands {
+            let words: Vec<&str> = c.iter().map(String::as_str).collect();
+            self.ip(netns, &words)?;
+        }
+        Ok(())
+    }
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
         self.call(
             format!("sysctl {} {key}={value}", netns.unwrap_or("-")),
@@ -79,6 +88,14 @@ impl NetOps for RecordingNet {
             .unwrap_or_default()
             .trim_end_matches(" {");
         self.call(format!("nft_apply {table}"), table)
+    }
+    fn nft_apply_in(&self, netns: &str, ruleset: &str) -> Result<(), NetError> {
+        let table = ruleset
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches(" {");
+        self.call(format!("nft_apply_in {netns} {table}"), netns)
     }
     fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
         self.call(format!("nft_delete_table {name}"), name)

@@ -17,6 +17,7 @@
 //! [`fake::RecordingNet`] records calls and injects failures), so the launch and teardown
 //! logic is tested without root.
 
+pub mod args;
 pub mod attachment;
 pub mod bridged;
 pub mod fake;
@@ -84,6 +85,9 @@ pub enum NetError {
         /// Cause.
         source: io::Error,
     },
+    /// A port another VM publishes.
+    #[error(transparent)]
+    Publish(#[from] bridged::PublishError),
     /// No pool slot left.
     #[error(
         "no bridged address left in {}/16: its {} slots are held by VMs or overlap the host's own networks (see `ip route`)",
@@ -107,10 +111,15 @@ pub trait NetOps: Send + Sync + std::fmt::Debug {
     fn delete_netns(&self, name: &str) -> Result<(), NetError>;
     /// Run `ip [-n NETNS] ARGS...`.
     fn ip(&self, netns: Option<&str>, args: &[&str]) -> Result<(), NetError>;
+    /// Run each of `commands` (the arguments of one `ip` call each) in order, in one `ip
+    /// [-n NETNS] -batch -`; it stops at the first that fails.
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError>;
     /// Write `value` to `/proc/sys/<key>` in namespace `netns` (None: the host's).
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError>;
     /// Load a ruleset with `nft -f -`.
     fn nft_apply(&self, ruleset: &str) -> Result<(), NetError>;
+    /// Load a ruleset with `nft -f -` inside namespace `netns` (its tables go with it).
+    fn nft_apply_in(&self, netns: &str, ruleset: &str) -> Result<(), NetError>;
     /// Delete nftables table `ip <name>`; a missing table is success.
     fn nft_delete_table(&self, name: &str) -> Result<(), NetError>;
     /// Delete interface `name` in the host's namespace; a missing one is success.
@@ -141,6 +150,15 @@ impl NetOps for HostNet {
         full.extend(args);
         run_program("ip", &full, None).map(drop)
     }
+    fn ip_batch(&self, netns: Option<&str>, commands: &[Vec<String>]) -> Result<(), NetError> {
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ns) = netns {
+            args.extend(["-n", ns]);
+        }
+        args.extend(["-batch", "-"]);
+        let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
+        run_program("ip", &args, Some(&script)).map(drop)
+    }
     fn sysctl(&self, netns: Option<&str>, key: &str, value: &str) -> Result<(), NetError> {
         write_sysctl(netns, key, value).map_err(|source| NetError::Sysctl {
             key: key.to_owned(),
@@ -151,6 +169,28 @@ impl NetOps for HostNet {
     }
     fn nft_apply(&self, ruleset: &str) -> Result<(), NetError> {
         run_program("nft", &["-f", "-"], Some(ruleset)).map(drop)
+    }
+    fn nft_apply_in(&self, netns: &str, ruleset: &str) -> Result<(), NetError> {
+        let ns = File::open(netns_path(netns)).map_err(|source| NetError::Step {
+            step: "open",
+            name: netns.to_owned(),
+            source,
+        })?;
+        let ruleset = ruleset.to_owned();
+        let name = netns.to_owned();
+        // A child starts in the namespaces of the thread that forks it: this one, moved.
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                NetError::Step {
+                    step: "enter",
+                    name,
+                    source: e.into(),
+                }
+            })?;
+            run_program("nft", &["-f", "-"], Some(&ruleset)).map(drop)
+        })
+        .join()
+        .map_err(|_| NetError::Thread("panicked".into()))?
     }
     fn nft_delete_table(&self, name: &str) -> Result<(), NetError> {
         match run_program("nft", &["delete", "table", "ip", name], None) {

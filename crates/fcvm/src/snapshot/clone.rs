@@ -3,7 +3,9 @@
 //! Per clone, in order (each step timed, see [`CloneTimings`]):
 //! 1. a state record (kind `clone`, naming the snapshot and the page server it depends on);
 //! 2. its own network namespace `fcvm-<id>` with the same TAP name as the original, when the
-//!    original had one (Firecracker 1.12 cannot retarget TAPs on load);
+//!    original had one (Firecracker 1.12 cannot retarget TAPs on load); a clone of a bridged
+//!    VM gets a bridged network of its own there, the guest keeping its address (see
+//!    [`CloneNetwork`]);
 //! 3. reflinked copies of the snapshot's disks into its runtime dir;
 //! 4. the VMM, in a private mount namespace where the runtime dir is [`VMM_VIEW_DIR`], so
 //!    every path recorded in the vmstate resolves to *this* clone's files;
@@ -60,6 +62,27 @@ pub struct CloneRequest {
     /// Track dirty pages so the clone itself can be Diff-snapshotted. Off by default:
     /// tracking write-protects guest memory and slows the restored guest's first writes.
     pub track_dirty_pages: bool,
+    /// Its network.
+    pub network: CloneNetwork,
+}
+
+/// The network of a clone. The restored guest's `eth0` keeps what the snapshot's source
+/// configured (its address, gateway, name servers, the neighbour entry of its gateway), so
+/// every clone's TAP is the source's (name and MAC) in a namespace of the clone's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CloneNetwork {
+    /// As the source had it: a bridged VM's clone is bridged (with no published ports),
+    /// any other gets the TAP alone.
+    #[default]
+    Inherit,
+    /// The TAP alone in the clone's namespace: nothing reaches the guest, nor leaves it.
+    None,
+    /// Bridged (the source must have been): its own veth, pool slot, NAT and ports.
+    Bridged {
+        /// Published ports (checked by the caller; a port another VM publishes is refused
+        /// at launch, under the store lock).
+        publish: Vec<crate::network::bridged::PortMapping>,
+    },
 }
 
 /// Time spent in each step.
@@ -118,7 +141,21 @@ pub enum CloneError {
     Binary(#[from] BinaryError),
     /// The launch failed.
     #[error(transparent)]
-    Launch(#[from] LaunchError),
+    Launch(Box<LaunchError>),
+    /// `--network bridged` for a clone of a VM that was not bridged.
+    #[error("--network bridged: snapshot {0} is of a VM without --network bridged, whose guest has no address to keep; run its clones without --network bridged")]
+    NotBridged(String),
+    /// A clone of a VM without a network device cannot get one.
+    #[error(
+        "--network: snapshot {0} is of a VM without a network device; its clones have none either"
+    )]
+    NoDevice(String),
+}
+
+impl From<LaunchError> for CloneError {
+    fn from(e: LaunchError) -> CloneError {
+        CloneError::Launch(Box::new(e))
+    }
 }
 
 /// The spec of a clone of `meta` (in `snap_dir`).
@@ -128,7 +165,7 @@ pub fn clone_spec(
     meta: &SnapshotMeta,
     snap_dir: &Path,
     launcher: Launcher,
-) -> Result<VmSpec, NameError> {
+) -> Result<VmSpec, CloneError> {
     let memory = match &req.memory {
         MemorySource::File => vm::MemorySource::File(snap_dir.join(MEMORY_FILE)),
         MemorySource::Uffd { socket, server } => vm::MemorySource::Uffd {
@@ -164,9 +201,7 @@ pub fn clone_spec(
     };
     spec.labels.kernel = meta.kernel.clone();
     spec.labels.snapshot = Some(req.tag.clone());
-    if let Some(tap) = &meta.tap {
-        spec.network = NetworkAttachment::namespaced(&spec.id, tap);
-    }
+    spec.network = clone_network(&spec.id, &req.network, meta)?;
     spec.drives = meta
         .drives
         .iter()
@@ -188,6 +223,34 @@ pub fn clone_spec(
         })
         .collect();
     Ok(spec)
+}
+
+/// The attachment of clone `id` of `meta`'s source. A bridged one takes pool slot 0 here:
+/// launch assigns a free one under the store lock.
+fn clone_network(
+    id: &str,
+    wanted: &CloneNetwork,
+    meta: &SnapshotMeta,
+) -> Result<NetworkAttachment, CloneError> {
+    use crate::network::bridged::BridgedNet;
+    let Some(tap) = &meta.tap else {
+        return match wanted {
+            CloneNetwork::Bridged { .. } => Err(CloneError::NotBridged(meta.tag.clone())),
+            _ => Ok(NetworkAttachment::None),
+        };
+    };
+    Ok(match (wanted, &meta.bridged) {
+        (CloneNetwork::Inherit, Some(b)) => {
+            NetworkAttachment::Bridged(BridgedNet::clone_of(id, 0, b, Vec::new()))
+        }
+        (CloneNetwork::Bridged { publish }, Some(b)) => {
+            NetworkAttachment::Bridged(BridgedNet::clone_of(id, 0, b, publish.clone()))
+        }
+        (CloneNetwork::Bridged { .. }, None) => {
+            return Err(CloneError::NotBridged(meta.tag.clone()))
+        }
+        (CloneNetwork::Inherit | CloneNetwork::None, _) => NetworkAttachment::namespaced(id, tap),
+    })
 }
 
 /// Start one clone. On error, everything made for it is undone and its record removed.

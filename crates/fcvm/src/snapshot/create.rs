@@ -223,9 +223,10 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
 
 /// Why a snapshot of container VM `record` (for clones) is refused, if it is. What the
 /// running container depends on must come back in a clone, and what does not is refused
-/// rather than broken: its volumes' FUSE channels are not reconnected after a snapshot, its
-/// terminal and input belong to the original's session, and a bridged VM's address and
-/// published ports are its own.
+/// rather than broken: its volumes' FUSE channels are not reconnected after a snapshot, and
+/// its terminal and input belong to the original's session. (A bridged VM's clones keep its
+/// guest address in namespaces of their own and publish their own ports: see
+/// [`crate::network::bridged::BridgedNet::clone_of`].)
 pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
     if !record.runs_container() {
         return None;
@@ -233,14 +234,6 @@ pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
     if diff {
         return Some(
             "Diff snapshots of container VMs are not supported (they do not track dirty pages); take a Full snapshot (without --diff)".into(),
-        );
-    }
-    if matches!(
-        record.network,
-        crate::network::NetworkAttachment::Bridged(_)
-    ) {
-        return Some(
-            "it uses --network bridged, and clones of bridged container VMs (an address and published ports per clone) are not supported yet; run it with --network none to clone it".into(),
         );
     }
     let vm = crate::paths::VmPaths::new(&record.runtime_dir);
@@ -442,6 +435,10 @@ pub async fn create_in(
             .and_then(|b| b.boot_args.clone()),
         drives,
         tap: record.network.tap().map(str::to_owned),
+        bridged: match &record.network {
+            crate::network::NetworkAttachment::Bridged(b) => Some(b.clone()),
+            _ => None,
+        },
         memory_bytes: mem_meta.len(),
         memory_allocated_bytes: mem_meta.blocks() * 512,
         diff_dirty_bytes,
@@ -602,9 +599,8 @@ mod refusal_tests {
         bridged.network = crate::network::NetworkAttachment::Bridged(
             crate::network::bridged::BridgedNet::new("id", 1, "tap0", Vec::new(), Vec::new()),
         );
-        assert!(container_refusal(&bridged, false)
-            .unwrap()
-            .contains("--network bridged"));
+        // Clones of a bridged VM get a network of their own.
+        assert_eq!(container_refusal(&bridged, false), None);
 
         listener(dir.path(), fcvm_proto::vsock::STATUS_PORT);
         listener(dir.path(), fcvm_proto::vsock::OUTPUT_PORT);

@@ -82,6 +82,11 @@ pub struct SnapshotMeta {
     /// TAP name the source's eth0 used inside its namespace; clones get the same.
     #[serde(default)]
     pub tap: Option<String>,
+    /// The source's bridged network (`--network bridged`): its clones keep the guest's
+    /// address, gateway, name servers and TAP (see
+    /// [`crate::network::bridged::BridgedNet::clone_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridged: Option<crate::network::bridged::BridgedNet>,
     /// Memory file length.
     pub memory_bytes: u64,
     /// Memory file blocks actually allocated, in bytes.

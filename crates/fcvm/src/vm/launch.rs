@@ -202,6 +202,7 @@ pub async fn launch(host: &Host, mut spec: VmSpec) -> Result<VmHandle, LaunchErr
     };
     let created = host.store.create_with(&mut record, |all, r| {
         if let NetworkAttachment::Bridged(b) = &mut r.network {
+            crate::network::bridged::check_unpublished(all, &b.publish).map_err(NetError::from)?;
             b.assign(
                 crate::network::bridged::free_slot(all, &host_nets)
                     .ok_or(NetError::PoolExhausted)?,

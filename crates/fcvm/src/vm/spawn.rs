@@ -30,8 +30,11 @@ use super::jail::{self, JailPlan, JailerConfig};
 /// `prctl` option (Linux 6.4+), not in every libc crate version.
 const PR_SET_MEMORY_MERGE: libc::c_int = 67;
 
-/// How long a VMM may take to open its API socket.
-pub const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VMM may take to open its API socket. A VMM that dies is noticed at once
+/// (its exit is checked while waiting): this bounds only a slow start, and ten clones
+/// started at once on a busy host (the emulated KVM host: ten jailers, their `ip` and `nft`
+/// calls) took more than 10 s.
+pub const API_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a VMM could not be started.
 #[derive(Debug, thiserror::Error)]

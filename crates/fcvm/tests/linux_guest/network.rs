@@ -14,7 +14,7 @@ use super::podman_cli::{guest_or_skip, wait_exit, wait_healthy, TEST_TOOL};
 use crate::common::{scratch_root, wait_until, TestEnv};
 
 /// A free TCP port on the host (bound and released).
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()
@@ -42,7 +42,7 @@ fn udp_ask(addr: &str, text: &str) -> Option<String> {
 }
 
 /// GET / from `addr`, with bounds on every step; None while it does not answer.
-fn http_get(addr: &str) -> Option<String> {
+pub(super) fn http_get(addr: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;

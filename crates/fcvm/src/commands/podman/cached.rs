@@ -236,7 +236,7 @@ pub(super) fn decide(paths: &Paths, no_snapshot: bool, p: &Prepared) -> Decision
     }
     // A restored guest keeps the address it was given at boot: a bridged VM's comes from a
     // pool slot of its own, which a snapshot cannot carry to another run (yet).
-    if !matches!(p.network, super::PreparedNetwork::None) {
+    if !matches!(p.network, crate::network::args::PreparedNetwork::None) {
         return Decision::Cold("the image cache covers --network none only, for now".into());
     }
     match try_decide(paths, p) {

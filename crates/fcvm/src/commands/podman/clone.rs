@@ -111,8 +111,7 @@ pub async fn run(
     let firecracker = binary::find(Program::Firecracker, paths).map_err(CloneError::from)?;
     let launcher = Launcher::for_host(paths, firecracker.path)
         .map_err(|e| CloneError::from(LaunchError::from(e)))?;
-    let mut spec = clone_spec(paths, req, &meta, &snapshots.path(&req.tag), launcher)
-        .map_err(CloneError::from)?;
+    let mut spec = clone_spec(paths, req, &meta, &snapshots.path(&req.tag), launcher)?;
     // This process (or the -d supervisor) owns the clone, as `podman run` owns its VM.
     spec.lifetime = Lifetime::Foreground;
     spec.log_dir = Some(paths.log_dir(&spec.id));

@@ -153,34 +153,8 @@ pub struct PodmanRunRequest {
     pub volumes: Vec<String>,
 }
 
-/// `--network` of `podman run`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum NetworkRequest {
-    /// Only the agent's metadata link (a TAP the VMM makes).
-    #[default]
-    None,
-    /// See [`crate::network::bridged`].
-    Bridged,
-    /// Not built yet: refused.
-    Rootless,
-}
-
-/// A refused `--network`/`--publish`.
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkArgsError {
-    /// A bad publish spec.
-    #[error(transparent)]
-    Publish(#[from] crate::network::bridged::PublishError),
-    /// Bridged cannot work here.
-    #[error(transparent)]
-    Unavailable(#[from] crate::network::bridged::BridgedUnavailable),
-    /// Rootless mode is not built yet.
-    #[error("--network rootless is not yet supported; use --network bridged (as root) or none")]
-    RootlessNotYet,
-    /// Ports without a network that can carry them.
-    #[error("--publish needs --network bridged")]
-    PublishWithoutNetwork,
-}
+use crate::network::args::PreparedNetwork;
+pub use crate::network::args::{NetworkArgsError, NetworkRequest};
 
 /// Why `fcvm podman run` failed.
 #[derive(Debug, thiserror::Error)]
@@ -316,36 +290,6 @@ struct Prepared {
     /// The pipe to a waiting `podman run -d` (this process is its supervisor).
     detached: Option<std::sync::Mutex<detach::Notifier>>,
     volumes: Vec<crate::volume::VolumeSpec>,
-}
-
-/// The network decided in step 1 (addresses come at launch, under the store lock).
-enum PreparedNetwork {
-    None,
-    Bridged {
-        dns: Vec<std::net::Ipv4Addr>,
-        publish: Vec<crate::network::bridged::PortMapping>,
-    },
-}
-
-/// Check `--network` and `--publish` (bad specs, ports in use, a host that cannot do it).
-fn prepare_network(req: &PodmanRunRequest) -> Result<PreparedNetwork, NetworkArgsError> {
-    use crate::network::bridged;
-    let publish = bridged::parse_publish(&req.publish)?;
-    match req.network {
-        NetworkRequest::Rootless => Err(NetworkArgsError::RootlessNotYet),
-        NetworkRequest::None if !publish.is_empty() => Err(NetworkArgsError::PublishWithoutNetwork),
-        NetworkRequest::None => Ok(PreparedNetwork::None),
-        NetworkRequest::Bridged => {
-            for p in &publish {
-                bridged::check_free(p)?;
-            }
-            bridged::check_host()?;
-            Ok(PreparedNetwork::Bridged {
-                dns: bridged::host_dns(),
-                publish,
-            })
-        }
-    }
 }
 
 /// Step timings for [`TIMINGS_ENV`]; each step is also a debug log line.
@@ -614,7 +558,7 @@ fn prepare(paths: &Paths, req: &PodmanRunRequest) -> Result<Prepared, PodmanErro
     let (vcpus, mem_mib) = validate_sizing(req.vcpus, req.mem_mib)?;
     let env = env::container_env(&req.env_files, &req.env, &env::ProcessEnv)
         .map_err(plan::PlanArgsError::from)?;
-    let network = prepare_network(req)?;
+    let network = crate::network::args::prepare(req.network, &req.publish)?;
     let volumes = crate::volume::parse_maps(&req.volumes)?;
     let cmd = plan::command(&req.command, req.cmd.as_deref())?;
     let user = plan::user(req.user.as_deref())?;
