@@ -42,9 +42,14 @@
 //! device); each is served by its own thread on the one shared [`Volume`], so a slow
 //! request on one channel never holds up the others.
 //!
-//! **Limits** (this first slice): locks are `PassthroughFs`'s (POSIX locks are not forwarded to the host: the
-//! guest kernel enforces them among the guest's processes); no reconnection after a snapshot
-//! restore yet.
+//! **Snapshots**: the guest's node ids and handles are numbered by [`MappedFs`] (see there
+//! for why), which a snapshot records ([`Volume::dump`], asked for over the
+//! [`control_socket`] while the VM is paused) and a clone's server takes back
+//! ([`Volume::restored`]).
+//!
+//! **Locks**: `PassthroughFs` does not offer `FUSE_POSIX_LOCKS` or `FUSE_FLOCK_LOCKS` in
+//! `FUSE_INIT`, so the guest kernel keeps flock and POSIX locks locally: enforced among one
+//! VM's processes, not between VMs or against host processes.
 
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
