@@ -144,8 +144,9 @@ fn mount_one(index: usize, v: &Volume, vsock: Vsock) -> anyhow::Result<()> {
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Size of `fuse_in_header`.
 const IN_HEADER: usize = 40;
-/// Requests the host does not answer (`linux/fuse.h`: FORGET, INTERRUPT, BATCH_FORGET).
-const NO_REPLY: [u32; 3] = [2, 36, 42];
+/// Requests the host does not answer (`linux/fuse.h`: FORGET, INTERRUPT, NOTIFY_REPLY,
+/// BATCH_FORGET).
+const NO_REPLY: [u32; 4] = [2, 36, 41, 42];
 
 /// One channel's side of the relay shared by its two threads: the connection requests go
 /// out on, and the requests sent but not answered yet.
@@ -364,6 +365,30 @@ fn give_up(channel: &Channel, dev: &mut File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_requests_the_host_answers_are_kept_for_a_resend() {
+        let mut m = vec![0u8; IN_HEADER];
+        m[8..16].copy_from_slice(&77u64.to_le_bytes());
+        for (opcode, answered) in [
+            (1u32, true),
+            (15, true),
+            (2, false),
+            (42, false),
+            (36, false),
+        ] {
+            m[4..8].copy_from_slice(&opcode.to_le_bytes());
+            assert_eq!(request_id(&m), Some((77, answered)), "opcode {opcode}");
+        }
+        assert_eq!(request_id(&m[..10]), None);
+        let e = error_reply(77, libc::ENOTCONN);
+        assert_eq!(u32::from_le_bytes(e[0..4].try_into().unwrap()), 16);
+        assert_eq!(
+            i32::from_le_bytes(e[4..8].try_into().unwrap()),
+            -libc::ENOTCONN
+        );
+        assert_eq!(u64::from_le_bytes(e[8..16].try_into().unwrap()), 77);
+    }
 
     #[test]
     fn staging_dirs_are_per_index_under_run() {
