@@ -346,7 +346,7 @@ fn container_clones_have_their_own_name_disks_network_and_exec_and_exec_one_shot
 /// The container of [`container_clones_keep_their_volumes_remap_them_and_lock_locally`]: it
 /// opens `/data/held` and keeps it open; whenever `/run-read` appears in its own filesystem
 /// it reads the held descriptor into `/data/read-by-<whoami>`.
-const VOLUME_SCRIPT: &str = "echo original > /whoami; exec 3< /data/held; \
+const VOLUME_SCRIPT: &str = "trap 'exit 143' TERM; echo original > /whoami; exec 3< /data/held; \
                              echo up > /data/from-orig; \
                              while :; do if [ -e /run-read ]; then rm /run-read; \
                              cat <&3 > /data/read-by-$(cat /whoami); fi; sleep 1; done";
