@@ -589,6 +589,7 @@ mod tests {
     //! A minimal FUSE client speaking to [`Volume::serve`] over a socket pair, as the guest
     //! kernel would through the agent's relay.
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -878,6 +879,49 @@ mod tests {
         assert_eq!(k.read(a, afh, 100).unwrap(), b"other a");
         // `:ro` of the clone's --map is enforced.
         assert_eq!(k.mkdir(ROOT, b"nope"), libc::EROFS);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_control_socket_answers_a_dump_and_goes_with_the_servers() {
+        let (_t, root) = tree();
+        let run = tempfile::tempdir().unwrap();
+        let uds = run.path().join("v.sock");
+        let mut spec = spec(&root, true);
+        spec.guest_path = "/logs".into();
+        let servers =
+            VolumeServers::start(&uds, &[spec], ServeOptions { writeback: true }, None).unwrap();
+        let control = control_socket(&uds);
+        assert_eq!(control, run.path().join("volumes.ctl"));
+        let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let asked = uds.clone();
+        let state = tokio::task::spawn_blocking(move || request_dump(&asked))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.volumes.len(), 1);
+        let v = &state.volumes[0];
+        assert_eq!(
+            (v.guest_path.as_str(), v.port, v.read_only),
+            ("/logs", 5100, true)
+        );
+        assert_eq!(v.host_dir, std::fs::canonicalize(&root).unwrap());
+        assert!(
+            v.init.is_none() && v.nodes.is_empty(),
+            "no guest yet: {v:?}"
+        );
+        drop(servers);
+        // The aborted tasks drop their listeners on the runtime's next turn.
+        for _ in 0..100 {
+            if !control.exists() && !fcvm_proto::vsock::host_listener_path(&uds, 5100).exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!control.exists(), "control socket left");
+        let e = request_dump(&uds).unwrap_err();
+        assert!(matches!(e, DumpError::Connect { .. }), "{e}");
+        assert!(crate::report::chain(&e).contains("volumes.ctl"), "{e}");
     }
 
     #[test]
