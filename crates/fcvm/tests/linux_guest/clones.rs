@@ -601,3 +601,277 @@ fn bridged_clones_keep_the_guest_address_and_publish_their_own_ports() {
     assert_eq!(network_leftovers(), Vec::<String>::new(), "after stop");
     env.assert_clean();
 }
+
+/// The container of [`container_clones_keep_their_volumes_remap_them_and_lock_locally`]: it
+/// opens `/data/held` and keeps it open; whenever `/run-read` appears in its own filesystem
+/// it reads the held descriptor into `/data/read-by-<whoami>`.
+const VOLUME_SCRIPT: &str = "trap 'exit 143' TERM; echo original > /whoami; exec 3< /data/held; \
+                             echo up > /data/from-orig; \
+                             while :; do if [ -e /run-read ]; then rm /run-read; \
+                             cat <&3 > /data/read-by-$(cat /whoami); fi; sleep 1; done";
+
+/// Take an exclusive lock on `path` from this (host) process: flock, or a POSIX record lock.
+fn host_lock(path: &std::path::Path, posix: bool) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    let r = if posix {
+        // SAFETY: an all-zero flock struct is valid (the whole file from offset 0).
+        let mut l: libc::flock = unsafe { std::mem::zeroed() };
+        l.l_type = libc::F_WRLCK as libc::c_short;
+        // SAFETY: F_SETLK reads the live `l`; `f` is open.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &l) }
+    } else {
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }
+    };
+    assert_eq!(r, 0, "host lock of {}", path.display());
+    f
+}
+
+/// Volumes in clones (issue 10): a container VM with a `-v` volume is snapshotted; its clone
+/// reads what the original wrote, writes what the host sees, and reads a descriptor the
+/// original's container opened before the snapshot; the original's volume goes on working;
+/// a clone with `-v OTHER:/data` serves the other directory (also through that held
+/// descriptor); a `--map` of a guest path the snapshot has not is refused. Locks: flock and
+/// POSIX locks exclude a second locker within one VM, and are not enforced between a VM and
+/// host processes or between two VMs. Then nothing is left.
+#[test]
+fn container_clones_keep_their_volumes_remap_them_and_lock_locally() {
+    let test = "volume_clones";
+    let Some(g) =
+        guest_or_skip(test).and_then(|g| g.with_tools(test, &[super::podman_cli::TEST_TOOL]))
+    else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let _dump = DumpOnPanic(&env);
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    // Same length: the guest's cached size of the held file stays right for both.
+    std::fs::write(a.join("held"), "held-in-A\n").unwrap();
+    std::fs::write(b.join("held"), "held-in-B\n").unwrap();
+    std::fs::write(b.join("only-in-b"), "from b\n").unwrap();
+    let map = format!("{}:/data", a.display());
+    step("start");
+
+    let (code, out, err) = run_to_end(
+        debug(g.run_kept(
+            &env,
+            "volweb",
+            &["-d", "--no-snapshot", "-v", &map],
+            VOLUME_SCRIPT,
+        )),
+        "podman run -d volweb",
+    );
+    assert_eq!((code, out.trim()), (Some(0), "volweb"), "{err}");
+    wait_until(
+        RESTORED,
+        "the container to write through the volume",
+        || {
+            std::fs::read_to_string(a.join("from-orig"))
+                .ok()
+                .filter(|s| s == "up\n")
+        },
+    );
+    step("volweb runs");
+
+    // Locks within one VM: a second locker is refused while the first holds, both kinds.
+    let (code, out, err) = exec(
+        &env,
+        "volweb",
+        "for k in flock posix; do \
+           fcvm-test-tool lock /data/lk-$k $k 30 > /tmp/holder-$k & \
+           while ! grep -q locked /tmp/holder-$k; do sleep 1; done; \
+           fcvm-test-tool lock /data/lk-$k $k 0; echo rc=$?; kill $!; \
+         done",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "busy\nrc=1\nbusy\nrc=1\n"),
+        "{err}"
+    );
+    // ... and not between the VM and this host's processes.
+    let _host_flock = host_lock(&a.join("host-flock"), false);
+    let _host_posix = host_lock(&a.join("host-posix"), true);
+    let (code, out, err) = exec(
+        &env,
+        "volweb",
+        "fcvm-test-tool lock /data/host-flock flock 0; fcvm-test-tool lock /data/host-posix posix 0",
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "locked\nlocked\n"), "{err}");
+    step("locks as documented");
+
+    let o = env.fcvm(&["snapshot", "create", "volweb", "--tag", "vt"]);
+    assert!(o.status.success(), "{o:?}");
+    step("snapshot vt created");
+    std::fs::write(a.join("after-snap"), "written after the snapshot\n").unwrap();
+
+    // The original's volume goes on after the snapshot reset its channels.
+    let (code, out, err) = exec(
+        &env,
+        "volweb",
+        "cat /data/from-orig /data/after-snap; echo still > /data/orig-after",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "up\nwritten after the snapshot\n"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.join("orig-after")).unwrap(),
+        "still\n"
+    );
+    // A holder in the original after the snapshot (so the clones' memory has none).
+    let (code, _, err) = exec(
+        &env,
+        "volweb",
+        "setsid fcvm-test-tool lock /data/x-flock flock 600 > /tmp/x 2>&1 < /dev/null & \
+         while ! grep -q locked /tmp/x; do sleep 1; done",
+    );
+    assert_eq!(code, Some(0), "{err}");
+
+    // A --map of a guest path the snapshot has not: refused, naming it, nothing started.
+    let o = env.fcvm(&[
+        "snapshot",
+        "run",
+        "--snapshot",
+        "vt",
+        "--name",
+        "bad",
+        "-v",
+        &format!("{}:/elsewhere", b.display()),
+    ]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && text.contains("/elsewhere") && text.contains("no volume"),
+        "{text}"
+    );
+    assert!(row(&env, "bad").is_none());
+
+    // Clone c1: the original's directory.
+    let o = debug(env.command())
+        .args(["snapshot", "run", "--snapshot", "vt", "--name", "vc1", "-d"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    step("vc1 started");
+    let (code, out, err) = exec(
+        &env,
+        "vc1",
+        "cat /data/from-orig /data/after-snap; echo clone > /data/from-clone; \
+         echo c1 > /whoami; touch /run-read; \
+         fcvm-test-tool lock /data/x-flock flock 0",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "up\nwritten after the snapshot\nlocked\n"),
+        "the clone reads the volume; the original's lock does not reach it: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.join("from-clone")).unwrap(),
+        "clone\n"
+    );
+    // The descriptor the container opened before the snapshot, read in the clone.
+    wait_until(
+        RESTORED,
+        "vc1's container to read its held descriptor",
+        || {
+            std::fs::read_to_string(a.join("read-by-c1"))
+                .ok()
+                .filter(|s| s == "held-in-A\n")
+        },
+    );
+    step("vc1 reads and writes the volume");
+    // The original sees the clone's file, and its own held descriptor still reads.
+    let (code, out, err) = exec(&env, "volweb", "cat /data/from-clone; touch /run-read");
+    assert_eq!((code, out.as_str()), (Some(0), "clone\n"), "{err}");
+    wait_until(
+        RESTORED,
+        "volweb's container to read its held descriptor",
+        || {
+            std::fs::read_to_string(a.join("read-by-original"))
+                .ok()
+                .filter(|s| s == "held-in-A\n")
+        },
+    );
+
+    // Clone c2: the same guest path, another host directory.
+    let o = debug(env.command())
+        .args([
+            "snapshot",
+            "run",
+            "--snapshot",
+            "vt",
+            "--name",
+            "vc2",
+            "-d",
+            "--map",
+            &format!("{}:/data", b.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    step("vc2 started");
+    let (code, out, err) = exec(
+        &env,
+        "vc2",
+        "cat /data/only-in-b; ls /data; echo c2 > /whoami; touch /run-read; \
+         echo two > /data/from-c2",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "from b\nheld\nonly-in-b\n"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(b.join("from-c2")).unwrap(), "two\n");
+    assert!(!a.join("from-c2").exists());
+    wait_until(
+        RESTORED,
+        "vc2's container to read its held descriptor",
+        || {
+            std::fs::read_to_string(b.join("read-by-c2"))
+                .ok()
+                .filter(|s| s == "held-in-B\n")
+        },
+    );
+    step("vc2 serves the other directory");
+
+    // SIGKILL of vc2's supervisor (its volume servers die with it): the next command reaps
+    // the clone, its sockets and its namespace.
+    let r = row(&env, "vc2").expect("vc2 listed");
+    let (owner, vmm) = (
+        r["owner"]["pid"].as_i64().expect("owner pid"),
+        r["vmm"]["pid"].as_u64().expect("vmm pid"),
+    );
+    // SAFETY: a plain kill(2) of the pid fcvm recorded for vc2's owner.
+    assert_eq!(unsafe { libc::kill(owner as i32, libc::SIGKILL) }, 0);
+    wait_until(Duration::from_secs(60), "vc2's VMM to be reaped", || {
+        let _ = env.ls();
+        (!std::path::Path::new(&format!("/proc/{vmm}")).exists()).then_some(())
+    });
+    // A detached run's record may stay as failed, as podman keeps it, until `rm`.
+    let _ = env.fcvm(&["rm", "-f", "vc2"]);
+    assert!(row(&env, "vc2").is_none(), "{:?}", env.ls());
+    step("vc2 reaped after SIGKILL of its fcvm");
+    for name in ["vc1", "volweb"] {
+        env.ok(&["stop", "--timeout", "60", name]);
+        env.ok(&["wait", name]);
+        env.ok(&["rm", name]);
+    }
+    env.ok(&["snapshots", "rm", "vt"]);
+    step("all stopped and removed");
+    env.assert_clean();
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with("fcvm-"))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
