@@ -18,7 +18,8 @@
 //!    the `snapshot run --exec 'echo hi'` cycle (restore, exec, output, teardown: command ->
 //!    exit) from the memory file and from a page server; ten clones started at once (`-d`,
 //!    wall time until all ten run); the host memory of those ten clones, restored with the
-//!    File backend (unwritten pages are the memory file's page cache, shared by all), from a
+//!    File backend (unwritten pages are the memory file's page cache, shared by all clones
+//!    that map the same file: unjailed ones; a jailed VMM maps a copy in its chroot), from a
 //!    page server (UFFD: each served page is a private copy), and from a page server with
 //!    KSM merging the clones' identical pages: the sum of PSS over the ten Firecrackers (and
 //!    the page server), which counts each shared page once, beside the sum of RSS.
@@ -326,7 +327,13 @@ fn ksm_set(name: &str, v: &str) {
 
 /// Start `n` clones at once with `flags` (`-d`): wall time until every `snapshot run -d`
 /// returned (each once its clone runs).
-fn start_at_once(b: &Bench, prefix: &str, flags: &[&str], n: usize) -> (f64, Vec<String>) {
+fn start_at_once(
+    b: &Bench,
+    prefix: &str,
+    flags: &[&str],
+    vars: &[(&str, &str)],
+    n: usize,
+) -> (f64, Vec<String>) {
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     let t = Instant::now();
     let children: Vec<Child> = names
@@ -335,6 +342,7 @@ fn start_at_once(b: &Bench, prefix: &str, flags: &[&str], n: usize) -> (f64, Vec
             let mut args = vec!["snapshot", "run", "--name", name, "-d"];
             args.extend(flags);
             b.cmd(&args)
+                .envs(vars.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -434,15 +442,23 @@ fn clones(b: &Bench) {
 
     // Ten at once, then their memory: File, UFFD, UFFD + KSM.
     println!("{N} clones started at once (`snapshot run -d`, wall time until all run), then their host memory:");
-    let (t, names) = start_at_once(b, "f", &["--snapshot", "t1"], N);
+    let (t, names) = start_at_once(b, "f", &["--snapshot", "t1"], &[], N);
     std::thread::sleep(Duration::from_secs(10));
     let file_mem = memory(b, &names, None);
     teardown(b, &names);
-    let (tu, names) = start_at_once(b, "u", &["--pid", &server_s, "--ksm", "off"], N);
+    // Unjailed, the clones map the snapshot's memory file itself (a jailed VMM gets a copy
+    // of it in its chroot: a reflink where the filesystem has them, a page cache of its own
+    // either way).
+    let (td, names) = start_at_once(b, "d", &["--snapshot", "t1"], &[("FCVM_NO_JAILER", "1")], N);
+    std::thread::sleep(Duration::from_secs(10));
+    let direct_mem = memory(b, &names, None);
+    teardown(b, &names);
+    let (tu, names) = start_at_once(b, "u", &["--pid", &server_s, "--ksm", "off"], &[], N);
     std::thread::sleep(Duration::from_secs(10));
     let uffd_mem = memory(b, &names, Some(server));
     teardown(b, &names);
-    println!("  File          {t:10.1} ms   {file_mem}");
+    println!("  File (jailed) {t:10.1} ms   {file_mem}");
+    println!("  File, no jail {td:10.1} ms   {direct_mem}");
     println!(
         "  UFFD          {tu:10.1} ms   {uffd_mem} (page server included)   UFFD/File {:.2}x",
         tu / t
@@ -455,7 +471,7 @@ fn clones(b: &Bench) {
         ksm_set("pages_to_scan", "5000");
         ksm_set("sleep_millisecs", "20");
         ksm_set("run", "1");
-        let (tk, names) = start_at_once(b, "k", &["--pid", &server_s, "--ksm", "on"], N);
+        let (tk, names) = start_at_once(b, "k", &["--pid", &server_s, "--ksm", "on"], &[], N);
         // Let ksmd converge: until pages_sharing stops growing (or two minutes).
         let started = Instant::now();
         let mut last = 0u64;
