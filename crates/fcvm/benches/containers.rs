@@ -8,7 +8,8 @@
 //! `cargo bench -p fcvm --bench containers --no-run`, then
 //! `on_real_kvm env BENCH_RUNS=3 BINARY --bench` (scripts/lib.sh; `env` carries the bench's
 //! own variables in). `BENCH_RUNS` (default 5) is the repeat count of each timed figure;
-//! `BENCH_ONLY=tiers` or `BENCH_ONLY=clones` runs one section.
+//! `BENCH_ONLY=tiers` or `BENCH_ONLY=clones` runs one section, `BENCH_ONLY=at-once` the
+//! clones section without the `--exec` cycle.
 //!
 //! 1. **Tiers**: command -> first output line of one container (busybox httpd in the
 //!    background, then a line every 100 ms) started cold (`--no-snapshot`), from the image
@@ -71,6 +72,8 @@ impl Bench {
         c.args(args)
             .env("FCVM_BASE_DIR", &self.base)
             .env("FCVM_NO_SNAPSHOT", "1")
+            // Ten restores at once in the emulated host (beside others) take minutes.
+            .env("FCVM_AGENT_TIMEOUT", "600")
             .stdin(Stdio::null());
         c
     }
@@ -222,8 +225,8 @@ fn main() {
     if only.is_empty() || only == "tiers" {
         tiers(&b);
     }
-    if only.is_empty() || only == "clones" {
-        clones(&b);
+    if only.is_empty() || only == "clones" || only == "at-once" {
+        clones(&b, only != "at-once");
     }
 }
 
@@ -396,7 +399,7 @@ fn teardown(b: &Bench, names: &[String]) {
 }
 
 /// The clone figures (see the module docs).
-fn clones(b: &Bench) {
+fn clones(b: &Bench, exec_cycle: bool) {
     const N: usize = 10;
     // The source: a detached container VM, snapshotted once its container runs.
     let args = b.run_args("src", &["-d", "--mem", "256"], IDLE);
@@ -418,7 +421,7 @@ fn clones(b: &Bench) {
 
     // The --exec cycle, File and page server interleaved.
     let (mut file, mut uffd) = (Vec::new(), Vec::new());
-    for _ in 0..b.runs {
+    for _ in 0..b.runs * usize::from(exec_cycle) {
         for (v, src) in [
             (&mut file, ["--snapshot", "t1"]),
             (&mut uffd, ["--pid", server_s.as_str()]),
@@ -444,21 +447,19 @@ fn clones(b: &Bench) {
     println!("{N} clones started at once (`snapshot run -d`, wall time until all run), then their host memory:");
     let (t, names) = start_at_once(b, "f", &["--snapshot", "t1"], &[], N);
     std::thread::sleep(Duration::from_secs(10));
-    let file_mem = memory(b, &names, None);
+    println!("  File (jailed) {t:10.1} ms   {}", memory(b, &names, None));
     teardown(b, &names);
     // Unjailed, the clones map the snapshot's memory file itself (a jailed VMM gets a copy
     // of it in its chroot: a reflink where the filesystem has them, a page cache of its own
     // either way).
     let (td, names) = start_at_once(b, "d", &["--snapshot", "t1"], &[("FCVM_NO_JAILER", "1")], N);
     std::thread::sleep(Duration::from_secs(10));
-    let direct_mem = memory(b, &names, None);
+    println!("  File, no jail {td:10.1} ms   {}", memory(b, &names, None));
     teardown(b, &names);
     let (tu, names) = start_at_once(b, "u", &["--pid", &server_s, "--ksm", "off"], &[], N);
     std::thread::sleep(Duration::from_secs(10));
     let uffd_mem = memory(b, &names, Some(server));
     teardown(b, &names);
-    println!("  File (jailed) {t:10.1} ms   {file_mem}");
-    println!("  File, no jail {td:10.1} ms   {direct_mem}");
     println!(
         "  UFFD          {tu:10.1} ms   {uffd_mem} (page server included)   UFFD/File {:.2}x",
         tu / t
