@@ -432,16 +432,18 @@ fn clones(b: &Bench, exec_cycle: bool) {
             assert_eq!(out, "hi\n");
         }
     }
-    let (f, u) = (median(&mut file), median(&mut uffd));
-    println!(
-        "clones of a container snapshot (--mem 256), `snapshot run --exec 'echo hi'` (restore, exec, teardown), median of {}:",
-        b.runs
-    );
-    println!("  memory file (File)   {f:10.1} ms");
-    println!(
-        "  page server (UFFD)   {u:10.1} ms   UFFD/File {:.2}x",
-        u / f
-    );
+    if exec_cycle {
+        let (f, u) = (median(&mut file), median(&mut uffd));
+        println!(
+            "clones of a container snapshot (--mem 256), `snapshot run --exec 'echo hi'` (restore, exec, teardown), median of {}:",
+            b.runs
+        );
+        println!("  memory file (File)   {f:10.1} ms");
+        println!(
+            "  page server (UFFD)   {u:10.1} ms   UFFD/File {:.2}x",
+            u / f
+        );
+    }
 
     // Ten at once, then their memory: File, UFFD, UFFD + KSM.
     println!("{N} clones started at once (`snapshot run -d`, wall time until all run), then their host memory:");
