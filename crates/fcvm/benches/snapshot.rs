@@ -9,8 +9,8 @@
 //!
 //! 1. core restore, spawn -> load -> resume -> first serial line: bare Firecracker driven by
 //!    a minimal blocking HTTP client, fcvm with the File backend, fcvm with the Uffd backend;
-//! 2. clone infrastructure step by step (record, netns+TAP, disk reflink, spawn, load, patch,
-//!    resume), for a snapshot with a TAP;
+//! 2. clone infrastructure step by step (record, netns+TAP, files: disk copies and a jailed
+//!    VMM's staged inputs, spawn, load, patch, resume), for a snapshot with a TAP;
 //! 3. 10 and 50 clones started concurrently from one page server: wall time;
 //! 4. memory: PSS/RSS of 10 clones of one 512 MiB probe guest (UFFD), KSM off vs on, with
 //!    ksmd's CPU time.
@@ -377,7 +377,9 @@ async fn main() {
     let names = [
         "state record",
         "netns+TAP",
-        "disk reflink",
+        // The launch's files step: disk copies, and for a jailed VMM the inputs staged into
+        // its chroot (with the File backend a copy of the memory file).
+        "files",
         "spawn (API up)",
         "load",
         "drive patch",

@@ -8,7 +8,11 @@
 //! `last-used` (its mtime is the last hit). Entries are built in a hidden staging dir and
 //! renamed into place by the same code as `fcvm snapshot create`, so an entry is either
 //! complete or absent: a SIGKILLed creator leaves only a staging dir whose creator is dead,
-//! removed by the next run's [`ImageCache::open`].
+//! removed by the next run's [`ImageCache::open`]. A snapshot that fails (no space left on
+//! the cache's filesystem, say) removes its staging dir at once, and the run goes on without
+//! the entry, saying why (lack of space is named as such). `image-cache/` may be a mount of
+//! its own: a jailed VMM writes the memory file in its runtime dir, from where it is moved,
+//! or copied across filesystems, into the staging dir.
 //!
 //! # The key
 //!

@@ -124,6 +124,28 @@ pub enum CreateError {
     Guard(std::io::Error),
 }
 
+impl CreateError {
+    /// Whether the snapshot failed for lack of space (ENOSPC or EDQUOT): an I/O error of
+    /// fcvm's own anywhere in the chain, or Firecracker's report of one (which arrives as
+    /// text in its API reply).
+    pub fn out_of_space(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    return true;
+                }
+            }
+            cur = e.source();
+        }
+        if !matches!(self, CreateError::Api { .. }) {
+            return false;
+        }
+        let text = crate::report::chain(self);
+        text.contains("No space left on device") || text.contains("Disk quota exceeded")
+    }
+}
+
 fn io(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CreateError {
     let path = path.to_owned();
     move |source| CreateError::Io { step, path, source }
@@ -194,13 +216,27 @@ impl VmmOutput {
     fn collect(&self) -> Result<(), CreateError> {
         for (host, _, dst) in &self.files {
             if host != dst {
-                std::fs::rename(host, dst).map_err(io("moving", host))?;
+                move_file(host, dst)?;
             }
             let me = nix::unistd::geteuid().as_raw();
             std::os::unix::fs::chown(dst, Some(me), Some(me)).map_err(io("chown", dst))?;
             crate::fsutil::set_mode(dst, 0o600).map_err(io("chmod", dst))?;
         }
         Ok(())
+    }
+}
+
+/// Move a file the jailed VMM wrote to its place in the staging dir: a rename, or where the
+/// store is on another filesystem than the VM's runtime dir (e.g. `image-cache/` mounted
+/// from a disk of its own) a copy, then the original removed. The copy can run out of
+/// space; a partial copy is removed with the staging dir.
+fn move_file(host: &Path, dst: &Path) -> Result<(), CreateError> {
+    match std::fs::rename(host, dst) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            storage::clone_file(host, dst).map_err(io("copying", host))?;
+            std::fs::remove_file(host).map_err(io("removing", host))
+        }
+        r => r.map_err(io("moving", host)),
     }
 }
 
@@ -656,5 +692,54 @@ mod refusal_tests {
         let mut clone = container(tempfile::tempdir().unwrap().path());
         clone.kind = VmKind::Clone;
         assert!(container_refusal(&clone, true).is_some());
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::*;
+    use crate::firecracker::TransportError;
+
+    fn refused(message: &str) -> CreateError {
+        CreateError::Api {
+            step: "writing the snapshot",
+            source: Box::new(TransportError::Refused {
+                method: hyper::Method::PUT,
+                uri: "/snapshot/create".into(),
+                status: hyper::StatusCode::BAD_REQUEST,
+                message: message.into(),
+            }),
+            log: "/x/firecracker.log".into(),
+        }
+    }
+
+    #[test]
+    fn lack_of_space_is_told_apart_wherever_it_was_met() {
+        let io_err = |errno| CreateError::Io {
+            step: "copying",
+            path: "/x/memory.bin".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(io_err(libc::ENOSPC).out_of_space());
+        assert!(io_err(libc::EDQUOT).out_of_space());
+        assert!(!io_err(libc::EIO).out_of_space());
+        // Nested in the store's path errors.
+        let store = CreateError::Store(StoreError::Io(crate::fsutil::io_at(
+            "write",
+            Path::new("/x"),
+        )(
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        )));
+        assert!(store.out_of_space());
+        // Firecracker's own write failure arrives as text.
+        assert!(refused(
+            "Cannot create snapshot: Memory snapshot error: Cannot write memory file: No space left on device (os error 28)"
+        )
+        .out_of_space());
+        assert!(
+            !refused("The requested operation is not supported in state Running").out_of_space()
+        );
+        // Text alone counts only for Firecracker's replies.
+        assert!(!CreateError::NotSnapshottable("No space left on device".into()).out_of_space());
     }
 }

@@ -30,11 +30,11 @@ use super::jail::{self, JailPlan, JailerConfig};
 /// `prctl` option (Linux 6.4+), not in every libc crate version.
 const PR_SET_MEMORY_MERGE: libc::c_int = 67;
 
-/// How long a VMM may take to open its API socket. A VMM that dies is noticed at once
-/// (its exit is checked while waiting): this bounds only a slow start, and ten clones
-/// started at once on a busy host (the emulated KVM host: ten jailers, their `ip` and `nft`
-/// calls) took more than 10 s.
-pub const API_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VMM may take to open its API socket (and the jailer to set up its chroot and
+/// exit). Natively that is milliseconds, but a busy host is much slower: ten jailed clones
+/// started at once in the emulated KVM host took more than 10 s, and a VMM killed for
+/// slowness fails a launch that would have worked. A VMM that dies is noticed at once.
+pub const API_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a VMM could not be started.
 #[derive(Debug, thiserror::Error)]

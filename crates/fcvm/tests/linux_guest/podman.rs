@@ -1568,6 +1568,110 @@ fn image_cache_no_snapshot_is_cold_and_a_killed_snapshot_leaves_no_entry() {
     env.assert_nothing_left();
 }
 
+/// A small tmpfs mounted over a directory for the length of a test (unmounted on drop, also
+/// when the test fails), so what fcvm writes there runs out of space.
+struct SmallFs {
+    dir: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a tmpfs on {}: {st}", dir.display());
+        SmallFs {
+            dir: dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// ENOSPC while the cache snapshot is written: `image-cache/` is a 4 MiB tmpfs (the VM's
+/// memory alone is 512 MiB), on another filesystem than the VM's runtime dir, as a cache on
+/// a disk of its own is; with the jailer and without. Each run warns that there was no space, leaves no entry and no staging
+/// dir, and its container still runs to completion with its output and exit code. With space
+/// again, the next run is a miss that creates the entry.
+#[test]
+fn image_cache_out_of_space_leaves_no_entry_and_the_container_still_runs() {
+    let Some(env) = Env::new("image_cache_out_of_space") else {
+        return;
+    };
+    let small = SmallFs::mount(&env.env.base().join("image-cache"), "4m");
+    // Jailed (the default as root), fcvm's copy into the store runs out of space; unjailed,
+    // Firecracker's own write of the memory file does.
+    for (name, vars) in [
+        ("nospace", &[][..]),
+        ("nospace-direct", &[("FCVM_NO_JAILER", "1")][..]),
+    ] {
+        let full = env.run_cached(
+            name,
+            &["-e", "G=full"],
+            &["sh", "-c", "echo ran $G; echo err >&2; exit 3"],
+            vars,
+        );
+        let err = text(&full.stderr);
+        assert_eq!(full.status.code(), Some(3), "{name}: {err}");
+        assert_eq!(text(&full.stdout), "ran full\n", "{name}: {err}");
+        assert!(
+            err.lines().any(|l| l
+                .starts_with("fcvm: warning: the cache snapshot failed (no space left for it in")
+                && l.contains("No space left on device")
+                && l.ends_with("the container runs without it")),
+            "{name}: {err}"
+        );
+        assert!(!err.contains("fcvm: cache created"), "{name}: {err}");
+        assert!(err.lines().any(|l| l == "err"), "{name}: {err}");
+        // Nothing listed, nothing half-made left in the store.
+        let listed = env.command(&["snapshots", "--json"]).output().unwrap();
+        assert!(listed.status.success(), "{}", text(&listed.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert_eq!(rows, serde_json::json!([]), "{name}: {rows}");
+        assert!(env.cache_entries().is_empty(), "{:?}", env.cache_entries());
+        assert!(
+            env.cache_leftovers().is_empty(),
+            "{name}: {:?}",
+            env.cache_leftovers()
+        );
+    }
+    // The VM is gone with its runtime dir (where a jailed VMM writes the memory file first).
+    drop(small);
+    env.assert_nothing_left();
+
+    // Space again: a miss that boots cold and creates the entry.
+    let next = env.run_cached(
+        "withspace",
+        &["-e", "G=next"],
+        &["sh", "-c", "echo ran $G; exit 3"],
+        &[],
+    );
+    let err = text(&next.stderr);
+    assert_eq!(next.status.code(), Some(3), "{err}");
+    assert_eq!(text(&next.stdout), "ran next\n", "{err}");
+    let notices = cache_notices(&next);
+    assert!(
+        notices.len() == 1 && notices[0].starts_with("fcvm: cache created"),
+        "{notices:?}\n{err}"
+    );
+    assert!(!err.contains("cache snapshot failed"), "{err}");
+    assert_eq!(env.cache_entries().len(), 1);
+    env.assert_nothing_left();
+}
+
 /// An httpd that writes a start stamp into the directory it serves, then serves it: the time
 /// and 8 random bytes (busybox's `date` has no `%N`; two starts within a second still differ).
 /// sh stays PID 1 of the container with a TERM trap, so a stop ends it at once with code 0.

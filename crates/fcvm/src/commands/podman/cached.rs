@@ -194,7 +194,21 @@ pub async fn snapshot_startup(
             key,
             out: Box::new(out),
         },
-        Err(e) => failed(&e),
+        Err(e) => Startup::Failed(failure(paths, &e)),
+    }
+}
+
+/// Why a cache snapshot failed, for the warning: lack of space is named as such, with where
+/// and what to do about it (the staging dir is gone again, so nothing partial is left).
+pub fn failure(paths: &Paths, e: &CreateError) -> String {
+    let chain = crate::report::chain(e);
+    if e.out_of_space() {
+        format!(
+            "no space left for it in {}: {chain}; free space there or remove entries with `fcvm snapshots prune`",
+            paths.image_cache_dir().display()
+        )
+    } else {
+        chain
     }
 }
 

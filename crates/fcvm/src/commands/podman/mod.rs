@@ -878,7 +878,7 @@ async fn image_ready(
                 ),
                 Err(e) => eprintln!(
                     "fcvm: warning: the cache snapshot failed ({}); the container runs without it",
-                    crate::report::chain(&e)
+                    cached::failure(paths, &e)
                 ),
             }
             timeline.mark("cache-snapshot");
