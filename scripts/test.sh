@@ -48,7 +48,9 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
 left=$((budget_total - SECONDS))
-# Two emulated hosts at a time where memory holds them (FCVM_TEST_LANES overrides).
-bash scripts/guest-tier.sh --budget "$left" --each-on-real-kvm --lanes "${FCVM_TEST_LANES:-auto}" \
-    "$integration" "$@"
+# Two emulated hosts at a time where memory holds them (FCVM_TEST_LANES overrides). 720 s per
+# test: the longest (container clones, the registry pull) took 440-600 s beside another
+# loaded emulated host; the limit only catches hangs.
+bash scripts/guest-tier.sh --budget "$left" --per-test 720 --each-on-real-kvm \
+    --lanes "${FCVM_TEST_LANES:-auto}" "$integration" "$@"
 echo "$(stamp)== done"
