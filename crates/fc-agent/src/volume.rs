@@ -14,15 +14,10 @@
 //! a host thread of its own. Any idle channel takes the next request, so one slow request
 //! (a large read, an fsync) does not hold up the others. A reply must go back through the
 //! clone that read its request, which the one-connection-per-clone relay guarantees.
-//!
-//! After a snapshot (which resets every vsock connection) each channel connects again and
-//! sends its unanswered requests once more: see [`Channel`].
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -134,66 +129,19 @@ fn mount_one(index: usize, v: &Volume, vsock: Vsock) -> anyhow::Result<()> {
     }
     channels.insert(0, fuse);
     for (ch, (dev, conn)) in channels.into_iter().zip(conns).enumerate() {
-        relay(index, ch, v.vsock_port, dev, conn, vsock)?;
+        relay(index, ch, v.vsock_port, dev, conn)?;
     }
     Ok(())
 }
 
-/// How long a channel waits for the host's file server after its connection was reset
-/// (the clone's server listens before the clone resumes; a VM going down has none).
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Size of `fuse_in_header`.
-const IN_HEADER: usize = 40;
-/// Requests the host does not answer (`linux/fuse.h`: FORGET, INTERRUPT, NOTIFY_REPLY,
-/// BATCH_FORGET).
-const NO_REPLY: [u32; 4] = [2, 36, 41, 42];
-
-/// One channel's side of the relay shared by its two threads: the connection requests go
-/// out on, and the requests sent but not answered yet.
-///
-/// Firecracker resets every vsock connection when the VM is snapshotted (in the original
-/// and in each clone restored from the snapshot), while the guest kernel's FUSE connection
-/// lives on with its requests in flight. So when the reply thread's stream ends, it
-/// connects again (the same port: in a clone, to a server that knows the guest's node ids),
-/// sends every unanswered request once more on the new connection, and goes on. The writer
-/// lock is held across a request's send and across a reconnection's resend, so no request
-/// is sent twice on one connection. Without a host any more, every request in flight and
-/// every later one is answered with `ENOTCONN`.
-struct Channel {
-    port: u32,
-    vsock: Vsock,
-    writer: Mutex<Writer>,
-    pending: Mutex<BTreeMap<u64, Vec<u8>>>,
-}
-
-struct Writer {
-    conn: Conn,
-    /// The host is gone for good.
-    dead: bool,
-}
-
 /// Relay one channel, a thread each way.
-fn relay(
-    index: usize,
-    ch: usize,
-    port: u32,
-    dev: File,
-    conn: Conn,
-    vsock: Vsock,
-) -> anyhow::Result<()> {
-    let reader = conn.try_clone().context("cannot clone the vsock stream")?;
-    let to_kernel = dev.try_clone().context("cannot clone /dev/fuse")?;
-    let channel = Arc::new(Channel {
-        port,
-        vsock,
-        writer: Mutex::new(Writer { conn, dead: false }),
-        pending: Mutex::new(BTreeMap::new()),
-    });
-    let requests_channel = channel.clone();
+fn relay(index: usize, ch: usize, port: u32, dev: File, conn: Conn) -> anyhow::Result<()> {
+    let to_host = conn.try_clone().context("cannot clone the vsock stream")?;
+    let from_kernel = dev.try_clone().context("cannot clone /dev/fuse")?;
     std::thread::Builder::new()
         .name(format!("vol{index}.{ch}-req"))
         .spawn(move || {
-            if let Err(e) = requests(dev, &requests_channel) {
+            if let Err(e) = requests(from_kernel, to_host) {
                 crate::info!("volume port {port} channel {ch}: request relay ended: {e}");
             }
         })
@@ -201,7 +149,7 @@ fn relay(
     std::thread::Builder::new()
         .name(format!("vol{index}.{ch}-rep"))
         .spawn(move || {
-            if let Err(e) = replies(reader, to_kernel, &channel) {
+            if let Err(e) = replies(conn, dev) {
                 crate::info!("volume port {port} channel {ch}: reply relay ended: {e}");
             }
         })
@@ -209,28 +157,8 @@ fn relay(
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The `unique` of a request, and whether the host answers it.
-fn request_id(msg: &[u8]) -> Option<(u64, bool)> {
-    let opcode = u32::from_le_bytes(msg.get(4..8)?.try_into().ok()?);
-    let unique = u64::from_le_bytes(msg.get(8..16)?.try_into().ok()?);
-    Some((unique, !NO_REPLY.contains(&opcode)))
-}
-
-/// An error reply for request `unique`.
-fn error_reply(unique: u64, errno: i32) -> [u8; OUT_HEADER] {
-    let mut out = [0u8; OUT_HEADER];
-    out[0..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&(-errno).to_le_bytes());
-    out[8..16].copy_from_slice(&unique.to_le_bytes());
-    out
-}
-
 /// `/dev/fuse` to the host: one read is one whole request.
-fn requests(mut dev: File, channel: &Channel) -> io::Result<()> {
+fn requests(mut dev: File, mut host: Conn) -> io::Result<()> {
     let mut buf = vec![0u8; REQUEST_BUFFER];
     loop {
         let n = match dev.read(&mut buf) {
@@ -251,52 +179,18 @@ fn requests(mut dev: File, channel: &Channel) -> io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let msg = &buf[..n];
-        if n < IN_HEADER {
-            continue;
-        }
-        let Some((unique, answered)) = request_id(msg) else {
-            continue;
-        };
-        let mut w = lock(&channel.writer);
-        if w.dead {
-            drop(w);
-            if answered {
-                let _ = dev.write(&error_reply(unique, libc::ENOTCONN));
-            }
-            continue;
-        }
-        if answered {
-            lock(&channel.pending).insert(unique, msg.to_vec());
-        }
-        // A failed send is not lost: the reply thread finds the stream ended too, connects
-        // again and sends what is pending.
-        if let Err(e) = w.conn.write_all(msg) {
-            crate::debug!("volume port {}: request not sent ({e})", channel.port);
-        }
+        host.write_all(&buf[..n])?;
     }
 }
 
-/// The host to `/dev/fuse`: each reply by its header's length, in one write; a new
-/// connection whenever the stream ends (see [`Channel`]).
-fn replies(mut host: Conn, mut dev: File, channel: &Channel) -> io::Result<()> {
+/// The host to `/dev/fuse`: each reply by its header's length, in one write.
+fn replies(mut host: Conn, mut dev: File) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_REPLY];
     loop {
-        if let Err(e) = host.read_exact(&mut buf[..OUT_HEADER]) {
-            crate::info!(
-                "volume port {}: the host's stream ended ({e}): reconnecting",
-                channel.port
-            );
-            match reconnect(channel) {
-                Some(c) => {
-                    host = c;
-                    continue;
-                }
-                None => {
-                    give_up(channel, &mut dev);
-                    return Ok(());
-                }
-            }
+        match host.read_exact(&mut buf[..OUT_HEADER]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
         }
         let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if !(OUT_HEADER..=MAX_REPLY).contains(&len) {
@@ -305,13 +199,7 @@ fn replies(mut host: Conn, mut dev: File, channel: &Channel) -> io::Result<()> {
                 format!("FUSE reply of {len} bytes"),
             ));
         }
-        if let Err(e) = host.read_exact(&mut buf[OUT_HEADER..len]) {
-            // Cut off mid-reply: the request is still pending and is sent again.
-            crate::info!("volume port {}: reply cut off ({e})", channel.port);
-            continue;
-        }
-        let unique = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-        lock(&channel.pending).remove(&unique);
+        host.read_exact(&mut buf[OUT_HEADER..len])?;
         match dev.write(&buf[..len]) {
             Ok(_) => {}
             // The request was interrupted and is gone: its reply has no taker.
@@ -322,73 +210,9 @@ fn replies(mut host: Conn, mut dev: File, channel: &Channel) -> io::Result<()> {
     }
 }
 
-/// A new connection for `channel`, with every pending request sent on it; `None` when the
-/// host's server cannot be reached.
-fn reconnect(channel: &Channel) -> Option<Conn> {
-    let mut w = lock(&channel.writer);
-    loop {
-        let conn = match channel.vsock.connect(channel.port, RECONNECT_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                crate::info!("volume port {}: cannot reconnect: {e}", channel.port);
-                w.dead = true;
-                return None;
-            }
-        };
-        let reader = conn.try_clone().ok()?;
-        w.conn = conn;
-        let pending: Vec<Vec<u8>> = lock(&channel.pending).values().cloned().collect();
-        let sent = pending.iter().try_for_each(|m| w.conn.write_all(m));
-        match sent {
-            Ok(()) => {
-                crate::info!(
-                    "volume port {}: reconnected, {} requests sent again",
-                    channel.port,
-                    pending.len()
-                );
-                return Some(reader);
-            }
-            // Reset again at once (another snapshot): once more.
-            Err(e) => crate::info!("volume port {}: resend failed ({e})", channel.port),
-        }
-    }
-}
-
-/// The host is gone: answer what is pending (later requests are answered by [`requests`]).
-fn give_up(channel: &Channel, dev: &mut File) {
-    let pending = std::mem::take(&mut *lock(&channel.pending));
-    for unique in pending.keys() {
-        let _ = dev.write(&error_reply(*unique, libc::ENOTCONN));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_requests_the_host_answers_are_kept_for_a_resend() {
-        let mut m = vec![0u8; IN_HEADER];
-        m[8..16].copy_from_slice(&77u64.to_le_bytes());
-        for (opcode, answered) in [
-            (1u32, true),
-            (15, true),
-            (2, false),
-            (42, false),
-            (36, false),
-        ] {
-            m[4..8].copy_from_slice(&opcode.to_le_bytes());
-            assert_eq!(request_id(&m), Some((77, answered)), "opcode {opcode}");
-        }
-        assert_eq!(request_id(&m[..10]), None);
-        let e = error_reply(77, libc::ENOTCONN);
-        assert_eq!(u32::from_le_bytes(e[0..4].try_into().unwrap()), 16);
-        assert_eq!(
-            i32::from_le_bytes(e[4..8].try_into().unwrap()),
-            -libc::ENOTCONN
-        );
-        assert_eq!(u64::from_le_bytes(e[8..16].try_into().unwrap()), 77);
-    }
 
     #[test]
     fn staging_dirs_are_per_index_under_run() {

@@ -15,10 +15,6 @@
 //!   `AT_STATX_FORCE_SYNC`); print one `fs-bench` line of `key=value` figures and remove what
 //!   it made. For `benches/volumes.rs` (busybox's `dd` reports no rate one can trust across
 //!   file systems, and has no way to time a `stat`).
-//! - `lock FILE flock|posix SECS`: take an exclusive lock on FILE (created if missing)
-//!   without waiting, `flock(2)` or a whole-file POSIX record lock (`F_SETLK`); print
-//!   `locked` and hold it SECS seconds, or print `busy` and exit 1 when another holder has
-//!   it (busybox-static has no `flock`).
 //!
 //! Built like the agent (`+crt-static`, `--target x86_64-unknown-linux-gnu`), since the image
 //! has no C library.
@@ -42,64 +38,13 @@ fn main() -> ExitCode {
         ["mmap-write", file, offset, text] => mmap_write(file, offset, text),
         ["fs-bench", dir, mib, files] => fs_bench(dir, mib, files),
         ["write-noise", file, mib, seed] => write_noise(file, mib, seed),
-        ["lock", file, kind, secs] => return lock(file, kind, secs),
-        _ => Err("usage: fcvm-test-tool udp-echo PORT | mmap-write FILE OFFSET TEXT | write-noise FILE MIB SEED | fs-bench DIR MIB FILES | lock FILE flock|posix SECS".into()),
+        _ => Err("usage: fcvm-test-tool udp-echo PORT | mmap-write FILE OFFSET TEXT | write-noise FILE MIB SEED | fs-bench DIR MIB FILES".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fcvm-test-tool: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// `lock`: exit 0 after holding the lock, 1 when it is busy, 2 on any other failure.
-fn lock(file: &str, kind: &str, secs: &str) -> ExitCode {
-    let run = || -> Result<bool, String> {
-        let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(file)
-            .map_err(|e| format!("cannot open {file}: {e}"))?;
-        let r = match kind {
-            // SAFETY: flock on a descriptor this function owns; no memory is passed.
-            "flock" => unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-            "posix" => {
-                // SAFETY: an all-zero flock struct is valid (whole file from offset 0).
-                let mut l: libc::flock = unsafe { std::mem::zeroed() };
-                l.l_type = libc::F_WRLCK as libc::c_short;
-                l.l_whence = libc::SEEK_SET as libc::c_short;
-                // SAFETY: F_SETLK reads the live `l` for the whole call; `f` is open.
-                unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &l) }
-            }
-            other => return Err(format!("unknown lock kind {other:?} (flock or posix)")),
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EWOULDBLOCK) | Some(libc::EACCES) => Ok(false),
-                _ => Err(format!("{kind} lock of {file}: {e}")),
-            };
-        }
-        println!("locked");
-        let _ = std::io::stdout().flush();
-        std::thread::sleep(std::time::Duration::from_secs(secs));
-        drop(f);
-        Ok(true)
-    };
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            println!("busy");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("fcvm-test-tool: {e}");
-            ExitCode::from(2)
         }
     }
 }

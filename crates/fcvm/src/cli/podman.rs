@@ -110,8 +110,7 @@ pub struct PodmanRunArgs {
     /// Share a host directory with the container: HOST_DIR:GUEST_PATH[:ro] (absolute paths;
     /// `:ro` refuses every write, on the host too). Repeat it, or join with commas
     /// (/tmp/logs:/logs,/tmp/data:/data:ro). Served over FUSE on the VM's vsock; writeback
-    /// caching unless FCVM_NO_WRITEBACK_CACHE=1. flock and POSIX locks on it hold within
-    /// this VM only: not against other VMs or host processes using the same directory.
+    /// caching unless FCVM_NO_WRITEBACK_CACHE=1.
     #[arg(long = "map", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
     pub map: Vec<String>,
     /// The same as --map, spelled as podman's (`-v` is not --verbose here).

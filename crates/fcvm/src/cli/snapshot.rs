@@ -122,15 +122,6 @@ pub struct RunArgs {
     /// repeat it, or join with commas. Needs a bridged clone.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
-    /// Give a volume of a container snapshot another host directory:
-    /// HOST_DIR:GUEST_PATH[:ro], as `podman run --map`; GUEST_PATH must be one of the
-    /// snapshot's volumes (by default a clone serves the original's directories; `:ro`
-    /// adds to the snapshot's, `:rw` cannot lift it).
-    #[arg(long = "map", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
-    pub map: Vec<String>,
-    /// The same as --map, spelled as podman's.
-    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
-    pub volume: Vec<String>,
 }
 
 /// The clone's network from `--network` and `--publish`, checked as `podman run` checks
@@ -464,10 +455,6 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
         }
         bail!("--exec on clones needs the guest agent of a container snapshot (`fcvm podman`); snapshot {tag} was not made by it");
     }
-    let maps: Vec<String> = a.map.iter().chain(&a.volume).cloned().collect();
-    if !container && !maps.is_empty() {
-        bail!("--map/-v is for clones of container snapshots (`fcvm podman run` with volumes); snapshot {tag} is not one");
-    }
     if container && a.exec.is_some() && a.detach {
         bail!("--exec and --detach do not go together: --exec removes the clone when the command ends");
     }
@@ -516,7 +503,7 @@ async fn cmd_run(paths: &Paths, a: RunArgs) -> Result<ExitCode> {
             None => container_clone::Mode::Follow,
         };
         return Ok(
-            match container_clone::run(paths, &req, &maps, mode, signals).await {
+            match container_clone::run(paths, &req, mode, signals).await {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("fcvm: error: {}", crate::report::chain(&e));

@@ -116,9 +116,6 @@ pub enum CreateError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The volumes' state could not be read.
-    #[error("cannot record the VM's volumes")]
-    Volumes(#[source] crate::volume::server::DumpError),
     /// The guard could not start: we refuse to pause without it.
     #[error("cannot start the resume guard (refusing to pause the VM without one): {0}")]
     Guard(std::io::Error),
@@ -257,24 +254,15 @@ pub async fn create(paths: &Paths, req: &CreateRequest) -> Result<CreateOutcome,
             req.vm
         )));
     }
-    let volumes = has_volumes(&record);
-    create_with(paths, &SnapshotStore::open(paths)?, req, volumes).await
-}
-
-/// Whether VM `record` serves volumes (their listeners are in its runtime directory).
-fn has_volumes(record: &VmRecord) -> bool {
-    let uds = crate::paths::VmPaths::new(&record.runtime_dir).vsock_socket();
-    let base = fcvm_proto::vsock::VOLUME_PORT_BASE;
-    (base..base + crate::volume::MAX_VOLUMES as u32)
-        .any(|port| fcvm_proto::vsock::host_listener_path(&uds, port).exists())
+    create_in(paths, &SnapshotStore::open(paths)?, req).await
 }
 
 /// Why a snapshot of container VM `record` (for clones) is refused, if it is. What the
 /// running container depends on must come back in a clone, and what does not is refused
-/// rather than broken: its terminal and input belong to the original's session. (Volumes
-/// come back: their state is written into the snapshot, see [`crate::volume::state`]. A
-/// bridged VM's clones keep its guest address in namespaces of their own and publish their
-/// own ports: see [`crate::network::bridged::BridgedNet::clone_of`].)
+/// rather than broken: its volumes' FUSE channels are not reconnected after a snapshot, and
+/// its terminal and input belong to the original's session. (A bridged VM's clones keep its
+/// guest address in namespaces of their own and publish their own ports: see
+/// [`crate::network::bridged::BridgedNet::clone_of`].)
 pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
     if !record.runs_container() {
         return None;
@@ -287,6 +275,12 @@ pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
     let vm = crate::paths::VmPaths::new(&record.runtime_dir);
     let uds = vm.vsock_socket();
     let listening = |port: u32| fcvm_proto::vsock::host_listener_path(&uds, port).exists();
+    let base = fcvm_proto::vsock::VOLUME_PORT_BASE;
+    if (base..base + crate::volume::MAX_VOLUMES as u32).any(listening) {
+        return Some(
+            "it has volumes (--map/-v), whose FUSE connections a snapshot resets and fcvm does not reconnect yet; run it without volumes to clone it".into(),
+        );
+    }
     if listening(fcvm_proto::vsock::INPUT_PORT) {
         return Some(
             "it runs with -i or -t, and its input and terminal belong to the session that started it; run it without -i/-t to clone it".into(),
@@ -296,23 +290,11 @@ pub fn container_refusal(record: &VmRecord, diff: bool) -> Option<String> {
 }
 
 /// Take a snapshot of a running VM into `snapshots` (the named snapshots, or the image
-/// cache's store). The image cache's snapshots are taken before any volume is mounted, so
-/// they record none.
+/// cache's store).
 pub async fn create_in(
     paths: &Paths,
     snapshots: &SnapshotStore,
     req: &CreateRequest,
-) -> Result<CreateOutcome, CreateError> {
-    create_with(paths, snapshots, req, false).await
-}
-
-/// [`create_in`], with `volumes`: read the volumes' state from the process serving them
-/// while the VM is paused, into the snapshot's `volumes.json`.
-async fn create_with(
-    paths: &Paths,
-    snapshots: &SnapshotStore,
-    req: &CreateRequest,
-    volumes: bool,
 ) -> Result<CreateOutcome, CreateError> {
     let state = Store::open(paths)?;
     let record = state.find_by_name(&req.vm)?;
@@ -431,25 +413,6 @@ async fn create_with(
             .map_err(api_err("writing the snapshot"))?;
         written.collect()?;
         fault_point("snapshot:after-memory");
-        if volumes {
-            // Paused: the guest sends nothing new, so the node ids it holds are all there.
-            let uds = crate::paths::VmPaths::new(&record.runtime_dir).vsock_socket();
-            let state =
-                tokio::task::spawn_blocking(move || crate::volume::server::request_dump(&uds))
-                    .await
-                    .map_err(|e| {
-                        CreateError::Volumes(crate::volume::server::DumpError::Answer(
-                            std::io::Error::other(e.to_string()),
-                        ))
-                    })?
-                    .map_err(CreateError::Volumes)?;
-            let path = dir.join(crate::volume::state::VOLUMES_FILE);
-            write_synced(
-                &path,
-                &serde_json::to_vec_pretty(&state).expect("serialises"),
-            )
-            .map_err(io("writing", &path))?;
-        }
         copy_disks(&record, &config.drives, &dir)
     }
     .await;
@@ -680,13 +643,8 @@ mod refusal_tests {
         assert_eq!(container_refusal(&r, false), None);
         listener(dir.path(), fcvm_proto::vsock::INPUT_PORT);
         assert!(container_refusal(&r, false).unwrap().contains("-i or -t"));
-        // Volumes no longer stand in the way.
-        let plain_dir = tempfile::tempdir().unwrap();
-        let plain = container(plain_dir.path());
-        listener(plain_dir.path(), fcvm_proto::vsock::VOLUME_PORT_BASE + 2);
-        assert_eq!(container_refusal(&plain, false), None);
-        assert!(has_volumes(&plain));
-        assert!(!has_volumes(&r));
+        listener(dir.path(), fcvm_proto::vsock::VOLUME_PORT_BASE + 2);
+        assert!(container_refusal(&r, false).unwrap().contains("volumes"));
 
         // A clone of a container snapshot is a container VM too.
         let mut clone = container(tempfile::tempdir().unwrap().path());

@@ -4,13 +4,9 @@
 //! - [`server`] serves each directory to the guest on its own vsock port, for as long as the
 //!   VM runs;
 //! - the agent mounts each one with FUSE and hands it to podman as a bind mount (see
-//!   `fc-agent/src/volume.rs`), and connects its channels again after a snapshot;
-//! - [`mapped`] numbers the guest's nodes and handles, so that [`state`] (written into a
-//!   snapshot by `snapshot create`) lets a clone's server answer the ids its guest holds.
+//!   `fc-agent/src/volume.rs`).
 
-pub mod mapped;
 pub mod server;
-pub mod state;
 
 use std::path::{Path, PathBuf};
 

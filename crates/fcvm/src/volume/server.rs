@@ -42,28 +42,20 @@
 //! device); each is served by its own thread on the one shared [`Volume`], so a slow
 //! request on one channel never holds up the others.
 //!
-//! **Snapshots**: the guest's node ids and handles are numbered by [`MappedFs`] (see there
-//! for why), which a snapshot records ([`Volume::dump`], asked for over the
-//! [`control_socket`] while the VM is paused) and a clone's server takes back
-//! ([`Volume::restored`]).
-//!
-//! **Locks**: `PassthroughFs` does not offer `FUSE_POSIX_LOCKS` or `FUSE_FLOCK_LOCKS` in
-//! `FUSE_INIT`, so the guest kernel keeps flock and POSIX locks locally: enforced among one
-//! VM's processes, not between VMs or against host processes.
+//! **Limits** (this first slice): locks are `PassthroughFs`'s (POSIX locks are not forwarded to the host: the
+//! guest kernel enforces them among the guest's processes); no reconnection after a snapshot
+//! restore yet.
 
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
 
-use super::mapped::MappedFs;
-use super::state::{VolumeState, VolumesState};
 use super::VolumeSpec;
 use crate::vsock::{HostListener, VsockError};
 
@@ -81,7 +73,6 @@ pub const MAX_MESSAGE: usize = (1 << 20) + 4096;
 /// FUSE opcodes this module looks at (`linux/fuse.h`).
 mod op {
     pub const LOOKUP: u32 = 1;
-    pub const INIT: u32 = 26;
     pub const FORGET: u32 = 2;
     pub const SETATTR: u32 = 4;
     pub const SYMLINK: u32 = 6;
@@ -140,19 +131,15 @@ impl ServeOptions {
 }
 
 /// One volume's file system, shared by its connections (a channel reconnecting finds its
-/// nodes again).
+/// inodes again).
 pub struct Volume {
-    server: Server<Arc<MappedFs>>,
-    fs: Arc<MappedFs>,
-    spec: VolumeSpec,
-    /// The guest kernel's `FUSE_INIT` request, kept for a snapshot's clones.
-    init: Mutex<Option<Vec<u8>>>,
+    server: Server<Arc<PassthroughFs>>,
+    read_only: bool,
 }
 
 impl Volume {
-    /// A passthrough file system rooted at `spec.host_dir`.
-    pub fn new(spec: &VolumeSpec, opts: ServeOptions) -> Result<Volume, ServeError> {
-        let dir = &spec.host_dir;
+    /// A passthrough file system rooted at `dir`.
+    pub fn new(dir: &Path, read_only: bool, opts: ServeOptions) -> Result<Volume, ServeError> {
         let fs_err = |source| ServeError::Fs {
             dir: dir.to_owned(),
             source,
@@ -160,81 +147,16 @@ impl Volume {
         let cfg = Config {
             root_dir: dir.display().to_string(),
             xattr: true,
-            writeback: opts.writeback && !spec.read_only,
+            writeback: opts.writeback && !read_only,
             do_import: true,
             ..Config::default()
         };
         let fs = PassthroughFs::<()>::new(cfg).map_err(fs_err)?;
         fs.import().map_err(fs_err)?;
-        let fs = Arc::new(MappedFs::new(fs, dir));
         Ok(Volume {
-            server: Server::new(fs.clone()),
-            fs,
-            spec: spec.clone(),
-            init: Mutex::new(None),
+            server: Server::new(Arc::new(fs)),
+            read_only,
         })
-    }
-
-    /// A volume answering the node ids and handles a snapshot's guest holds (`state`, as
-    /// [`Volume::dump`] wrote it in the original): its `FUSE_INIT` is replayed (the guest
-    /// will not send it again), then every node is looked up again by its path.
-    pub fn restored(
-        spec: &VolumeSpec,
-        opts: ServeOptions,
-        state: &VolumeState,
-    ) -> Result<Volume, ServeError> {
-        let v = Volume::new(spec, opts)?;
-        if let Some(init) = &state.init {
-            v.replay_init(init).map_err(|source| ServeError::Fs {
-                dir: spec.host_dir.clone(),
-                source,
-            })?;
-            let report = v.fs.preload(state);
-            tracing::info!(
-                "volume {} ({}): {} nodes and {} handles found again, {} nodes and {} handles gone",
-                spec.guest_path,
-                spec.host_dir.display(),
-                report.nodes,
-                report.handles,
-                report.stale_nodes,
-                report.stale_handles
-            );
-        }
-        Ok(v)
-    }
-
-    /// Hand `init` to the file system as if the guest had sent it; the reply goes nowhere.
-    fn replay_init(&self, init: &[u8]) -> io::Result<()> {
-        if init.len() < IN_HEADER || u32_at(init, 4) != Some(op::INIT) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the snapshot's FUSE_INIT request is malformed",
-            ));
-        }
-        let mut request = init.to_vec();
-        let mut reply = vec![0u8; MAX_MESSAGE];
-        let sink = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-        let r = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request)).map_err(to_io)?;
-        let w = FuseDevWriter::<()>::new(sink.as_raw_fd(), &mut reply).map_err(to_io)?;
-        self.server
-            .handle_message(r, Writer::FuseDev(w), None, None)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        *self.init.lock().unwrap_or_else(|p| p.into_inner()) = Some(init.to_vec());
-        Ok(())
-    }
-
-    /// What a clone of the VM needs (call with the VM paused).
-    pub fn dump(&self) -> VolumeState {
-        let mut state = VolumeState {
-            guest_path: self.spec.guest_path.clone(),
-            host_dir: self.spec.host_dir.clone(),
-            read_only: self.spec.read_only,
-            port: self.spec.port,
-            init: self.init.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            ..VolumeState::default()
-        };
-        self.fs.dump(&mut state);
-        state
     }
 
     /// Serve FUSE requests from `conn` until the peer closes it (`Ok`) or it breaks.
@@ -254,10 +176,7 @@ impl Volume {
             }
             conn.read_exact(&mut request[IN_HEADER..len])?;
             let msg = &request[..len];
-            if u32_at(msg, 4) == Some(op::INIT) {
-                *self.init.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.to_vec());
-            }
-            match screen(msg, self.spec.read_only) {
+            match screen(msg, self.read_only) {
                 Verdict::Pass => {
                     let r = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len]))
                         .map_err(to_io)?;
@@ -415,49 +334,8 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// One path component, never a way up or across.
-pub(super) fn safe_name(name: &[u8]) -> bool {
+fn safe_name(name: &[u8]) -> bool {
     !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/')
-}
-
-/// The control socket of a VM's volume servers (`volumes.ctl` beside the vsock socket, in
-/// the VM's runtime directory): `fcvm snapshot create` reads the volumes' state from it.
-pub fn control_socket(uds: &Path) -> PathBuf {
-    uds.with_file_name("volumes.ctl")
-}
-
-/// How long `snapshot create` waits for the owner's dump.
-const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Why the volumes' state could not be read from the process that serves them.
-#[derive(Debug, thiserror::Error)]
-pub enum DumpError {
-    /// No answer on the control socket.
-    #[error("cannot reach the volume servers of the VM at {path} (is the fcvm process that runs it alive?)")]
-    Connect {
-        /// The control socket.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
-    /// A malformed answer.
-    #[error("the volume servers' answer cannot be read")]
-    Answer(#[source] io::Error),
-}
-
-/// Ask the fcvm process serving the volumes of the VM with vsock socket `uds` for their
-/// state (the VM must be paused: see [`Volume::dump`]).
-pub fn request_dump(uds: &Path) -> Result<VolumesState, DumpError> {
-    let path = control_socket(uds);
-    let mut conn = UnixStream::connect(&path).map_err(|source| DumpError::Connect {
-        path: path.clone(),
-        source,
-    })?;
-    conn.set_read_timeout(Some(DUMP_TIMEOUT))
-        .map_err(DumpError::Answer)?;
-    let mut bytes = Vec::new();
-    conn.read_to_end(&mut bytes).map_err(DumpError::Answer)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| DumpError::Answer(io::Error::new(io::ErrorKind::InvalidData, e)))
 }
 
 /// Every volume of one VM, served while this value lives.
@@ -466,26 +344,17 @@ pub struct VolumeServers {
 }
 
 impl VolumeServers {
-    /// Bind `<uds>_<port>` for each volume and serve it, and the [`control_socket`] when
-    /// there are volumes. With `restore` (a clone), each volume first takes the snapshot's
-    /// state for its port. Call before the VM starts (the guest dials as soon as its agent
-    /// reaches the container step, or at once after a restore).
+    /// Bind `<uds>_<port>` for each volume and serve it. Call before the VM starts (the
+    /// guest dials as soon as its agent reaches the container step).
     pub fn start(
         uds: &Path,
         volumes: &[VolumeSpec],
         opts: ServeOptions,
-        restore: Option<&VolumesState>,
     ) -> Result<VolumeServers, ServeError> {
         // Built as it goes: a volume that cannot be served stops the ones already started.
         let mut servers = VolumeServers { tasks: Vec::new() };
-        let mut all = Vec::new();
         for v in volumes {
-            let state = restore.and_then(|r| r.volumes.iter().find(|s| s.port == v.port));
-            let volume = Arc::new(match state {
-                Some(state) => Volume::restored(v, opts, state)?,
-                None => Volume::new(v, opts)?,
-            });
-            all.push(volume.clone());
+            let volume = Arc::new(Volume::new(&v.host_dir, v.read_only, opts)?);
             let listener = HostListener::bind(uds, v.port)?;
             let port = v.port;
             servers.tasks.push(tokio::spawn(async move {
@@ -515,62 +384,7 @@ impl VolumeServers {
                 }
             }));
         }
-        if !all.is_empty() {
-            let control = ControlSocket::bind(&control_socket(uds))?;
-            servers.tasks.push(tokio::spawn(control.serve(all)));
-        }
         Ok(servers)
-    }
-}
-
-/// The listening control socket; removes its file when dropped.
-struct ControlSocket {
-    listener: tokio::net::UnixListener,
-    path: PathBuf,
-}
-
-impl ControlSocket {
-    fn bind(path: &Path) -> Result<ControlSocket, ServeError> {
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path).map_err(|source| {
-            ServeError::Listen(VsockError::Bind {
-                path: path.to_owned(),
-                source,
-            })
-        })?;
-        // Root's alone: the dump names host paths.
-        crate::fsutil::set_mode(path, 0o600).map_err(|source| ServeError::Fs {
-            dir: path.to_owned(),
-            source,
-        })?;
-        Ok(ControlSocket {
-            listener,
-            path: path.to_owned(),
-        })
-    }
-
-    /// Answer every connection with the volumes' state, as JSON, then close it.
-    async fn serve(self, volumes: Vec<Arc<Volume>>) {
-        use tokio::io::AsyncWriteExt;
-        while let Ok((mut conn, _)) = self.listener.accept().await {
-            let volumes = volumes.clone();
-            let dump = tokio::task::spawn_blocking(move || VolumesState {
-                volumes: volumes.iter().map(|v| v.dump()).collect(),
-            })
-            .await;
-            let Ok(dump) = dump else { continue };
-            let bytes = serde_json::to_vec(&dump).expect("serialises");
-            if let Err(e) = conn.write_all(&bytes).await {
-                tracing::warn!("volume control socket: {e}");
-            }
-            let _ = conn.shutdown().await;
-        }
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -589,7 +403,6 @@ mod tests {
     //! A minimal FUSE client speaking to [`Volume::serve`] over a socket pair, as the guest
     //! kernel would through the agent's relay.
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -607,8 +420,7 @@ mod tests {
 
     impl Client {
         fn start(dir: &Path, read_only: bool) -> Client {
-            let volume =
-                Volume::new(&spec(dir, read_only), ServeOptions { writeback: false }).unwrap();
+            let volume = Volume::new(dir, read_only, ServeOptions { writeback: false }).unwrap();
             let mut c = Client::channel(&Arc::new(volume));
             c.init();
             c
@@ -684,15 +496,6 @@ mod tests {
         }
     }
 
-    fn spec(dir: &Path, read_only: bool) -> VolumeSpec {
-        VolumeSpec {
-            host_dir: std::fs::canonicalize(dir).unwrap(),
-            guest_path: "/data".into(),
-            read_only,
-            port: 5100,
-        }
-    }
-
     fn cstr(name: &[u8]) -> Vec<u8> {
         let mut v = name.to_vec();
         v.push(0);
@@ -740,195 +543,11 @@ mod tests {
         assert_eq!(c.lookup(link, b"etc"), Err(libc::ENOTDIR));
     }
 
-    const READ: u32 = 15;
-
-    impl Client {
-        /// A connection to `volume` after its `FUSE_INIT` (a restored volume needs none).
-        fn on(volume: &Arc<Volume>) -> Client {
-            Client::channel(volume)
-        }
-
-        fn open_fh(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
-            let mut a = Vec::new();
-            a.extend_from_slice(&(flags as u32).to_le_bytes());
-            a.extend_from_slice(&0u32.to_le_bytes());
-            let (err, body) = self.call(op::OPEN, nodeid, &a);
-            if err != 0 {
-                return Err(err);
-            }
-            Ok(u64::from_le_bytes(body[0..8].try_into().unwrap()))
-        }
-
-        fn read(&mut self, nodeid: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
-            let mut a = Vec::new();
-            a.extend_from_slice(&fh.to_le_bytes());
-            a.extend_from_slice(&0u64.to_le_bytes());
-            a.extend_from_slice(&size.to_le_bytes());
-            a.extend_from_slice(&[0u8; 20]);
-            let (err, body) = self.call(READ, nodeid, &a);
-            if err != 0 {
-                return Err(err);
-            }
-            Ok(body)
-        }
-
-        fn getattr(&mut self, nodeid: u64) -> i32 {
-            self.call(GETATTR, nodeid, &[0u8; 16]).0
-        }
-    }
-
-    /// A volume's state as `snapshot create` takes it, sent through JSON as the snapshot
-    /// stores it.
-    fn snapshot_of(volume: &Volume) -> VolumeState {
-        let json = serde_json::to_vec(&volume.dump()).unwrap();
-        serde_json::from_slice(&json).unwrap()
-    }
-
-    #[test]
-    fn a_restored_volume_answers_the_guests_node_ids_and_handles() {
-        let (_t, root) = tree();
-        std::fs::write(root.join("sub/deep"), b"deep data").unwrap();
-        std::fs::write(root.join("gone"), b"x").unwrap();
-        let spec = spec(&root, false);
-        let opts = ServeOptions { writeback: false };
-        let original = Arc::new(Volume::new(&spec, opts).unwrap());
-        let mut c = Client::on(&original);
-        c.init();
-        let (sub, _) = c.lookup(ROOT, b"sub").unwrap();
-        let (deep, _) = c.lookup(sub, b"deep").unwrap();
-        let (a, _) = c.lookup(ROOT, b"a").unwrap();
-        let (gone, _) = c.lookup(ROOT, b"gone").unwrap();
-        let fh = c.open_fh(deep, libc::O_RDONLY).unwrap();
-        let gone_fh = c.open_fh(gone, libc::O_RDONLY).unwrap();
-        // Ids are this layer's own: not in PassthroughFs's order, and never reused.
-        assert!(sub > ROOT && deep > sub && a > deep);
-        let state = snapshot_of(&original);
-        assert!(state.init.is_some(), "FUSE_INIT kept");
-        assert_eq!(state.nodes.len(), 4, "{state:?}");
-        let deep_state = state.nodes.iter().find(|n| n.id == deep).unwrap();
-        assert_eq!(deep_state.path.as_deref(), Some("sub/deep"));
-        assert_eq!(deep_state.kind, libc::S_IFREG);
-        assert_eq!(state.handles.len(), 2);
-
-        // After the snapshot, on the host: one path removed, one renamed.
-        std::fs::remove_file(root.join("gone")).unwrap();
-        std::fs::rename(root.join("a"), root.join("a2")).unwrap();
-
-        // A clone's server, serving the same directory, never sees lookups or opens.
-        let clone = Arc::new(Volume::restored(&spec, opts, &state).unwrap());
-        let mut k = Client::on(&clone);
-        assert_eq!(k.read(deep, fh, 100).unwrap(), b"deep data");
-        assert_eq!(k.getattr(sub), 0);
-        assert_eq!(k.getattr(deep), 0);
-        assert_eq!(k.lookup(sub, b"deep").unwrap().0, deep, "the same id again");
-        assert_eq!(k.getattr(gone), libc::ESTALE);
-        assert_eq!(k.read(gone, gone_fh, 10), Err(libc::ESTALE));
-        assert_eq!(
-            k.getattr(a),
-            libc::ESTALE,
-            "renamed away after the snapshot"
-        );
-        assert_eq!(k.getattr(999_999), libc::EBADF, "never given out");
-        // A new node gets a fresh id, above every id the guest may hold.
-        let (new_a, _) = k.lookup(ROOT, b"a2").unwrap();
-        assert!(new_a > gone && new_a > a, "{new_a}");
-        assert_eq!(k.mkdir(sub, b"made-in-clone"), 0);
-        assert!(root.join("sub/made-in-clone").is_dir());
-
-        // The original goes on as before (a reconnected channel finds its ids).
-        let mut c2 = Client::on(&original);
-        assert_eq!(c2.read(deep, fh, 4).unwrap(), b"deep");
-    }
-
-    #[test]
-    fn a_restored_volume_serves_another_directory_by_the_same_paths() {
-        let (_t, root) = tree();
-        std::fs::write(root.join("sub/deep"), b"original").unwrap();
-        let spec0 = spec(&root, false);
-        let opts = ServeOptions { writeback: false };
-        let original = Arc::new(Volume::new(&spec0, opts).unwrap());
-        let mut c = Client::on(&original);
-        c.init();
-        let (sub, _) = c.lookup(ROOT, b"sub").unwrap();
-        let (deep, _) = c.lookup(sub, b"deep").unwrap();
-        let (link, _) = c.lookup(ROOT, b"link").unwrap();
-        let fh = c.open_fh(deep, libc::O_RDONLY).unwrap();
-        let state = snapshot_of(&original);
-
-        // The other directory: `sub` is a symlink pointing out there, `link` a directory.
-        let other = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("deep"), b"outside!").unwrap();
-        std::os::unix::fs::symlink(outside.path(), other.path().join("sub")).unwrap();
-        std::fs::create_dir(other.path().join("link")).unwrap();
-        std::fs::write(other.path().join("a"), b"other a").unwrap();
-        let mut spec1 = spec(other.path(), true);
-        spec1.port = spec0.port;
-        let clone = Arc::new(Volume::restored(&spec1, opts, &state).unwrap());
-        let mut k = Client::on(&clone);
-        // Not followed out of the root: the symlink is another kind of file now.
-        assert_eq!(k.getattr(sub), libc::ESTALE);
-        assert_eq!(k.read(deep, fh, 100), Err(libc::ESTALE));
-        assert_eq!(
-            k.getattr(link),
-            libc::ESTALE,
-            "a symlink then, a directory now"
-        );
-        let (a, _) = k.lookup(ROOT, b"a").unwrap();
-        let afh = k.open_fh(a, libc::O_RDONLY).unwrap();
-        assert_eq!(k.read(a, afh, 100).unwrap(), b"other a");
-        // `:ro` of the clone's --map is enforced.
-        assert_eq!(k.mkdir(ROOT, b"nope"), libc::EROFS);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_control_socket_answers_a_dump_and_goes_with_the_servers() {
-        let (_t, root) = tree();
-        let run = tempfile::tempdir().unwrap();
-        let uds = run.path().join("v.sock");
-        let mut spec = spec(&root, true);
-        spec.guest_path = "/logs".into();
-        let servers =
-            VolumeServers::start(&uds, &[spec], ServeOptions { writeback: true }, None).unwrap();
-        let control = control_socket(&uds);
-        assert_eq!(control, run.path().join("volumes.ctl"));
-        let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let asked = uds.clone();
-        let state = tokio::task::spawn_blocking(move || request_dump(&asked))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(state.volumes.len(), 1);
-        let v = &state.volumes[0];
-        assert_eq!(
-            (v.guest_path.as_str(), v.port, v.read_only),
-            ("/logs", 5100, true)
-        );
-        assert_eq!(v.host_dir, std::fs::canonicalize(&root).unwrap());
-        assert!(
-            v.init.is_none() && v.nodes.is_empty(),
-            "no guest yet: {v:?}"
-        );
-        drop(servers);
-        // The aborted tasks drop their listeners on the runtime's next turn.
-        for _ in 0..100 {
-            if !control.exists() && !fcvm_proto::vsock::host_listener_path(&uds, 5100).exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(!control.exists(), "control socket left");
-        let e = request_dump(&uds).unwrap_err();
-        assert!(matches!(e, DumpError::Connect { .. }), "{e}");
-        assert!(crate::report::chain(&e).contains("volumes.ctl"), "{e}");
-    }
-
     #[test]
     fn a_stalled_channel_does_not_hold_up_another() {
         let (_t, root) = tree();
         let volume =
-            Arc::new(Volume::new(&spec(&root, false), ServeOptions { writeback: false }).unwrap());
+            Arc::new(Volume::new(&root, false, ServeOptions { writeback: false }).unwrap());
         let mut first = Client::channel(&volume);
         first.init();
         // Half a request: that channel's thread waits for the rest.

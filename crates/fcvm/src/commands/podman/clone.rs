@@ -5,10 +5,7 @@
 //! namespace and disk copies, the VMM in a private mount view) and then followed exactly as
 //! a container run is ([`super::attach_and_follow`]): the host's listeners are bound before
 //! the resume, the restored agent finds its channels reset, connects them again, says
-//! Reconnected, gets the host's clock and entropy (Resync) and reports Ready. Its volumes'
-//! servers answer the node ids and handles the guest held at the snapshot (the snapshot's
-//! `volumes.json`, see `crate::volume::state`), from the original's host directories or
-//! those `--map` names, and the agent reconnects each FUSE channel. From there:
+//! Reconnected, gets the host's clock and entropy (Resync) and reports Ready. From there:
 //!
 //! - in the foreground, the container's output from the restore on goes to fcvm's stdout
 //!   and stderr, and fcvm exits with the container's code;
@@ -32,9 +29,6 @@ use crate::snapshot::clone::{clone_spec, CloneError, CloneRequest};
 use crate::snapshot::store::SnapshotStore;
 use crate::state::{GuestKind, Store};
 use crate::vm::{launch, Event, Host, LaunchError, Launcher, Lifetime, Signals, VmHandle};
-use crate::volume::server::{ServeOptions, VolumeServers};
-use crate::volume::state::VolumesState;
-use crate::volume::VolumeSpec;
 
 use super::{attach_and_follow, detach, session, Gate, PodmanError, Run, Timeline};
 
@@ -78,17 +72,6 @@ pub enum ContainerCloneError {
     /// Interrupted while waiting.
     #[error("interrupted by signal {0}; the clone was removed")]
     Interrupted(i32),
-    /// A `--map` that does not fit the snapshot's volumes.
-    #[error(transparent)]
-    Remap(#[from] crate::volume::state::RemapError),
-    /// The snapshot's record of its volumes cannot be read.
-    #[error("cannot read the volumes of snapshot {tag}")]
-    VolumeState {
-        /// The snapshot.
-        tag: String,
-        /// Cause.
-        source: std::io::Error,
-    },
 }
 
 impl ContainerCloneError {
@@ -113,12 +96,10 @@ pub fn is_container_snapshot(
 }
 
 /// Restore a clone of container snapshot `req.tag` and run it as `mode` says; returns the
-/// exit code (the container's, or the command's). `maps` (`--map`/`-v`) give the
-/// snapshot's volumes other host directories; by default the clone serves the original's.
+/// exit code (the container's, or the command's).
 pub async fn run(
     paths: &Paths,
     req: &CloneRequest,
-    maps: &[String],
     mode: Mode,
     mut signals: Signals,
 ) -> Result<i32, ContainerCloneError> {
@@ -127,14 +108,6 @@ pub async fn run(
     if meta.guest != GuestKind::Agent {
         return Err(ContainerCloneError::NotContainer(req.tag.clone()));
     }
-    // Checked before anything is made: a bad --map starts nothing.
-    let volume_state = VolumesState::read(&snapshots.path(&req.tag)).map_err(|source| {
-        ContainerCloneError::VolumeState {
-            tag: req.tag.clone(),
-            source,
-        }
-    })?;
-    let volumes = volume_state.specs(&req.tag, maps)?;
     let firecracker = binary::find(Program::Firecracker, paths).map_err(CloneError::from)?;
     let launcher = Launcher::for_host(paths, firecracker.path)
         .map_err(|e| CloneError::from(LaunchError::from(e)))?;
@@ -158,8 +131,7 @@ pub async fn run(
                 stop_timeout: Duration::ZERO,
                 log_max_bytes: crate::logs::parse_log_opts(&[]).map_err(PodmanError::from)?,
                 detached: detached.as_ref(),
-                volumes: &volumes,
-                volume_state: Some(&volume_state),
+                volumes: &[],
             };
             let mut timeline = Timeline::new();
             let result = attach_and_follow(
@@ -181,8 +153,7 @@ pub async fn run(
             Ok(result?.exit_code)
         }
         Mode::Exec(cmd) => {
-            let served = (&volumes[..], &volume_state);
-            let result = exec_in(paths, &mut vm, &cmd, served, &mut signals).await;
+            let result = exec_in(paths, &mut vm, &cmd, &mut signals).await;
             vm.kill();
             let _ = vm.wait_exit(Duration::from_secs(5)).await;
             vm.finish(Disposition::Forget).warn();
@@ -196,15 +167,10 @@ async fn exec_in(
     paths: &Paths,
     vm: &mut VmHandle,
     cmd: &str,
-    (volumes, volume_state): (&[VolumeSpec], &VolumesState),
     signals: &mut Signals,
 ) -> Result<i32, ContainerCloneError> {
     let uds = vm.paths().vsock_socket();
     let listeners = session::Listeners::bind(&uds, false).map_err(PodmanError::from)?;
-    // Held until the clone is removed.
-    let _volumes =
-        VolumeServers::start(&uds, volumes, ServeOptions::from_env(), Some(volume_state))
-            .map_err(PodmanError::from)?;
     // The container's own output is not this command's: it is dropped.
     let mut session = session::Session::start(
         listeners,

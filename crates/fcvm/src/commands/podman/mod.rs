@@ -452,8 +452,6 @@ pub(crate) struct Run<'a> {
     /// The pipe to a waiting `-d` command (this process is its supervisor).
     pub detached: Option<&'a std::sync::Mutex<detach::Notifier>>,
     pub volumes: &'a [crate::volume::VolumeSpec],
-    /// A clone's: what the snapshot recorded of its volumes (the guest's node ids).
-    pub volume_state: Option<&'a crate::volume::state::VolumesState>,
 }
 
 impl Prepared {
@@ -466,7 +464,6 @@ impl Prepared {
             log_max_bytes: self.log_max_bytes,
             detached: self.detached.as_ref(),
             volumes: &self.volumes,
-            volume_state: None,
         }
     }
 
@@ -723,7 +720,6 @@ async fn attach_and_follow(
         &vm.paths().vsock_socket(),
         p.volumes,
         crate::volume::server::ServeOptions::from_env(),
-        p.volume_state,
     )?;
     // Raw only with -i -t: without -i, Ctrl-C stays a signal here and is forwarded.
     let raw = if p.plan.tty && p.plan.interactive && p.detached.is_none() {
