@@ -24,6 +24,7 @@
 //!    page server (UFFD: each served page is a private copy), and from a page server with
 //!    KSM merging the clones' identical pages: the sum of PSS over the ten Firecrackers (and
 //!    the page server), which counts each shared page once, beside the sum of RSS.
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -43,14 +44,6 @@ const IDLE: &str = "trap 'exit 0' TERM; echo up; while :; do sleep 1; done";
 
 /// Clones restore and reconnect in seconds natively, tens of seconds in the emulated host.
 const LIMIT: Duration = Duration::from_secs(600);
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -183,17 +176,15 @@ impl Timed {
 }
 
 fn main() {
-    let missing: Vec<&str> = [
-        "FCVM_ROOTFS",
-        "FCVM_AGENT_BIN",
-        "FCVM_TEST_KERNEL",
-        "FCVM_FIRECRACKER_BIN",
-    ]
-    .into_iter()
-    .filter(|v| std::env::var_os(v).is_none())
-    .collect();
-    if !missing.is_empty() || !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED containers bench: needs root and {missing:?} set");
+    if !common::can_run(
+        "containers",
+        &[
+            "FCVM_ROOTFS",
+            "FCVM_AGENT_BIN",
+            "FCVM_TEST_KERNEL",
+            "FCVM_FIRECRACKER_BIN",
+        ],
+    ) {
         return;
     }
     let runs: usize = std::env::var("BENCH_RUNS")
@@ -279,7 +270,11 @@ fn tiers(b: &Bench) {
         let err = r.stop();
         assert!(err.contains("fcvm: cache hit (startup)"), "{err}");
     }
-    let (c, h, s) = (median(&mut cold), median(&mut hit), median(&mut startup));
+    let (c, h, s) = (
+        common::median(&mut cold),
+        common::median(&mut hit),
+        common::median(&mut startup),
+    );
     println!(
         "tiers: podman run of busybox (httpd, then a line every 100 ms), command -> first output line, median of {}:",
         b.runs
@@ -433,7 +428,7 @@ fn clones(b: &Bench, exec_cycle: bool) {
         }
     }
     if exec_cycle {
-        let (f, u) = (median(&mut file), median(&mut uffd));
+        let (f, u) = (common::median(&mut file), common::median(&mut uffd));
         println!(
             "clones of a container snapshot (--mem 256), `snapshot run --exec 'echo hi'` (restore, exec, teardown), median of {}:",
             b.runs

@@ -19,6 +19,7 @@
 //! First, the image cache: one miss, then `BENCH_CACHE_RUNS` (default 3) cold runs
 //! (`--no-snapshot`) and cache hits interleaved, command -> first output line side by side.
 //! `BENCH_CACHE_ONLY=1` stops after that section. The other sections run cold.
+mod common;
 
 mod podman_bare;
 
@@ -29,26 +30,16 @@ use std::time::{Duration, Instant};
 
 const IMAGE_REF: &str = "localhost/fcvm-bench-busybox:1";
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
 fn main() {
-    let missing: Vec<&str> = [
-        "FCVM_ROOTFS",
-        "FCVM_AGENT_BIN",
-        "FCVM_TEST_KERNEL",
-        "FCVM_FIRECRACKER_BIN",
-    ]
-    .into_iter()
-    .filter(|v| std::env::var_os(v).is_none())
-    .collect();
-    if !missing.is_empty() || !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED podman bench: needs root and {missing:?} set");
+    if !common::can_run(
+        "podman",
+        &[
+            "FCVM_ROOTFS",
+            "FCVM_AGENT_BIN",
+            "FCVM_TEST_KERNEL",
+            "FCVM_FIRECRACKER_BIN",
+        ],
+    ) {
         return;
     }
     let runs: usize = std::env::var("BENCH_RUNS")
@@ -172,30 +163,30 @@ fn main() {
     }
     let paired = |a: &[f64], b: &[f64]| -> f64 {
         let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-        median(&mut r)
+        common::median(&mut r)
     };
     let ratio_first = paired(&first_line, &bare_first);
     let ratio_exit = paired(&total, &bare_done);
-    let fcvm_first = median(&mut first_line);
-    let fcvm_exit = median(&mut total);
-    let bare_first_m = median(&mut bare_first);
-    let bare_done_m = median(&mut bare_done);
+    let fcvm_first = common::median(&mut first_line);
+    let fcvm_exit = common::median(&mut total);
+    let bare_first_m = common::median(&mut bare_first);
+    let bare_done_m = common::median(&mut bare_done);
     println!("podman run (real Firecracker, fcvm guest kernel, busybox archive, `echo hello`), median of {runs}:");
     println!("  command -> first output line  {fcvm_first:8.1} ms");
     println!("  command -> exit               {fcvm_exit:8.1} ms");
     println!("  breakdown (median of each step):");
     for (k, mut v) in steps {
-        println!("    {k:<40} {:8.1} ms", median(&mut v));
+        println!("    {k:<40} {:8.1} ms", common::median(&mut v));
     }
     println!("the same run, bare Firecracker (--no-api --config-file --metadata) + minimal client, median of {runs}:");
     println!("  start -> first stdout frame   {bare_first_m:8.1} ms");
     println!(
         "  start -> exit:N status        {:8.1} ms",
-        median(&mut bare_status)
+        common::median(&mut bare_status)
     );
     println!(
         "  start -> firecracker exited   {:8.1} ms",
-        median(&mut bare_vmm_exit)
+        common::median(&mut bare_vmm_exit)
     );
     println!("  start -> VM dir removed       {bare_done_m:8.1} ms");
     println!("fcvm / bare (ratio of medians; median of per-pair ratios):");
@@ -261,11 +252,11 @@ fn main() {
     println!("fcvm exec round trip (whole `fcvm exec -- true` process), median of {runs}:");
     println!(
         "  in the container (podman exec)  {:8.1} ms",
-        median(&mut rtt_container)
+        common::median(&mut rtt_container)
     );
     println!(
         "  in the VM (--vm)                {:8.1} ms",
-        median(&mut rtt_vm)
+        common::median(&mut rtt_vm)
     );
 }
 
@@ -342,8 +333,11 @@ fn image_cache(
             }
         }
     }
-    let (c, h) = (median(&mut cold), median(&mut hit));
-    let (ce, he) = (median(&mut cold_exit), median(&mut hit_exit));
+    let (c, h) = (common::median(&mut cold), common::median(&mut hit));
+    let (ce, he) = (
+        common::median(&mut cold_exit),
+        common::median(&mut hit_exit),
+    );
     println!("image cache (podman run of the busybox archive, `echo hello`), median of {runs}:");
     println!("                                  cold (--no-snapshot)   cache hit   cold/hit");
     println!(
@@ -360,7 +354,7 @@ fn image_cache(
     );
     println!("  cache hit breakdown (median of each step):");
     for (k, mut v) in hit_steps {
-        println!("    {k:<40} {:8.1} ms", median(&mut v));
+        println!("    {k:<40} {:8.1} ms", common::median(&mut v));
     }
 }
 

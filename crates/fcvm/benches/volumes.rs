@@ -14,6 +14,7 @@
 //! `cargo bench -p fcvm --bench volumes --no-run` and run the binary it names with
 //! `on_real_kvm BINARY --bench` (scripts/lib.sh). `BENCH_RUNS` (default 3) rounds,
 //! `BENCH_MIB` (default 100) MiB, `BENCH_FILES` (default 2000) small files.
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -25,11 +26,6 @@ fn var_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The `fs-bench` lines of a run's output, as (dir, figures).
@@ -60,18 +56,16 @@ const KEYS: [&str; 5] = [
 ];
 
 fn main() {
-    let missing: Vec<&str> = [
-        "FCVM_ROOTFS",
-        "FCVM_AGENT_BIN",
-        "FCVM_TEST_KERNEL",
-        "FCVM_FIRECRACKER_BIN",
-        "FCVM_TEST_TOOL",
-    ]
-    .into_iter()
-    .filter(|v| std::env::var_os(v).is_none())
-    .collect();
-    if !missing.is_empty() || !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED volumes bench: needs root and {missing:?} set");
+    if !common::can_run(
+        "volumes",
+        &[
+            "FCVM_ROOTFS",
+            "FCVM_AGENT_BIN",
+            "FCVM_TEST_KERNEL",
+            "FCVM_FIRECRACKER_BIN",
+            "FCVM_TEST_TOOL",
+        ],
+    ) {
         return;
     }
     let (runs, mib, files) = (
@@ -157,12 +151,11 @@ fn main() {
         by_case.entry("volume (no writeback)").or_default().push(f);
     }
     let med = |case: &str, key: &str| -> f64 {
-        median(
-            by_case
-                .get(case)
-                .map(|v| v.iter().filter_map(|f| f.get(key).copied()).collect())
-                .unwrap_or_default(),
-        )
+        let mut v: Vec<f64> = by_case
+            .get(case)
+            .map(|v| v.iter().filter_map(|f| f.get(key).copied()).collect())
+            .unwrap_or_default();
+        common::median(&mut v)
     };
     println!(
         "{:<24} {:>12} {:>12} {:>14} {:>10} {:>14}",
