@@ -158,6 +158,7 @@ fn run_container(
     let _ = std::fs::remove_file(container::NOTIFY_SOCKET_PATH);
     let notify = UnixDatagram::bind(container::NOTIFY_SOCKET_PATH)
         .context("cannot bind the container start notification socket")?;
+    let _ = std::fs::remove_file(container::CIDFILE_PATH);
     let mut cmd = Command::new("podman");
     // podman hands its own proxy variables to the container (its `--http-proxy` default),
     // so giving them to podman is what gives them to the container too.
@@ -208,7 +209,20 @@ fn run_container(
         std::thread::spawn(move || wait_ready(&notify, &done, &status, &started))
     };
 
-    let code = running.wait(Duration::from_secs(2));
+    let podman_code = running.wait(Duration::from_secs(2));
+    // A second stop signal kills podman, which may have been slow to report a container that
+    // had already exited: the container's own code then, not podman's 137.
+    let code = if state.count.load(Ordering::SeqCst) >= 2 {
+        match container::exit_code_after_podman_was_killed() {
+            Some(c) => {
+                crate::info!("podman was killed ({podman_code}); the container exited with {c}");
+                c
+            }
+            None => podman_code,
+        }
+    } else {
+        podman_code
+    };
     done.store(true, Ordering::SeqCst);
     let _ = ready.join();
     // All output is relayed; the end marker tells the host before it sees the code (a

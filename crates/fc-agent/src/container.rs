@@ -1,5 +1,6 @@
 //! The container: image preparation and the podman command lines.
 
+use std::path::Path;
 use std::process::Command;
 
 use fcvm_proto::exec::ExecRequest;
@@ -9,16 +10,27 @@ use crate::reaper;
 
 /// podman configuration for a guest without systemd: cgroupfs manager, no journald events.
 /// Written at boot and selected with `CONTAINERS_CONF` for everything the agent starts.
+/// `tmp_dir` is root's default, pinned because conmon's exit files are found beneath it
+/// ([`exit_code_after_podman_was_killed`]).
 pub const CONTAINERS_CONF: &str = "\
 [engine]
 cgroup_manager = \"cgroupfs\"
 events_logger = \"none\"
+tmp_dir = \"/run/libpod\"
 [containers]
 log_driver = \"none\"
 ";
 
 /// The datagram socket podman's conmon notifies when the container has started.
 pub const NOTIFY_SOCKET_PATH: &str = "/run/fcvm/notify.sock";
+
+/// podman's run directory ([`CONTAINERS_CONF`]'s `tmp_dir`); conmon writes each container's
+/// exit code to `exits/<container id>` beneath it.
+const PODMAN_TMP_DIR: &str = "/run/libpod";
+
+/// Where `podman run` writes the container's ID (`--cidfile`), to find conmon's exit file.
+/// podman refuses to start if it exists: the agent removes it first.
+pub const CIDFILE_PATH: &str = "/run/fcvm/container.id";
 
 /// Where [`CONTAINERS_CONF`] is written.
 pub const CONTAINERS_CONF_PATH: &str = "/run/fcvm/containers.conf";
@@ -184,6 +196,7 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec();
+    a.push(format!("--cidfile={CIDFILE_PATH}"));
     if plan.interactive {
         a.push("-i".into());
     }
@@ -228,6 +241,55 @@ pub fn run_args(plan: &Plan, image: &str) -> Vec<String> {
         a.extend(cmd.iter().cloned());
     }
     a
+}
+
+/// The container's own exit code, once `podman run` has been killed (a second stop signal)
+/// and so could not report it. On a loaded machine podman's own clean-up after the container
+/// exited can outlast the stop grace; the container's code is then conmon's record of it
+/// (`exits/<id>` beneath podman's run directory) or, once podman's clean-up process has
+/// moved that record into its database and removed the file, the container's state there.
+/// None: the container had not exited (it is killed with the VM: 137 is right then).
+pub fn exit_code_after_podman_was_killed() -> Option<i32> {
+    if let Some(code) = exit_code_in(
+        Path::new(CIDFILE_PATH),
+        &Path::new(PODMAN_TMP_DIR).join("exits"),
+    ) {
+        return Some(code);
+    }
+    let out = reaper::run(Command::new("podman").args([
+        "container",
+        "inspect",
+        "--format",
+        "{{.State.Status}} {{.State.ExitCode}}",
+        CONTAINER_NAME,
+    ]))
+    .ok()?;
+    (out.code == 0).then(|| exited_code(&out.stdout)).flatten()
+}
+
+/// The code in `exits/<id>` for the container ID in `cidfile`. conmon writes the file whole
+/// (write, then rename), so a partial read is not a concern; no file, no code.
+fn exit_code_in(cidfile: &Path, exits: &Path) -> Option<i32> {
+    let id = std::fs::read_to_string(cidfile).ok()?;
+    let id = id.trim();
+    // An ID is hex; anything else must not become a path beneath `exits`.
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    std::fs::read_to_string(exits.join(id))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The exit code in `podman container inspect`'s `STATUS CODE`, when the status says the
+/// container has exited.
+fn exited_code(inspect: &str) -> Option<i32> {
+    let (status, code) = inspect.trim().split_once(' ')?;
+    (status == "exited" || status == "stopped")
+        .then(|| code.parse().ok())
+        .flatten()
 }
 
 /// Sends signal `n` to the container's main process (`podman kill`), in the background: the
@@ -316,6 +378,34 @@ mod tests {
     }
 
     #[test]
+    fn conmon_exit_file_gives_the_container_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cid, exits) = (dir.path().join("cid"), dir.path().join("exits"));
+        std::fs::create_dir(&exits).unwrap();
+        // No container ID yet, then an ID whose container has not exited.
+        assert_eq!(exit_code_in(&cid, &exits), None);
+        std::fs::write(&cid, "ab12cd\n").unwrap();
+        assert_eq!(exit_code_in(&cid, &exits), None);
+        std::fs::write(exits.join("ab12cd"), "143").unwrap();
+        assert_eq!(exit_code_in(&cid, &exits), Some(143));
+        std::fs::write(exits.join("ab12cd"), "garbage").unwrap();
+        assert_eq!(exit_code_in(&cid, &exits), None);
+        // An ID that is not hex never names a path.
+        std::fs::write(dir.path().join("x"), "3").unwrap();
+        std::fs::write(&cid, "../x").unwrap();
+        assert_eq!(exit_code_in(&cid, &exits), None);
+    }
+
+    #[test]
+    fn inspect_state_gives_a_code_only_once_exited() {
+        assert_eq!(exited_code("exited 42\n"), Some(42));
+        assert_eq!(exited_code("stopped 143"), Some(143));
+        assert_eq!(exited_code("running 0"), None);
+        assert_eq!(exited_code("exited"), None);
+        assert_eq!(exited_code(""), None);
+    }
+
+    #[test]
     fn run_args_order_and_flags() {
         let mut p = Plan::new(ImageSource::registry("x"));
         p.tty = true;
@@ -327,6 +417,7 @@ mod tests {
         assert!(a[..img].contains(&"-t".to_string()));
         assert!(!a.contains(&"-i".to_string()));
         assert!(a.contains(&"A=1 2".to_string()));
+        assert!(a[..img].contains(&format!("--cidfile={CIDFILE_PATH}")));
         for absent in [
             "--init",
             "--privileged",

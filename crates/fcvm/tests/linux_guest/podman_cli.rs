@@ -417,6 +417,57 @@ fn sighup_gives_the_container_its_sigterm_and_leaves_nothing() {
     assert!(env.state_files().is_empty() && env.vm_dirs().is_empty());
 }
 
+/// The container's own exit code, even when podman has to be killed after the container
+/// exited: on a loaded machine podman's clean-up can outlast the stop grace. Here `podman run`
+/// is frozen (SIGSTOP, from the guest) before the container is stopped by hand, so its 42 is
+/// recorded (by conmon, then podman's clean-up) while podman never reports it; fcvm's stop
+/// then ends in the second stage, which kills podman, and fcvm reports the container's 42,
+/// neither podman's 137 nor the 143 of a VM that went down with fcvm's SIGTERM.
+#[test]
+fn a_podman_killed_after_the_container_exited_still_gives_its_code() {
+    let Some(g) = guest_or_skip("killed_podman_code") else {
+        return;
+    };
+    let env = TestEnv::new_in(&scratch_root());
+    let mut child = g
+        .run(
+            &env,
+            "frozen",
+            &["--stop-timeout", "2"],
+            "trap 'exit 42' TERM; echo ready; while :; do sleep 1; done",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&env, "frozen");
+    // `[t]rap` and `[p]odman` keep this shell's own command line from matching. The loop
+    // waits for the container's process to end.
+    let script = "set -e; kill -STOP $(pgrep -f '^[p]odman run'); \
+        c=$(pgrep -f '^sh -c [t]rap'); kill -TERM $c; \
+        for i in $(seq 300); do kill -0 $c 2>/dev/null || break; sleep 0.2; done; \
+        kill -0 $c 2>/dev/null && echo still-running || echo exited";
+    let o = env
+        .command()
+        .args(["exec", "--name", "frozen", "--vm", "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).trim()),
+        (Some(0), "exited"),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_exit(&mut child, "podman run after SIGTERM with podman frozen");
+    assert_eq!(status.code(), Some(42));
+    assert!(env.state_files().is_empty() && env.vm_dirs().is_empty());
+}
+
 #[test]
 fn interactive_tty_from_a_pipe_never_hangs() {
     let Some(g) = guest_or_skip("it_from_pipe") else {
